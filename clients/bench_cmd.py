@@ -1,0 +1,24 @@
+"""`headwise bench {offline,serve,kernels}`: each benchmark lives in its own module."""
+
+from __future__ import annotations
+
+import importlib
+
+_BENCHES = [
+    "headwise.clients.bench_offline",
+    "headwise.clients.bench_serve",
+    "headwise.kernels.bench",
+]
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (offline throughput, serving, kernels)")
+    sub = parser.add_subparsers(dest="bench", required=True)
+    for name in _BENCHES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.add_parser(sub)

@@ -1,0 +1,182 @@
+"""Torch reference of every attention op: defines what is correct, runs anywhere.
+
+Cache layout (DESIGN.md section 3): one pool shared by all layers and KV heads,
+`k_cache` / `v_cache` `[num_blocks, block_size, head_dim]` and `pos_cache`
+`[num_blocks, block_size]` (int32, the token position stored in each slot).
+A (sequence, KV head) owns a list of blocks: `block_tables[s, h, i]` is its i-th
+block, `lengths[s, h]` its number of valid slots (slot r lives in block r // bs).
+
+Mask of a bounded head with `(keep, recent)` over cached slots: slot r is visible to
+a query at position p iff `r < keep` (sinks and selected tokens, always kept) or
+`pos[r] > p - recent` (the recent ring). Full heads use a huge `recent`.
+Inside a chunk (no cache) the same rule is stated on positions with `sink`:
+key j visible to query i iff `j <= i` and (`j < sink` or `j > i - recent`).
+
+Log-sum-exp values are natural-log, float32; an empty row gives output 0, lse -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+UNBOUNDED = 1 << 30  # `recent` of a full head
+
+
+def kv_write(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,
+) -> None:
+    """Write k, v `[T, Hkv, D]` to flat slots `slot_mapping [T, Hkv]` (-1 = drop)."""
+    d = k.shape[-1]
+    slots = slot_mapping.reshape(-1).long()
+    keep = slots >= 0
+    slots = slots[keep]
+    k_cache.view(-1, d).index_copy_(0, slots, k.reshape(-1, d)[keep].to(k_cache.dtype))
+    v_cache.view(-1, d).index_copy_(0, slots, v.reshape(-1, d)[keep].to(v_cache.dtype))
+    pos = positions.to(pos_cache.dtype)[:, None].expand(slot_mapping.shape).reshape(-1)[keep]
+    pos_cache.view(-1).index_copy_(0, slots, pos)
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor, nblocks: int) -> torch.Tensor:
+    """`[S, Hkv, nblocks * bs, ...]` view of the slots named by `tables[:, :, :nblocks]`."""
+    idx = tables[:, :, :nblocks].long()
+    g = cache[idx]  # [S, Hkv, nblocks, bs, ...]
+    return g.reshape(idx.shape[0], idx.shape[1], nblocks * cache.shape[1], *cache.shape[2:])
+
+
+def _softmax_av(scores: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype):
+    """Masked (-inf) scores `[..., N]` and values `[..., N, D]` -> (out, lse)."""
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(scores - safe[..., None])
+    out = torch.matmul(p.to(v.dtype), v)
+    return out.to(out_dtype), lse
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per sequence, `q [B, Hq, D]`, over all valid slots of each KV head.
+
+    The cache of a bounded head holds exactly what the newest token may see (it is
+    written before this call), so no position mask is needed here.
+    Returns out `[B, Hq, D]` and lse `[B, Hq]`.
+    """
+    b, hq, d = q.shape
+    hkv = block_tables.shape[1]
+    bs = k_cache.shape[1]
+    max_len = int(lengths.max()) if lengths.numel() else 0
+    nblocks = max(1, -(-max_len // bs))
+    k = _gather(k_cache, block_tables, nblocks).float()  # [B, Hkv, N, D]
+    v = _gather(v_cache, block_tables, nblocks).float()
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
+    n = torch.arange(nblocks * bs, device=q.device)
+    invalid = n[None, None, :] >= lengths[:, :, None]
+    scores.masked_fill_(invalid[:, :, None, :], float("-inf"))
+    out, lse = _softmax_av(scores, v, q.dtype)
+    return out.reshape(b, hq, d), lse.reshape(b, hq)
+
+
+def paged_prefix(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_seq: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    keep: torch.Tensor,
+    recent: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk queries `q [T, Hq, D]` (positions `q_pos`, sequence `q_seq` in [0, S))
+    against the cached slots of their sequence, with the (keep, recent) mask.
+
+    block_tables `[S, Hkv, max_blocks]`, lengths / keep / recent `[S, Hkv]`.
+    Returns out `[T, Hq, D]` and lse `[T, Hq]`.
+    """
+    t, hq, d = q.shape
+    hkv = block_tables.shape[1]
+    bs = k_cache.shape[1]
+    max_len = int(lengths.max()) if lengths.numel() else 0
+    nblocks = max(1, -(-max_len // bs))
+    seq = q_seq.long()
+    k = _gather(k_cache, block_tables, nblocks).float()[seq]  # [T, Hkv, N, D]
+    v = _gather(v_cache, block_tables, nblocks).float()[seq]
+    kpos = _gather(pos_cache, block_tables, nblocks)[seq].long()  # [T, Hkv, N]
+    r = torch.arange(nblocks * bs, device=q.device)
+    qp = q_pos.long()[:, None, None]
+    visible = (r[None, None, :] < lengths[seq][:, :, None]) & (
+        (r[None, None, :] < keep[seq][:, :, None]) | (kpos > qp - recent[seq][:, :, None])
+    )
+    qg = q.float().view(t, hkv, hq // hkv, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [T, Hkv, G, N]
+    scores.masked_fill_(~visible[:, :, None, :], float("-inf"))
+    out, lse = _softmax_av(scores, v, q.dtype)
+    return out.reshape(t, hq, d), lse.reshape(t, hq)
+
+
+def sink_window_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    sink: torch.Tensor,
+    recent: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention inside each chunk with the per-head (sink, recent) mask.
+
+    q `[T, Hq, D]`, k / v `[T, Hkv, D]`, positions `[T]`, cu_seqlens `[S + 1]`
+    (sequence s owns rows cu[s]:cu[s+1]), sink / recent `[S, Hkv]`.
+    Returns out `[T, Hq, D]` and lse `[T, Hq]`.
+    """
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    out = torch.empty_like(q)
+    lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for s in range(len(bounds) - 1):
+        a, b = bounds[s], bounds[s + 1]
+        if a == b:
+            continue
+        p = positions[a:b].long()
+        qi, kj = p[:, None], p[None, :]
+        causal = kj <= qi  # [n, n]
+        win = (kj[None] < sink[s].long()[:, None, None]) | (kj[None] > qi[None] - recent[s].long()[:, None, None])
+        visible = causal[None] & win  # [Hkv, n, n]
+        qs = q[a:b].float().view(b - a, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
+        ks = k[a:b].float().permute(1, 0, 2)  # [Hkv, n, D]
+        vs = v[a:b].float().permute(1, 0, 2)
+        scores = torch.matmul(qs, ks[:, None].transpose(-1, -2)) * scale  # [Hkv, G, n, n]
+        scores.masked_fill_(~visible[:, None], float("-inf"))
+        o, l = _softmax_av(scores, vs[:, None], q.dtype)
+        out[a:b] = o.permute(2, 0, 1, 3).reshape(b - a, hq, d)
+        lse[a:b] = l.permute(2, 0, 1).reshape(b - a, hq)
+    return out, lse
+
+
+def merge_states(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial softmax states over disjoint key sets: `[..., D]`, `[...]`."""
+    lse = torch.logaddexp(lse1, lse2)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w1 = torch.exp(lse1 - safe)[..., None]
+    w2 = torch.exp(lse2 - safe)[..., None]
+    out = o1.float() * w1 + o2.float() * w2
+    return out.to(o1.dtype), lse
