@@ -1,0 +1,184 @@
+"""`headwise plan {streaming,show,import,ratio}`: make, inspect and re-threshold plans."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from collections import Counter
+from typing import Callable
+
+from headwise.clients.cli import CliError
+from headwise.kvcache import plan_import
+from headwise.kvcache.plan_build import (full_head_count, head_capacities, kv_ratio, layer_kv_bytes,
+                                         rethreshold, static_heads, streaming_plan)
+from headwise.kvcache.plans import ModelShape, Plan, full_plan, load_plan, save_plan
+
+_LETTER = {"full": "F", "window": "W", "elastic": "E", "select": "S"}
+# The context `plan streaming/import/ratio` quote their KV ratio at; `show --context` picks any.
+SUMMARY_CONTEXT = 4096
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("plan", help="make, import, inspect and re-threshold compression plans")
+    sub = parser.add_subparsers(dest="plan_command", required=True)
+
+    p = sub.add_parser("streaming", help="every KV head keeps sink + recent tokens (StreamingLLM)")
+    p.add_argument("--model", required=True, help="smollm2-135m, a .gguf file or a model directory")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--recent", type=int, default=256)
+    p.add_argument("--out", required=True, help="plan JSON to write")
+    p.add_argument("--name", help="plan name (default streaming-SINK-RECENT)")
+    p.set_defaults(func=_user_errors(_streaming))
+
+    p = sub.add_parser("show", help="per-layer kinds, slots and KV bytes of a plan")
+    p.add_argument("plan", help="plan JSON")
+    p.add_argument("--context", type=int, default=SUMMARY_CONTEXT, help="tokens per request (prompt + new)")
+    p.add_argument("--prompt", type=int, help="prompt tokens, for elastic heads (default: --context)")
+    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per K/V element (2: fp16/bf16)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--png", help="also draw a layers x kv heads map of slots per head")
+    p.set_defaults(func=_user_errors(_show))
+
+    p = sub.add_parser("import", help="a plan from DuoAttention, Retrieval-Head or MoA head files")
+    p.add_argument("format", choices=["duo", "retrieval-head", "moa"])
+    p.add_argument("file", help="full_attention_heads.tsv (duo), {\"L-H\": [...]} JSON, or MoA JSON")
+    p.add_argument("--model", required=True, help="smollm2-135m, a .gguf file or a model directory")
+    p.add_argument("--ratio", type=float, help="fraction of KV heads kept full (duo: 0.5 GQA / 0.25 MHA; "
+                   f"retrieval-head: {plan_import.RETRIEVAL_RATIO}; not for moa)")
+    p.add_argument("--sink", type=int, default=plan_import.DEFAULT_SINK)
+    p.add_argument("--recent", type=int, help=f"streaming heads' window (default {plan_import.DEFAULT_RECENT}; "
+                   "not for moa)")
+    p.add_argument("--out", required=True, help="plan JSON to write")
+    p.add_argument("--name")
+    p.set_defaults(func=_user_errors(_import))
+
+    p = sub.add_parser("ratio", help="re-threshold a plan's saved scores to another full-head ratio")
+    p.add_argument("plan", help="plan JSON with scores (or a dynamic plan)")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of KV heads kept full")
+    p.add_argument("--out", required=True, help="plan JSON to write")
+    p.add_argument("--name", help="plan name (default METHOD-PERCENT, e.g. duo-25)")
+    p.set_defaults(func=_user_errors(_ratio))
+
+
+def _user_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    # The shell prints CliError as one line; unreadable paths would otherwise be tracebacks.
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except OSError as e:
+            raise CliError(f"{e.filename or ''}: {e.strerror or e}") from None
+    return run
+
+
+def _model_shape(model: str) -> ModelShape:
+    from headwise.engine.errors import ModelLoadError
+    from headwise.engine.loader import model_shape  # imports torch: only when a command needs it
+
+    try:
+        return model_shape(model)
+    except ModelLoadError as e:
+        raise CliError(str(e)) from None
+
+
+def _streaming(args: argparse.Namespace) -> int:
+    plan = streaming_plan(_model_shape(args.model), args.sink, args.recent, args.name)
+    return _write(plan, args.out)
+
+
+def _import(args: argparse.Namespace) -> int:
+    shape = _model_shape(args.model)
+    if args.format == "moa":
+        if args.ratio is not None or args.recent is not None:
+            raise CliError("moa plans give every head its own elastic span: --ratio and --recent do not apply")
+        plan = plan_import.import_moa(args.file, shape, args.sink, args.name)
+    else:
+        recent = plan_import.DEFAULT_RECENT if args.recent is None else args.recent
+        if args.format == "duo":
+            plan = plan_import.import_duo(args.file, shape, args.ratio, args.sink, recent, args.name)
+        else:
+            ratio = plan_import.RETRIEVAL_RATIO if args.ratio is None else args.ratio
+            plan = plan_import.import_retrieval_head(args.file, shape, ratio, args.sink, recent, args.name)
+    return _write(plan, args.out)
+
+
+def _ratio(args: argparse.Namespace) -> int:
+    plan = load_plan(args.plan)
+    method = plan.source.get("method") or plan.name
+    name = args.name or f"{method}-{args.ratio * 100:g}"
+    return _write(rethreshold(plan, args.ratio, name), args.out)
+
+
+def _write(plan: Plan, out: str) -> int:
+    save_plan(plan, out)
+    heads = static_heads(plan)
+    n_full = sum(s.kind == "full" for row in heads for s in row)
+    what = "dynamic, " if plan.dynamic else ""
+    print(f"wrote {out}: plan {plan.name!r}, {what}{n_full} of {plan.model.layers * plan.model.kv_heads} "
+          f"kv heads full, KV {kv_ratio(plan, SUMMARY_CONTEXT):.3f}x of full at {SUMMARY_CONTEXT} tokens")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    if args.context < 1 or args.block_size < 1 or args.dtype_bytes < 1:
+        raise CliError("--context, --block-size and --dtype-bytes must be >= 1")
+    plan = load_plan(args.plan)
+    m, heads = plan.model, static_heads(plan)
+    caps = head_capacities(plan, args.context, args.prompt)
+    sizes = (args.context, args.prompt, args.dtype_bytes, args.block_size)
+    used, full = layer_kv_bytes(plan, *sizes), layer_kv_bytes(full_plan(m), *sizes)
+    print(f"plan {plan.name!r}: model {m.id or '?'} ({m.layers} layers x {m.kv_heads} kv heads, "
+          f"{m.heads} heads, head_dim {m.head_dim}), source {plan.source.get('method', '?')}")
+    print(f"context {args.context} (prompt {args.prompt or args.context}), block {args.block_size}, "
+          f"{args.dtype_bytes} bytes/element; F full, W window, E elastic, S select")
+    if plan.dynamic:
+        k, rest = full_head_count(plan.dynamic.ratio, m.kv_heads), plan.dynamic.rest
+        print(f"dynamic: per request the {k} of {m.kv_heads} kv heads of each layer farthest from its "
+              f"center stay full, the rest select (sink {rest.sink}, recent {rest.recent}, select "
+              f"{rest.select}, window {rest.window}); shown as the first heads of each layer")
+    width = max(5, 2 * m.kv_heads - 1)
+    print(f"{'layer':>5}  {'kinds':<{width}}  {'heads x slots':<24} {'KV':>10} {'full':>10} {'ratio':>6}")
+    for i, row in enumerate(heads):
+        kinds = " ".join(_LETTER[s.kind] for s in row)
+        slots = " ".join(f"{n}x{cap}" for cap, n in sorted(Counter(caps[i]).items(), reverse=True))
+        print(f"{i:>5}  {kinds:<{width}}  {slots:<24} {_fmt_bytes(used[i]):>10} "
+              f"{_fmt_bytes(full[i]):>10} {used[i] / full[i]:>6.3f}")
+    n_full = sum(s.kind == "full" for row in heads for s in row)
+    ratio = sum(used) / sum(full)
+    print(f"total: {n_full} of {m.layers * m.kv_heads} kv heads full, KV {_fmt_bytes(sum(used))} of "
+          f"{_fmt_bytes(sum(full))} full per request = {ratio:.3f}x at {args.context} tokens")
+    if args.png:
+        _draw_map(plan, heads, caps, args.context, ratio, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _draw_map(plan: Plan, heads: list, caps: list[list[int]], context: int, ratio: float, path: str) -> None:
+    # A bare Figure renders with Agg without touching pyplot's global backend.
+    from matplotlib.figure import Figure
+
+    layers, kv_heads = plan.model.layers, plan.model.kv_heads
+    fig = Figure(figsize=(min(3 + 0.6 * kv_heads, 20), min(2 + 0.25 * layers, 40)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(caps, cmap="viridis", vmin=0, vmax=context, aspect="auto", interpolation="nearest")
+    for i, row in enumerate(heads):
+        for j, spec in enumerate(row):
+            # viridis is dark at the low end: white letters there, black on the bright full heads
+            color = "white" if caps[i][j] < context / 2 else "black"
+            ax.text(j, i, _LETTER[spec.kind], ha="center", va="center", fontsize=7, color=color)
+    ax.set_xlabel("kv head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(kv_heads))
+    ax.set_title(f"{plan.name}: slots per head at {context} tokens\nKV {ratio:.3f}x of full", fontsize=9)
+    fig.colorbar(image, ax=ax, label="slots")
+    fig.savefig(path, dpi=100)
+
+
+def _fmt_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            break
+    return f"{n:.1f} {unit}"

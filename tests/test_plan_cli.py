@@ -1,0 +1,111 @@
+"""`headwise plan ...` end to end through the CLI entry point, on a config-only model dir."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from headwise.clients.cli import main
+from headwise.kvcache.plans import HeadSpec, ModelShape, load_plan
+
+SHAPE = ModelShape(4, 2, 4, 16, "tiny")  # hidden 64 / 4 heads -> head_dim 16
+
+
+@pytest.fixture
+def model(tmp_path) -> str:
+    d = tmp_path / "tiny"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64, "intermediate_size": 128,
+        "vocab_size": 128}))
+    return str(d)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_streaming_writes_a_plan_for_the_model(tmp_path, model, capsys):
+    out = tmp_path / "s.json"
+    rc, stdout, _ = run(capsys, "streaming", "--model", model, "--sink", "4", "--recent", "60", "--out", str(out))
+    assert rc == 0
+    plan = load_plan(out, SHAPE)
+    assert plan.name == "streaming-4-60" and plan.heads[3][1] == HeadSpec("window", sink=4, recent=60)
+    assert stdout == (f"wrote {out}: plan 'streaming-4-60', 0 of 8 kv heads full, "
+                      "KV 0.016x of full at 4096 tokens\n")
+
+
+def test_show_prints_layer_table_total_and_png(tmp_path, model, capsys):
+    (tmp_path / "g.tsv").write_text("0.9\t0.1\n0.2\t0.8\n0.1\t0.1\n0.1\t0.1\n")
+    plan = tmp_path / "d.json"
+    assert run(capsys, "import", "duo", str(tmp_path / "g.tsv"), "--model", model, "--ratio", "0.25",
+               "--sink", "4", "--recent", "60", "--out", str(plan))[0] == 0
+    rc, stdout, _ = run(capsys, "show", str(plan), "--context", "1024", "--png", str(tmp_path / "m.png"))
+    assert rc == 0
+    lines = stdout.splitlines()
+    assert lines[0] == "plan 'duo-25': model tiny (4 layers x 2 kv heads, 4 heads, head_dim 16), source duo"
+    assert lines[3].split() == ["0", "F", "W", "1x1024", "1x64", "68.0", "KiB", "128.0", "KiB", "0.531"]
+    assert lines[5].split()[:3] == ["2", "W", "W"]
+    # (2 full heads x 1024 slots + 6 window heads x 64 slots) x 64 bytes, of 8 x 1024 slots
+    assert lines[7] == "total: 2 of 8 kv heads full, KV 152.0 KiB of 512.0 KiB full per request = 0.297x at 1024 tokens"
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_import_retrieval_head_and_moa(tmp_path, model, capsys):
+    scores = {f"{i}-{h}": [0.0] for i in range(4) for h in range(4)}
+    scores["1-3"] = [0.6, 0.4]
+    (tmp_path / "r.json").write_text(json.dumps(scores))
+    rc, stdout, _ = run(capsys, "import", "retrieval-head", str(tmp_path / "r.json"), "--model", model,
+                        "--out", str(tmp_path / "r-plan.json"))
+    assert rc == 0 and "plan 'retrieval-25', 2 of 8 kv heads full" in stdout
+    plan = load_plan(tmp_path / "r-plan.json", SHAPE)
+    assert plan.heads[1][1].kind == "full" and plan.scores[1] == [0.0, 0.5]
+
+    (tmp_path / "moa.json").write_text(json.dumps({"alphas": [[0, 1024]] * 4, "betas": [[0.5, 0.25]] * 4}))
+    rc, _, _ = run(capsys, "import", "moa", str(tmp_path / "moa.json"), "--model", model,
+                   "--out", str(tmp_path / "m-plan.json"))
+    assert rc == 0
+    assert load_plan(tmp_path / "m-plan.json").heads[0] == [HeadSpec("elastic", sink=64, alpha=0.0, beta=0.5),
+                                                           HeadSpec("elastic", sink=64, alpha=1024.0, beta=0.25)]
+
+
+def test_ratio_rethresholds_saved_scores(tmp_path, model, capsys):
+    (tmp_path / "g.tsv").write_text("0.9\t0.1\n0.2\t0.8\n0.3\t0.4\n0.7\t0.6\n")
+    run(capsys, "import", "duo", str(tmp_path / "g.tsv"), "--model", model, "--out", str(tmp_path / "d.json"))
+    rc, stdout, _ = run(capsys, "ratio", str(tmp_path / "d.json"), "--ratio", "0.25", "--out", str(tmp_path / "q.json"))
+    assert rc == 0 and "plan 'duo-25', 2 of 8 kv heads full" in stdout
+    plan = load_plan(tmp_path / "q.json")
+    assert [(i, j) for i in range(4) for j in range(2) if plan.heads[i][j].kind == "full"] == [(0, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["show", "{tmp}/missing.json"], "{tmp}/missing.json: No such file or directory"),
+    (["show", "{tmp}/bad.json"], "{tmp}/bad.json: not valid JSON (line 1 column 2: Expecting property name "
+                                 "enclosed in double quotes)"),
+    (["ratio", "{tmp}/wide.json", "--ratio", "0.5", "--out", "{tmp}/o.json"],
+     "{tmp}/wide.json: model.kv_heads: must be an integer >= 1, got 0"),
+    (["import", "duo", "{tmp}/short.tsv", "--model", "{model}", "--out", "{tmp}/o.json"],
+     "{tmp}/short.tsv: gates for 3 layers, model has 4"),
+    (["import", "moa", "{tmp}/short.tsv", "--model", "{model}", "--ratio", "0.5", "--out", "{tmp}/o.json"],
+     "moa plans give every head its own elastic span: --ratio and --recent do not apply"),
+    (["streaming", "--model", "{tmp}/nomodel", "--out", "{tmp}/o.json"],
+     "model '{tmp}/nomodel' not found: use smollm2-135m, a .gguf file or a model directory"),
+    (["streaming", "--model", "{model}", "--sink", "-1", "--out", "{tmp}/o.json"],
+     "sink: must be an integer >= 0, got -1"),
+    (["ratio", "{tmp}/s.json", "--ratio", "0.5", "--out", "{tmp}/o.json"],
+     "plan 'streaming-64-256' has no scores to re-threshold (it was not built from scores)"),
+])
+def test_bad_input_is_one_line_error_with_exit_2(tmp_path, model, capsys, argv, error):
+    (tmp_path / "bad.json").write_text("{nope")
+    (tmp_path / "short.tsv").write_text("0.5\t0.5\n" * 3)
+    (tmp_path / "wide.json").write_text(json.dumps({"format": "headwise-plan/1", "name": "w", "model": {
+        "layers": 4, "kv_heads": 0, "heads": 4, "head_dim": 16}, "heads": []}))
+    run(capsys, "streaming", "--model", model, "--out", str(tmp_path / "s.json"))
+    rc, _, err = run(capsys, *[a.format(tmp=tmp_path, model=model) for a in argv])
+    assert rc == 2
+    assert err == f"headwise plan: error: {error.format(tmp=tmp_path, model=model)}\n"
+    assert not (tmp_path / "o.json").exists()
