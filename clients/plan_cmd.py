@@ -10,7 +10,7 @@ from typing import Callable
 from headwise.clients.cli import CliError
 from headwise.kvcache import plan_import
 from headwise.kvcache.plan_build import (full_head_count, head_capacities, kv_ratio, layer_kv_bytes,
-                                         rethreshold, static_heads, streaming_plan)
+                                         ratio_plan_name, rethreshold, static_heads, streaming_plan)
 from headwise.kvcache.plans import ModelShape, Plan, full_plan, load_plan, save_plan
 
 _LETTER = {"full": "F", "window": "W", "elastic": "E", "select": "S"}
@@ -104,8 +104,7 @@ def _import(args: argparse.Namespace) -> int:
 
 def _ratio(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
-    method = plan.source.get("method") or plan.name
-    name = args.name or f"{method}-{args.ratio * 100:g}"
+    name = args.name or ratio_plan_name(plan.source.get("method") or plan.name, args.ratio)
     return _write(rethreshold(plan, args.ratio, name), args.out)
 
 

@@ -27,6 +27,11 @@ def full_head_count(ratio: float, heads: int) -> int:
     return min(heads, math.floor(ratio * heads + 0.5 + 1e-9))
 
 
+def ratio_plan_name(method: str, ratio: float) -> str:
+    """The default name of a plan thresholded at `ratio`, e.g. retrieval-25."""
+    return f"{method}-{ratio * 100:g}"
+
+
 def streaming_plan(shape: ModelShape, sink: int, recent: int, name: str | None = None) -> Plan:
     """StreamingLLM: every KV head keeps `sink` first tokens and a ring of `recent`."""
     spec = HeadSpec("window", sink=sink, recent=recent)

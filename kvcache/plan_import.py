@@ -7,7 +7,7 @@ import math
 import re
 from pathlib import Path
 
-from headwise.kvcache.plan_build import plan_from_scores, plan_source, reduce_query_scores
+from headwise.kvcache.plan_build import plan_from_scores, plan_source, ratio_plan_name, reduce_query_scores
 from headwise.kvcache.plans import (HeadSpec, ModelShape, Plan, PlanError, plan_from_dict,
                                     plan_to_dict, read_json)
 
@@ -45,7 +45,7 @@ def import_duo(path: str | Path, shape: ModelShape, ratio: float | None = None,
         raise PlanError(f"{path}: gates for {len(gates)} layers, model has {shape.layers}")
     params = {"file": Path(path).name, "sink": sink, "recent": recent}
     return _checked(path, plan_from_scores(shape, gates, ratio, HeadSpec("window", sink=sink, recent=recent),
-                                           name or f"duo-{_pct(ratio)}", plan_source("duo", params)))
+                                           name or ratio_plan_name("duo", ratio), plan_source("duo", params)))
 
 
 def import_retrieval_head(path: str | Path, shape: ModelShape, ratio: float = RETRIEVAL_RATIO,
@@ -77,7 +77,7 @@ def import_retrieval_head(path: str | Path, shape: ModelShape, ratio: float = RE
     params = {"file": Path(path).name, "sink": sink, "recent": recent}
     return _checked(path, plan_from_scores(shape, reduce_query_scores(q_scores, shape.kv_heads), ratio,
                                            HeadSpec("window", sink=sink, recent=recent),
-                                           name or f"retrieval-{_pct(ratio)}", plan_source("retrieval", params)))
+                                           name or ratio_plan_name("retrieval", ratio), plan_source("retrieval", params)))
 
 
 def import_moa(path: str | Path, shape: ModelShape, sink: int = DEFAULT_SINK, name: str | None = None) -> Plan:
@@ -129,7 +129,3 @@ def _float(v: object, where: str) -> float:
     if isinstance(v, bool) or not math.isfinite(x):
         raise PlanError(f"{where}: {v!r} is not a finite number")
     return x
-
-
-def _pct(ratio: float) -> str:
-    return f"{ratio * 100:g}"
