@@ -119,7 +119,9 @@ def plan_from_dict(d: object, shape: ModelShape | None = None) -> Plan:
             raise PlanError("heads: a dynamic plan has no heads (its heads are chosen per request)")
         heads = [[FULL] * model.kv_heads for _ in range(model.layers)]
         return Plan(name, model, heads, scores, source, _dynamic_from_dict(d["dynamic"]))
-    rows = _get(d, "heads", "heads")
+    if "heads" not in d:
+        raise PlanError('heads: missing (a plan needs "heads", or "dynamic" for a per-request plan)')
+    rows = d["heads"]
     _check_rows(rows, "heads", model)
     heads = [[_spec_from_dict(s, f"heads[{i}][{j}]") for j, s in enumerate(row)]
              for i, row in enumerate(rows)]

@@ -78,7 +78,7 @@ def _dynamic_with(**dyn):
     (_set(["heads", 2], [{"kind": "full"}] * 2), "heads[2]: expected 3 kv heads, got 2"),
     (_set(["heads", 0, 0], {"kind": "foo"}),
      "heads[0][0].kind: unknown kind 'foo' (expected full, window, elastic, select)"),
-    (lambda d: d.pop("heads"), "heads: missing"),
+    (lambda d: d.pop("heads"), 'heads: missing (a plan needs "heads", or "dynamic" for a per-request plan)'),
     (_set(["format"], "headwise-plan/2"), "format: expected 'headwise-plan/1', got 'headwise-plan/2'"),
     (lambda d: d["heads"].pop(), "heads: expected 30 layers, got 29"),
     (_set(["heads", 1, 2], {"kind": "window", "recent": 256}), "heads[1][2].sink: missing"),
