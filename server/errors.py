@@ -1,0 +1,101 @@
+"""Errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` and their HTTP codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from headwise.engine.errors import PromptTooLong, UnknownPlan
+from headwise.engine.sampling_params import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          503: "service_unavailable_error"}
+
+
+class APIError(Exception):
+    """Raised anywhere in a handler; rendered as the OpenAI error object with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def api_error(exc: BaseException) -> APIError:
+    """Map an engine or handler exception to its API error; anything unexpected is a 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, UnknownPlan):
+        return APIError(404, str(exc), exc.param or "kv_plan", "plan_not_found")
+    if isinstance(exc, PromptTooLong):
+        return APIError(400, str(exc), exc.param or "messages", "context_length_exceeded")
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, str(exc), exc.param, "invalid_value")
+    log.error("engine fault", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """Pydantic's first complaint as one message; `param` is the field path inside the body."""
+    errors = exc.errors()
+    if not errors:
+        return APIError(400, "invalid request body", None, "invalid_request")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                        None, "invalid_json")
+    given = first.get("input")
+    shown = json.dumps(given)[:80] if _jsonable(given) else repr(given)[:80]
+    message = f"{param or 'body'}: {first['msg']} (got {shown})"
+    if len(errors) > 1:
+        message += f"; and {len(errors) - 1} more error(s)"
+    return APIError(400, message, param, first.get("type"))
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(InvalidRequest)
+    async def _engine_invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
+        return api_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), None, None).response()
+
+    @app.exception_handler(Exception)
+    async def _fault(request: Request, exc: Exception) -> JSONResponse:
+        return api_error(exc).response()

@@ -1,0 +1,54 @@
+"""Turn a validated request body into the engine's SamplingParams, one per choice."""
+
+from __future__ import annotations
+
+from headwise.engine.sampling_params import SamplingParams
+from headwise.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+
+# OpenAI's default for /v1/completions; chat defaults to the rest of the context
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+def max_tokens(body: _Sampling, prompt_len: int, max_model_len: int) -> int:
+    """The explicit limit, else the endpoint's default; at least 1 so an over-long prompt
+    reaches the engine's context check instead of a max_tokens error."""
+    limit = body.max_completion_tokens or body.max_tokens
+    if limit is not None:
+        return limit
+    if isinstance(body, CompletionRequest):
+        return COMPLETION_DEFAULT_MAX_TOKENS
+    return max(1, max_model_len - prompt_len)
+
+
+def logprobs_k(body: _Sampling) -> int | None:
+    """Top alternatives per generated token, or None when logprobs are not asked for."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+
+def sampling_params(body: _Sampling, prompt_len: int, max_model_len: int, choice: int) -> SamplingParams:
+    """Params for choice `choice` of n; a given seed becomes seed + choice so choices differ
+    yet the whole response stays reproducible."""
+    chosen = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "repetition_penalty": body.repetition_penalty,
+    }
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    echo_logprobs = isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None
+    return SamplingParams(
+        max_tokens=max_tokens(body, prompt_len, max_model_len),
+        seed=None if body.seed is None else body.seed + choice,
+        stop=stop,
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        logprobs=logprobs_k(body),
+        prompt_logprobs=body.logprobs if echo_logprobs else None,
+        **{name: value for name, value in chosen.items() if value is not None},
+    )
