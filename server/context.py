@@ -1,0 +1,90 @@
+"""What both generation endpoints do around the engine: checks, ids, running the group with
+disconnect handling, and wrapping chunks as SSE with in-stream errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from headwise.engine.outputs import RequestOutput
+from headwise.server.errors import api_error
+from headwise.server.generation import GenerationGroup, Job
+from headwise.server.protocol import _Sampling
+from headwise.server.state import ServerState
+from headwise.server.streaming import DONE, Disconnected, SSEResponse, cancel_on_disconnect, sse
+
+log = logging.getLogger(__name__)
+
+# status for a client that left; it is never delivered, only logged (nginx's convention)
+CLIENT_CLOSED = 499
+
+
+class RequestContext:
+    """One generation request: the engine, the response id, and the checks done up front."""
+
+    def __init__(self, request: Request, body: _Sampling, prefix: str) -> None:
+        self.request = request
+        self.state: ServerState = request.app.state.headwise
+        self.engine, self.async_engine = self.state.require_engine()
+        self.state.check_model(body.model)
+        self.state.check_plan(body.kv_plan)
+        self.body = body
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = self.state.model_name
+        unknown = body.unknown_fields()
+        if unknown:
+            log.info("%s: ignoring unknown fields %s", self.id, ", ".join(unknown))
+        log.debug("%s: X-Request-Id %s", self.id, request.state.request_id)
+
+    def group(self, jobs: list[Job]) -> GenerationGroup:
+        return GenerationGroup(self.async_engine, jobs, self.body.kv_plan, self.state.metrics,
+                               self.state.admission)
+
+    def job_id(self, index: int) -> str:
+        return f"{self.id}-{index}"
+
+    async def collect(self, group: GenerationGroup) -> list[RequestOutput] | Response:
+        """Every final output, or an undelivered 499 response if the client left."""
+        try:
+            return await cancel_on_disconnect(self.request, group.collect())
+        except Disconnected:
+            log.info("%s: client disconnected; request aborted", self.id)
+            return Response(status_code=CLIENT_CLOSED)
+
+    async def stream(self, group: GenerationGroup,
+                     chunks: Callable[[GenerationGroup], AsyncIterator[dict]]) -> Response:
+        """Start the group (errors before the first token are plain HTTP errors), then stream
+        `chunks` as SSE; a later error is sent as an error event followed by [DONE]."""
+        try:
+            await cancel_on_disconnect(self.request, group.start())
+        except Disconnected:
+            await group.close()
+            log.info("%s: client disconnected before the first token; request aborted", self.id)
+            return Response(status_code=CLIENT_CLOSED)
+        except BaseException:
+            await group.close()
+            raise
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for payload in chunks(group):
+                    yield sse(payload)
+            except Exception as e:
+                yield sse(api_error(e).body())
+            yield DONE
+
+        return SSEResponse(events(), cleanup=group.close)
+
+
+def usage(prompt_lens: list[int], outputs: list[RequestOutput]) -> dict:
+    """OpenAI usage plus `kv_bytes`: the peak KV bytes each choice held, summed."""
+    completion = sum(len(out.token_ids) for out in outputs)
+    prompt = sum(prompt_lens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "kv_bytes": sum(out.kv_bytes for out in outputs)}
