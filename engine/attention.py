@@ -1,0 +1,89 @@
+"""Paged attention of one layer over a flat batch: prefill chunks first, then decode tokens.
+
+The model runner fills an `AttentionMetadata` once per step; every layer reads its own
+slice (index 0 of the per-layer tensors). Order inside a layer (DESIGN.md section 3):
+chunk queries attend to the cached slots (position mask) merged by log-sum-exp with
+causal attention inside the chunk, then the chunk's K/V are written; decode tokens are
+written first and then attend to every valid slot of their heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from headwise.kernels import ops
+
+
+@dataclass
+class PrefillMeta:
+    num_tokens: int
+    positions: torch.Tensor  # [Tp]
+    seq_index: torch.Tensor  # [Tp] index of the chunk's sequence in [0, Sp)
+    cu_seqlens: torch.Tensor  # [Sp + 1]
+    has_cache: bool  # any chunk with cached slots before it
+    block_tables: torch.Tensor  # [L, Sp, Hkv, nb]
+    lengths: torch.Tensor  # [L, Sp, Hkv] cached slots before the chunk
+    keep: torch.Tensor  # [L, Sp, Hkv]
+    sink: torch.Tensor  # [L, Sp, Hkv]
+    recent: torch.Tensor  # [L, Sp, Hkv]
+
+
+@dataclass
+class DecodeMeta:
+    num_tokens: int
+    block_tables: torch.Tensor  # [L, Sd, Hkv, nb]
+    lengths: torch.Tensor  # [L, Sd, Hkv] valid slots after the new token is written
+
+
+@dataclass
+class CaptureMeta:
+    """Rows whose queries and outputs feed head selection at the end of a prompt."""
+
+    rows: torch.Tensor  # [R] row indices into the step's tokens
+    q: list[torch.Tensor] = field(default_factory=list)  # per layer [R, Hq, D]
+    out: list[torch.Tensor] = field(default_factory=list)  # per layer [R, Hq, D]
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [L, T, Hkv] flat slot or -1
+    prefill: PrefillMeta | None
+    decode: DecodeMeta | None
+    capture: CaptureMeta | None = None
+
+
+@dataclass
+class KVPool:
+    k: torch.Tensor  # [num_blocks, block_size, D]
+    v: torch.Tensor
+    pos: torch.Tensor  # [num_blocks, block_size] int32
+
+
+def paged_attention(
+    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    meta: AttentionMetadata, pool: KVPool, scale: float,
+) -> torch.Tensor:
+    """q `[T, Hq, D]`, k / v `[T, Hkv, D]` (RoPE applied) -> output `[T, Hq, D]`."""
+    out = torch.empty_like(q)
+    p, d = meta.prefill, meta.decode
+    tp = p.num_tokens if p else 0
+    if p:
+        o, lse = ops.sink_window_prefill(
+            q[:tp], k[:tp], v[:tp], p.positions, p.cu_seqlens, p.sink[layer], p.recent[layer], scale)
+        if p.has_cache:
+            oc, lsec = ops.paged_prefix(
+                q[:tp], p.positions, p.seq_index, pool.k, pool.v, pool.pos,
+                p.block_tables[layer], p.lengths[layer], p.keep[layer], p.recent[layer], scale)
+            o, lse = ops.merge_states(o, lse, oc, lsec)
+        out[:tp] = o
+    ops.kv_write(k, v, meta.positions, meta.slot_mapping[layer], pool.k, pool.v, pool.pos)
+    if d:
+        o, _ = ops.paged_decode(q[tp:], pool.k, pool.v, d.block_tables[layer], d.lengths[layer], scale)
+        out[tp:] = o
+    if meta.capture is not None:
+        meta.capture.q.append(q[meta.capture.rows])
+        meta.capture.out.append(out[meta.capture.rows])
+    return out

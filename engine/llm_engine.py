@@ -1,0 +1,312 @@
+"""The synchronous engine: add requests, step, collect outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from headwise.engine.config import DEFAULT_KV_CACHE_MB, EngineConfig
+from headwise.engine.detokenizer import Detokenizer
+from headwise.engine.errors import PromptTooLong, UnknownPlan
+from headwise.engine.loader import load_state_dict, load_tokenizer, model_id, read_config, resolve_model_dir
+from headwise.engine.model import LlamaModel
+from headwise.engine.model_runner import ModelRunner
+from headwise.engine.outputs import RequestOutput
+from headwise.engine.sampler import sample, token_logprob
+from headwise.engine.sampling_params import InvalidRequest, SamplingParams
+from headwise.engine.scheduler import Scheduler
+from headwise.engine.sequence import Sequence, Status
+from headwise.kvcache.budget import resolve_budget
+from headwise.kvcache.manager import KVCacheManager
+from headwise.kvcache.plans import Plan, full_plan, load_plan
+from headwise.kvcache.selection import farthest_heads, head_distances, middle_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    kv_cache_usage: float
+    num_preemptions: int
+    kv_bytes_saved: int  # cumulative K/V bytes plans kept out of the pool vs the full cache
+    block_bytes: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        model_dir = resolve_model_dir(config.model)
+        self.model_id = model_id(config.model)
+        self.model_config = read_config(model_dir, self.model_id)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.dtype = getattr(torch, config.dtype)
+        self.model = LlamaModel(self.model_config)
+        self.model.load_hf_state_dict(load_state_dict(model_dir))
+        self.model.to(device=config.device, dtype=self.dtype).eval()
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)
+        num_blocks = config.num_blocks or int((config.kv_cache_mb or DEFAULT_KV_CACHE_MB) * 2**20 // per_block)
+        self.kv = KVCacheManager(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
+                                 num_blocks, self.max_model_len, self.dtype, config.device)
+        self.plans: dict[str, Plan] = {"full": full_plan(mc.shape)}
+        for name, path in config.plans.items():
+            plan = load_plan(path, mc.shape)
+            plan.name = name
+            self.plans[name] = plan
+        if config.default_plan not in self.plans:
+            raise ValueError(f"default plan {config.default_plan!r} is not loaded (loaded: {', '.join(self.plans)})")
+        self.default_plan = config.default_plan
+        self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self._budgets)
+        self.runner = ModelRunner(self.model, self.kv, config.device)
+        self.detok = Detokenizer(self.tokenizer)
+        self._seqs: dict[str, Sequence] = {}
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
+        self.kv_bytes_saved = 0
+        self._aborted: list[Sequence] = []
+
+    # -- requests --------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    plan: str | None = None, arrival_time: float | None = None) -> None:
+        if request_id in self._seqs:
+            raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
+        if not prompt_token_ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+        name = plan or self.default_plan
+        if name not in self.plans:
+            raise UnknownPlan(f"plan {name!r} is not loaded (loaded: {', '.join(self.plans)})", "kv_plan")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLong(
+                f"This model's maximum context length is {self.max_model_len} tokens; you requested "
+                f"{total} tokens ({len(prompt_token_ids)} in the prompt, {params.max_tokens} for the "
+                "completion). Please reduce the prompt or max_tokens.", "max_tokens")
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        seq = Sequence(request_id, list(prompt_token_ids), params, self.plans[name],
+                       torch.Generator().manual_seed(seed))
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
+        worst = self.kv.new_seq(*self._budgets(seq, at_end=True), seq.context_len)
+        need = self.kv.blocks_needed(worst, max(seq.context_len, seq.num_prompt_tokens))
+        if need > self.kv.num_blocks:
+            raise PromptTooLong(f"the request needs {need} KV blocks but the pool has {self.kv.num_blocks}; "
+                                "shorten the prompt or max_tokens, or start with a larger --kv-cache-mb", "prompt")
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            seq.status = Status.FINISHED
+            seq.finish_reason = "abort"
+            seq.finished_time = time.monotonic()
+            self._aborted.append(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def kv_blocks_in_use(self, request_id: str) -> int:
+        seq = self._seqs.get(request_id)
+        return seq.kv.num_blocks_held if seq is not None and seq.kv is not None else 0
+
+    def stats(self) -> EngineStats:
+        total = self.kv.num_blocks
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.num_free, total,
+                           1 - self.kv.num_free / total, self.scheduler.num_preemptions,
+                           self.kv_bytes_saved, self.kv.block_bytes)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not messages:
+            raise InvalidRequest("messages must not be empty", "messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
+        except Exception as e:  # template errors carry the reason in their message
+            raise InvalidRequest(f"cannot apply the chat template: {e}", "messages") from e
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    # -- budgets ---------------------------------------------------------------------
+    def _budgets(self, seq: Sequence, at_end: bool = False):
+        """Head budgets of `seq` and the heads that decide at the end of the prompt."""
+        plan = seq.plan
+        p, ctx = seq.num_prompt_tokens, seq.context_len
+        mc = self.model_config
+        if plan.dynamic is not None:
+            rest = resolve_budget(plan.dynamic.rest, p, ctx)
+            budgets = [[rest] * mc.num_kv_heads for _ in range(mc.num_layers)]
+            pending = torch.ones(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
+        else:
+            budgets = [[resolve_budget(s, p, ctx) for s in row] for row in plan.heads]
+            pending = torch.tensor([[s.kind == "select" for s in row] for row in plan.heads])
+        return budgets, pending
+
+    # -- the step --------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        outputs = [self._output(s) for s in self._aborted]
+        self._aborted = []
+        if not sched.scheduled:
+            return outputs
+        now = time.monotonic()
+        windows = {s.request_id: self._capture_window(s) for s, _ in sched.scheduled if s.needs_selection()}
+        hidden, rows, capture = self.runner.execute(sched.scheduled, {k: v for k, v in windows.items() if v})
+        if capture is not None:
+            self._stash_capture(rows, capture, windows)
+        sample_rows, sample_seqs, lp_rows = [], [], []
+        for r in rows:
+            seq = r.seq
+            seq.num_computed_tokens = r.end
+            if seq.needs_selection() and r.end >= seq.num_prompt_tokens:
+                self._select(seq)
+            if seq.params.prompt_logprobs is not None and r.start < seq.num_prompt_tokens:
+                lp_rows.append(r)
+            if r.end == seq.num_tokens:
+                sample_rows.append(r.row + r.end - r.start - 1)
+                sample_seqs.append(seq)
+        for r in lp_rows:
+            self._prompt_logprobs(r, hidden)
+        if sample_seqs:
+            logits = self.model.logits(hidden[torch.tensor(sample_rows)])
+            tokens, logprobs = sample(logits, sample_seqs, self.eos_ids)
+            for i, (seq, tok) in enumerate(zip(sample_seqs, tokens)):
+                self._append_token(seq, tok, logprobs[i], now)
+                outputs.append(self._output(seq))
+        return outputs
+
+    def _capture_window(self, seq: Sequence) -> int:
+        plan = seq.plan
+        specs = [plan.dynamic.rest] if plan.dynamic else [s for row in plan.heads for s in row if s.kind == "select"]
+        return max(s.window for s in specs) if specs else 0
+
+    def _stash_capture(self, rows, capture, windows) -> None:
+        pos = 0
+        for r in rows:
+            seq, w = r.seq, windows.get(r.seq.request_id, 0)
+            if not w:
+                continue
+            n = max(0, min(r.end, seq.num_prompt_tokens) - max(r.start, seq.num_prompt_tokens - w))
+            if seq.captured_q is None:
+                seq.captured_q = [q[:0] for q in capture.q]
+                seq.captured_out = [o[:0] for o in capture.out]
+            seq.captured_q = [torch.cat([a, q[pos:pos + n]]) for a, q in zip(seq.captured_q, capture.q)]
+            seq.captured_out = [torch.cat([a, o[pos:pos + n]]) for a, o in zip(seq.captured_out, capture.out)]
+            pos += n
+
+    def _select(self, seq: Sequence) -> None:
+        """End of the prompt: choose full heads (dynamic plans) and middle tokens."""
+        kv, mc, p = seq.kv, self.model_config, seq.num_prompt_tokens
+        w = seq.captured_q[0].shape[0]
+        q_pos = torch.arange(p - w, p)
+        scale = mc.head_dim ** -0.5
+        keep_full = torch.zeros(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
+        scores = []
+        for layer in range(mc.num_layers):
+            if seq.plan.dynamic is not None:
+                dist = head_distances(seq.captured_out[layer], mc.num_kv_heads)
+                keep_full[layer] = farthest_heads(dist, seq.plan.dynamic.ratio)
+            nb = -(-p // self.kv.block_size)
+            ids = kv.table[layer, :, :nb].long()  # [Hkv, nb]
+            k = self.kv.kv.k[ids].reshape(mc.num_kv_heads, nb * self.kv.block_size, -1)[:, :p]
+            scores.append(middle_scores(seq.captured_q[layer], q_pos, k.transpose(0, 1), scale))
+        self.kv.compact(kv, keep_full, scores)
+        seq.captured_q = seq.captured_out = None
+
+    def _prompt_logprobs(self, r, hidden: torch.Tensor) -> None:
+        seq = r.seq
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs = [None]
+        hi = min(r.end, seq.num_prompt_tokens)
+        if hi - r.start <= 0 or r.start + 1 >= seq.num_prompt_tokens + 1:
+            return
+        rows = hidden[r.row: r.row + hi - r.start]
+        lps = self.model.logits(rows).log_softmax(-1)
+        k = seq.params.prompt_logprobs or 0
+        for i in range(lps.shape[0]):
+            nxt = r.start + i + 1
+            if nxt < seq.num_prompt_tokens:
+                seq.prompt_logprobs.append(token_logprob(lps[i], seq.prompt_token_ids[nxt], k))
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: torch.Tensor, now: float) -> None:
+        seq.output_token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(token_logprob(logprobs, token, seq.params.logprobs))
+        new_chars = self.detok.update(seq)
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        reason: tuple[str, str | int | None] | None = None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_ids:
+                reason = ("stop", None)
+            elif token in p.stop_token_ids:
+                reason = ("stop", token)
+            else:
+                hit = self.detok.find_stop(seq, new_chars)
+                if hit is not None:
+                    reason = ("stop", hit)
+        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = ("length", None)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason
+            seq.finished_time = time.monotonic()
+            self.scheduler.finish(seq)
+            self._account_saved(seq)
+
+    def _account_saved(self, seq: Sequence) -> None:
+        """K/V bytes the full cache would have held for this request beyond its peak."""
+        mc = self.model_config
+        full = mc.num_layers * mc.num_kv_heads * -(-seq.num_tokens // self.kv.block_size)
+        self.kv_bytes_saved += max(0, full - seq.peak_blocks) * self.kv.block_bytes
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        if seq.finished:
+            self._seqs.pop(seq.request_id, None)
+        peak = max(seq.peak_blocks, seq.kv.peak_blocks if seq.kv is not None else 0)
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids), text=seq.text, finished=seq.finished,
+            finish_reason=seq.finish_reason, kv_bytes=peak * self.kv.block_bytes, plan=seq.plan.name,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
+            arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time, finished_time=seq.finished_time,
+            num_preemptions=seq.num_preemptions, stop_reason=seq.stop_reason)
+
+    # -- convenience -----------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 plans: list[str] | str | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion together; outputs in input order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        plan_list = plans if isinstance(plans, list) else [plans] * len(prompts)
+        base = f"gen-{time.monotonic_ns()}"
+        ids = [f"{base}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p, plan in zip(ids, prompts, params_list, plan_list):
+            self.add_request(rid, prompt, p, plan)
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generate", unit="req")
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.finished and out.request_id in ids:
+                    done[out.request_id] = out
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()
+        return [done[i] for i in ids]

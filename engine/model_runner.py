@@ -1,0 +1,81 @@
+"""Turns a scheduled step into flat model inputs and attention metadata, runs the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from headwise.engine.attention import AttentionMetadata, CaptureMeta, DecodeMeta, PrefillMeta
+from headwise.engine.model import LlamaModel
+from headwise.engine.sequence import Sequence
+from headwise.kvcache.manager import KVCacheManager
+
+
+@dataclass
+class StepRows:
+    seq: Sequence
+    start: int  # first position computed this step
+    end: int
+    row: int  # first row of this sequence in the step's hidden states
+
+
+def _stack_tables(seqs: list[Sequence]) -> torch.Tensor:
+    """Block tables `[L, S, Hkv, nb]` trimmed to the longest head list in the batch."""
+    nb = max(1, max(int(s.kv.nblocks.max()) for s in seqs))
+    return torch.stack([s.kv.table[:, :, :nb] for s in seqs], dim=1)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCacheManager, device: str = "cpu"):
+        self.model = model
+        self.kv = kv
+        self.device = device
+
+    def execute(self, scheduled: list[tuple[Sequence, int]], capture_window: dict[str, int]):
+        """Run one step. `capture_window[request_id]` asks for the q / outputs of the
+        last W prompt positions. Returns (hidden `[T, hidden]`, rows, capture)."""
+        prefill = [(s, n) for s, n in scheduled if n > 1]
+        decode = [(s, n) for s, n in scheduled if n == 1]
+        ids: list[int] = []
+        positions, slots, rows, cap_rows = [], [], [], []
+        pf_len, pf_args = [], []
+        for seq, n in prefill + decode:
+            kv = seq.kv
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            rows.append(StepRows(seq, start, end, len(ids)))
+            w = capture_window.get(seq.request_id)
+            if w:
+                lo = max(start, seq.num_prompt_tokens - w)
+                cap_rows.extend(range(len(ids) + lo - start, len(ids) + min(end, seq.num_prompt_tokens) - start))
+            ids.extend(seq.all_token_ids[start:end])
+            positions.append(torch.arange(start, end))
+            r, new_lengths = kv.slots_for(start, end)
+            slots.append(kv.flat_slots(r))
+            if n > 1:
+                pf_len.append(kv.lengths.clone())
+                pf_args.append(kv.mask_args())
+            kv.lengths = new_lengths
+            kv.num_tokens = end
+        pos = torch.cat(positions)
+        meta = AttentionMetadata(positions=pos, slot_mapping=torch.cat(slots, dim=1), prefill=None, decode=None)
+        if prefill:
+            seqs = [s for s, _ in prefill]
+            counts = torch.tensor([n for _, n in prefill])
+            tp = int(counts.sum())
+            keep, sink, recent = (torch.stack([a[i] for a in pf_args], dim=1) for i in range(3))
+            meta.prefill = PrefillMeta(
+                num_tokens=tp, positions=pos[:tp],
+                seq_index=torch.repeat_interleave(torch.arange(len(seqs)), counts),
+                cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).int(),
+                has_cache=any(s.num_computed_tokens > 0 for s in seqs),
+                block_tables=_stack_tables(seqs), lengths=torch.stack(pf_len, dim=1),
+                keep=keep, sink=sink, recent=recent)
+        if decode:
+            seqs = [s for s, _ in decode]
+            meta.decode = DecodeMeta(num_tokens=len(seqs), block_tables=_stack_tables(seqs),
+                                     lengths=torch.stack([s.kv.lengths for s in seqs], dim=1))
+        if cap_rows:
+            meta.capture = CaptureMeta(rows=torch.tensor(cap_rows))
+        hidden = self.model(torch.tensor(ids, device=self.device), meta, self.kv.kv)
+        return hidden, rows, meta.capture

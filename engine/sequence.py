@@ -1,0 +1,78 @@
+"""A request inside the engine: its tokens, progress, cache state and outputs."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from headwise.engine.outputs import TokenLogprob
+from headwise.engine.sampling_params import SamplingParams
+from headwise.kvcache.plans import Plan
+from headwise.kvcache.seq_kv import SeqKV
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    plan: Plan
+    generator: torch.Generator
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0  # positions whose K/V are in the cache
+    kv: SeqKV | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    peak_blocks: int = 0
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    # incremental detokenization offsets (vLLM's scheme)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    # queries / outputs of the last prompt positions, per layer, for selection
+    captured_q: list[torch.Tensor] | None = None
+    captured_out: list[torch.Tensor] | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def context_len(self) -> int:
+        return self.num_prompt_tokens + self.params.max_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than the last sampled token is missing from the cache."""
+        return self.num_computed_tokens < self.num_tokens - 1 or not self.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def needs_selection(self) -> bool:
+        return self.kv is not None and bool(self.kv.pending.any())
