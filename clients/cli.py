@@ -39,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from headwise.engine.errors import ModelLoadError
+
     try:
         return int(args.func(args) or 0)
-    except (CliError, ValueError, FileNotFoundError, KeyError) as e:
+    except (CliError, ValueError, FileNotFoundError, KeyError, ModelLoadError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"headwise {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -268,7 +268,8 @@ class LLMEngine:
     def _account_saved(self, seq: Sequence) -> None:
         """K/V bytes the full cache would have held for this request beyond its peak."""
         mc = self.model_config
-        full = mc.num_layers * mc.num_kv_heads * -(-seq.num_tokens // self.kv.block_size)
+        written = seq.num_tokens - 1  # the last sampled token is never fed back
+        full = mc.num_layers * mc.num_kv_heads * -(-written // self.kv.block_size)
         self.kv_bytes_saved += max(0, full - seq.peak_blocks) * self.kv.block_bytes
 
     def _output(self, seq: Sequence) -> RequestOutput:

@@ -1,0 +1,55 @@
+"""Engine flags shared by every command; each also reads HEADWISE_<FLAG> from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from headwise.engine.config import DTYPES, EngineConfig
+
+
+def env_default(flag: str, default=None, cast=str):
+    """Default of `--flag` from HEADWISE_FLAG (dashes become underscores)."""
+    value = os.environ.get("HEADWISE_" + flag.lstrip("-").replace("-", "_").upper())
+    if value is None or value == "":
+        return default
+    try:
+        return cast(value)
+    except ValueError as e:
+        raise SystemExit(f"headwise: error: environment HEADWISE_{flag.lstrip('-').upper()}={value!r}: {e}")
+
+
+def parse_plan_arg(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=env_default("--model", "smollm2-135m"),
+                   help="smollm2-135m, a .gguf file or a Hugging Face model directory")
+    g.add_argument("--dtype", choices=DTYPES, default=env_default("--dtype", "float32"))
+    g.add_argument("--device", default=env_default("--device", "cpu"))
+    g.add_argument("--kv-cache-mb", type=float, default=env_default("--kv-cache-mb", None, float),
+                   help="KV pool size in MiB (default 1024)")
+    g.add_argument("--num-blocks", type=int, default=env_default("--num-blocks", None, int),
+                   help="KV pool size in blocks (overrides --kv-cache-mb)")
+    g.add_argument("--block-size", type=int, default=env_default("--block-size", 16, int))
+    g.add_argument("--max-num-seqs", type=int, default=env_default("--max-num-seqs", 64, int))
+    g.add_argument("--max-num-batched-tokens", type=int,
+                   default=env_default("--max-num-batched-tokens", 2048, int))
+    g.add_argument("--max-model-len", type=int, default=env_default("--max-model-len", None, int))
+    env_plans = [parse_plan_arg(p) for p in (env_default("--plan", "") or "").split(",") if p]
+    g.add_argument("--plan", action="append", type=parse_plan_arg, default=env_plans or None,
+                   metavar="NAME=PATH", help="load a compression plan (repeatable); 'full' always exists")
+    g.add_argument("--default-plan", default=env_default("--default-plan", "full"))
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    plans = dict(args.plan or [])
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                        kv_cache_mb=args.kv_cache_mb, num_blocks=args.num_blocks,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=args.max_model_len, plans=plans, default_plan=args.default_plan)

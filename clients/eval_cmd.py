@@ -1,0 +1,188 @@
+"""`headwise eval`: accuracy, perplexity and agreement with the full cache, next to KV bytes.
+
+Every (task, length) group sends all its samples for all plans through one `LLMEngine`
+call, so the scheduler, paged cache and batching are the ones that serve traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from statistics import mean
+
+from tqdm import tqdm
+
+from headwise.clients.engine_args import add_engine_args, engine_config_from_args
+from headwise.clients.eval_prompt import FORMATS
+from headwise.clients.eval_score import corpus_perplexity, greedy_agreement, mean_nll, string_match_all
+from headwise.clients.eval_tasks import KEY_KINDS, MAX_TOKENS, TASKS, Sample, build_samples
+from headwise.engine.outputs import RequestOutput
+from headwise.engine.sampling_params import SamplingParams
+
+DEFAULT_LENGTHS = "1024,2048,4096"
+
+
+@dataclass
+class Row:
+    plan: str
+    task: str
+    length: int
+    samples: int
+    score: float  # mean string_match_all, or perplexity for ppl
+    agreement: float  # mean greedy agreement with the full plan (1.0 for full itself)
+    kv_bytes: float  # mean peak KV bytes per request
+    kv_ratio: float  # kv_bytes / full's kv_bytes for the same task and length
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="accuracy and KV memory of plans on offline long-context tasks",
+        description="Runs passkey, RULER-style needle tasks, variable tracking and perplexity through the "
+                    "engine for every plan (and the full cache), and reports accuracy, greedy agreement "
+                    "with the full cache, and KV bytes per request.")
+    add_engine_args(parser)
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    parser.add_argument("--lengths", default=DEFAULT_LENGTHS, help="comma-separated prompt lengths in tokens")
+    parser.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=FORMATS, default="plain",
+                        help="plain: text continuation after an answer prefix (default, best for small "
+                             "models); chat: the model's chat template")
+    parser.add_argument("--keys", choices=KEY_KINDS, default="words", help="needle keys")
+    parser.add_argument("--json", dest="json_path", help="also write rows and config to this JSON file")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    tasks = parse_tasks(args.tasks)
+    lengths = parse_lengths(args.lengths)
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    # the engine imports torch and loads weights: only after the arguments are known good
+    from headwise.engine.llm_engine import LLMEngine
+
+    config = engine_config_from_args(args)
+    engine = LLMEngine(config)
+    start = time.perf_counter()
+    rows = evaluate(engine, tasks, lengths, args.samples, args.seed, args.format, args.keys)
+    elapsed = time.perf_counter() - start
+    print(format_table(rows))
+    if args.json_path:
+        run_config = {"model": config.model, "dtype": config.dtype, "plans": {"full": None, **config.plans},
+                      "tasks": tasks, "lengths": lengths, "samples": args.samples, "seed": args.seed,
+                      "format": args.format, "keys": args.keys, "max_tokens": {t: MAX_TOKENS[t] for t in tasks},
+                      # the ppl corpus and natural haystacks are the running Python's pydoc topics
+                      "python": platform.python_version(), "elapsed_s": round(elapsed, 3)}
+        write_json(args.json_path, rows, run_config)
+    print(summarize(rows, elapsed))
+    return 0
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"--tasks {text!r}: unknown task {', '.join(bad) or '(none given)'}; "
+                         f"choose from {', '.join(TASKS)}")
+    return list(dict.fromkeys(tasks))
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lengths {text!r}: expected comma-separated token counts like {DEFAULT_LENGTHS}")
+    if not lengths or any(n < 1 for n in lengths):
+        raise ValueError(f"--lengths {text!r}: every length must be a positive token count")
+    return list(dict.fromkeys(lengths))
+
+
+def evaluate(engine, tasks: list[str], lengths: list[int], samples: int, seed: int, fmt: str = "plain",
+             keys: str = "words", progress: bool = True) -> list[Row]:
+    """Rows for every (task, length, plan); the full plan first, then the others by name order."""
+    plans = ["full"] + [p for p in engine.plans if p != "full"]
+    groups = [(t, n) for t in tasks for n in lengths]
+    rows: list[Row] = []
+    with tqdm(total=len(groups) * samples * len(plans), unit="req", desc="eval", disable=not progress) as bar:
+        for task, length in groups:
+            bar.set_postfix_str(f"{task} @ {length}")
+            group = build_samples(task, engine.tokenizer, length, samples, seed, fmt, keys)
+            prompts = [s.prompt_ids for _ in plans for s in group]
+            params = [request_params(s) for _ in plans for s in group]
+            names = [p for p in plans for _ in group]
+            outs = engine.generate(prompts, params, names)
+            bar.update(len(outs))
+            by_plan = {p: outs[i * len(group):(i + 1) * len(group)] for i, p in enumerate(plans)}
+            rows.extend(score_group(group, by_plan))
+    return rows
+
+
+def request_params(sample: Sample) -> SamplingParams:
+    if sample.task == "ppl":
+        return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    return SamplingParams(max_tokens=sample.max_tokens, temperature=0.0)
+
+
+def score_group(group: list[Sample], by_plan: dict[str, list[RequestOutput]]) -> list[Row]:
+    """One row per plan for one (task, length); `by_plan` holds outputs in sample order and
+    always has "full"."""
+    task, length = group[0].task, group[0].length
+    full = by_plan["full"]
+    full_kv = mean(o.kv_bytes for o in full)
+    rows = []
+    for plan, outs in by_plan.items():
+        if task == "ppl":
+            score = corpus_perplexity([mean_nll([None if lp is None else lp.logprob for lp in o.prompt_logprobs]) for o in outs])
+        else:
+            score = mean(string_match_all(o.text, s.expected) for o, s in zip(outs, group))
+        agreement = mean(greedy_agreement(o.token_ids, f.token_ids) for o, f in zip(outs, full))
+        kv = mean(o.kv_bytes for o in outs)
+        rows.append(Row(plan, task, length, len(group), score, agreement, kv, kv / full_kv if full_kv else 0.0))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """One block per (task, length), a line per plan; score is accuracy, or perplexity for ppl."""
+    width = max([len(r.plan) for r in rows] + [4])
+    header = f"{'task':<16} {'length':>6}  {'plan':<{width}}  {'score':>8}  {'agree':>6}  {'KV MiB':>8}  {'KV ratio':>8}"
+    lines = [header, "-" * len(header)]
+    previous = None
+    for r in rows:
+        if previous is not None and (r.task, r.length) != previous:
+            lines.append("")
+        previous = (r.task, r.length)
+        score = f"{r.score:8.2f}" if r.task == "ppl" else f"{r.score:8.3f}"
+        lines.append(f"{r.task:<16} {r.length:>6}  {r.plan:<{width}}  {score}  {r.agreement:6.3f}  "
+                     f"{r.kv_bytes / 2**20:8.2f}  {r.kv_ratio:8.3f}")
+    lines.append("score: string_match_all accuracy; ppl rows: perplexity (lower is better)")
+    return "\n".join(lines)
+
+
+def write_json(path: str, rows: list[Row], config: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"config": config, "rows": [asdict(r) for r in rows]}, f, indent=2)
+        f.write("\n")
+
+
+def summarize(rows: list[Row], elapsed: float) -> str:
+    """One line: per plan, mean accuracy over the accuracy rows, mean agreement and KV ratio."""
+    parts = []
+    for plan in dict.fromkeys(r.plan for r in rows):
+        mine = [r for r in rows if r.plan == plan]
+        acc = [r.score for r in mine if r.task != "ppl"]
+        ppl = [r.score for r in mine if r.task == "ppl"]
+        figures = []
+        if acc:
+            figures.append(f"acc {mean(acc):.3f}")
+        if ppl:
+            figures.append(f"ppl {mean(ppl):.2f}")
+        if plan != "full":
+            figures.append(f"agree {mean(r.agreement for r in mine):.3f}")
+        figures.append(f"KV {mean(r.kv_ratio for r in mine):.2f}x")
+        parts.append(f"{plan}: " + " ".join(figures))
+    groups = len({(r.task, r.length) for r in rows})
+    requests = sum(r.samples for r in rows)
+    return f"eval: {requests} requests in {groups} task/length groups, {elapsed:.1f} s; " + "; ".join(parts)

@@ -1,0 +1,162 @@
+"""AsyncEngine: the engine loop on a worker thread, per-request async streams.
+
+The HTTP side never touches tensors: requests and aborts are queued to the worker,
+which applies them between steps; outputs are handed back to each request's asyncio
+queue with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from headwise.engine.llm_engine import LLMEngine
+from headwise.engine.outputs import RequestOutput
+from headwise.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDead(RuntimeError):
+    """The engine loop stopped after an internal error."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.error: BaseException | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="headwise-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the loop; with `drain`, first let in-flight requests finish."""
+        if drain:
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout is None else loop.time() + timeout
+            while self.num_unfinished and (deadline is None or loop.time() < deadline):
+                await asyncio.sleep(0.02)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    # -- requests --------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       plan: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request; stopping the iteration aborts it."""
+        if self.error is not None:
+            raise EngineDead(f"engine stopped: {self.error}")
+        if self._stop.is_set() or self._thread is None:
+            raise EngineDead("engine is not running")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        added: asyncio.Future = loop.create_future()
+        self._commands.put(("add", request_id, prompt_token_ids, params, plan, (loop, q), added))
+        self._wake.set()
+        await added  # raises the engine's InvalidRequest / UnknownPlan / PromptTooLong
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if out.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._abort_now(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
+
+    def _abort_now(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    # -- the worker ------------------------------------------------------------------
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, ids, params, plan, stream, added = cmd
+                try:
+                    self.engine.add_request(rid, ids, params, plan)
+                    self._streams[rid] = stream
+                    _resolve(stream[0], added, None)
+                except Exception as e:
+                    _resolve(stream[0], added, e)
+            elif cmd[0] == "abort":
+                rid = cmd[1]
+                if rid in self._streams:
+                    self.engine.abort_request(rid)
+                    self._streams.pop(rid, None)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self.engine.step()  # flushes abort outputs
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    stream = self._streams.get(out.request_id)
+                    if stream is None:
+                        continue
+                    if out.finished:
+                        self._streams.pop(out.request_id, None)
+                    loop, q = stream
+                    loop.call_soon_threadsafe(q.put_nowait, out)
+        except BaseException as e:  # an engine fault: fail every open stream, stop
+            log.exception("engine loop failed")
+            self.error = e
+            for loop, q in list(self._streams.values()):
+                loop.call_soon_threadsafe(q.put_nowait, EngineDead(f"engine fault: {e}"))
+            self._streams.clear()
+        finally:
+            self._apply_failed_adds()
+
+    def _apply_failed_adds(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _resolve(cmd[5][0], cmd[6], EngineDead("engine is shut down"))
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, error: BaseException | None) -> None:
+    def set_() -> None:
+        if fut.done():  # the caller went away
+            return
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+    loop.call_soon_threadsafe(set_)
