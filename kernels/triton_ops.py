@@ -1,0 +1,183 @@
+"""Triton implementation of every attention op, with the signatures of `reference`.
+
+`headwise.kernels.reference` documents shapes, the cache layout and the mask contract;
+these functions check their inputs (ValueError names the bad argument) and launch the
+kernels in `triton_decode`, `triton_prefix`, `triton_prefill`, `triton_kv_write` and
+`triton_merge`. Accumulation is fp32; q / k / v / caches are float16, bfloat16 or float32,
+all of one dtype. Index tensors may be int32 or int64. On CPU this needs TRITON_INTERPRET=1.
+
+Preconditions the reference does not need:
+- kv_write: no slot appears twice in one call (a ring that wraps inside a chunk drops the
+  overwritten rows with -1, as the budget keeps only the newest).
+- sink_window_prefill: positions increase strictly inside each sequence, as they do in a
+  prefill chunk; this is what lets the kernel skip fully masked tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headwise.kernels.triton_common import (
+    check_attention_dtype,
+    check_cache,
+    check_int,
+    check_same_device,
+    require,
+)
+from headwise.kernels.triton_decode import launch_decode
+from headwise.kernels.triton_kv_write import launch_kv_write
+from headwise.kernels.triton_merge import launch_merge
+from headwise.kernels.triton_prefill import launch_sink_window
+from headwise.kernels.triton_prefix import launch_prefix
+
+__all__ = ["kv_write", "paged_decode", "paged_prefix", "sink_window_prefill", "merge_states"]
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index [rows, heads, D] tensors by row/head strides but need a unit D stride."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_heads(name: str, hq: int, hkv: int) -> None:
+    require(hkv > 0 and hq % hkv == 0, f"{name}: {hq} query heads is not a multiple of {hkv} KV heads")
+
+
+def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
+    require(q.dim() == 3, f"q must be [tokens, heads, head_dim], got {tuple(q.shape)}")
+    check_attention_dtype("q", q)
+    check_attention_dtype("k_cache", k_cache, q)
+    check_attention_dtype("v_cache", v_cache, q)
+    check_cache("k_cache", k_cache, q.shape[2])
+    check_cache("v_cache", v_cache, q.shape[2])
+    require(v_cache.shape == k_cache.shape, f"v_cache shape {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    require(block_tables.dim() == 3, f"block_tables must be [seqs, kv_heads, max_blocks], got {tuple(block_tables.shape)}")
+    check_int("block_tables", block_tables, tuple(block_tables.shape))
+    _check_heads("q", q.shape[1], block_tables.shape[1])
+
+
+def kv_write(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,
+) -> None:
+    """Write k, v `[T, Hkv, D]` to flat slots `slot_mapping [T, Hkv]` (-1 = drop)."""
+    require(k.dim() == 3, f"k must be [tokens, kv_heads, head_dim], got {tuple(k.shape)}")
+    require(v.shape == k.shape, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    t, hkv, d = k.shape
+    check_attention_dtype("k_cache", k_cache)
+    check_attention_dtype("v_cache", v_cache, k_cache)
+    check_cache("k_cache", k_cache, d)
+    check_cache("v_cache", v_cache, d)
+    require(v_cache.shape == k_cache.shape, f"v_cache shape {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    check_int("positions", positions, (t,))
+    check_int("slot_mapping", slot_mapping, (t, hkv))
+    check_int("pos_cache", pos_cache, tuple(k_cache.shape[:2]))
+    check_same_device(k=k, v=v, positions=positions, slot_mapping=slot_mapping, k_cache=k_cache, pos_cache=pos_cache)
+    launch_kv_write(
+        _rows_contiguous(k), _rows_contiguous(v), positions.contiguous(), slot_mapping, k_cache, v_cache, pos_cache
+    )
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per sequence, `q [B, Hq, D]`, over all valid slots of each KV head.
+
+    Returns out `[B, Hq, D]` and lse `[B, Hq]` (fp32, natural log).
+    """
+    _check_paged(q, k_cache, v_cache, block_tables)
+    require(block_tables.shape[0] == q.shape[0], f"block_tables has {block_tables.shape[0]} sequences, q has {q.shape[0]}")
+    check_int("lengths", lengths, tuple(block_tables.shape[:2]))
+    check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, lengths=lengths)
+    return launch_decode(_rows_contiguous(q), k_cache, v_cache, block_tables.contiguous(), lengths, float(scale))
+
+
+def paged_prefix(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_seq: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    keep: torch.Tensor,
+    recent: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk queries `q [T, Hq, D]` against the cached slots of their sequence.
+
+    Returns out `[T, Hq, D]` and lse `[T, Hq]`.
+    """
+    _check_paged(q, k_cache, v_cache, block_tables)
+    t = q.shape[0]
+    heads = tuple(block_tables.shape[:2])
+    check_int("q_pos", q_pos, (t,))
+    check_int("q_seq", q_seq, (t,))
+    check_int("pos_cache", pos_cache, tuple(k_cache.shape[:2]))
+    for name, x in (("lengths", lengths), ("keep", keep), ("recent", recent)):
+        check_int(name, x, heads)
+    check_same_device(q=q, q_pos=q_pos, q_seq=q_seq, k_cache=k_cache, block_tables=block_tables, lengths=lengths)
+    return launch_prefix(
+        _rows_contiguous(q), q_pos.contiguous(), q_seq.contiguous(), k_cache, v_cache, pos_cache,
+        block_tables.contiguous(), lengths, keep, recent, float(scale),
+    )
+
+
+def sink_window_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    sink: torch.Tensor,
+    recent: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention inside each chunk with the per-head (sink, recent) mask.
+
+    Returns out `[T, Hq, D]` and lse `[T, Hq]`.
+    """
+    require(q.dim() == 3 and k.dim() == 3, f"q, k must be [tokens, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}")
+    require(v.shape == k.shape, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    t, hq, d = q.shape
+    require(k.shape[0] == t and k.shape[2] == d, f"k shape {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    check_attention_dtype("q", q)
+    check_attention_dtype("k", k, q)
+    check_attention_dtype("v", v, q)
+    _check_heads("q", hq, k.shape[1])
+    check_int("positions", positions, (t,))
+    require(cu_seqlens.dim() == 1 and cu_seqlens.shape[0] >= 1, f"cu_seqlens must be [seqs + 1], got {tuple(cu_seqlens.shape)}")
+    check_int("cu_seqlens", cu_seqlens, tuple(cu_seqlens.shape))
+    heads = (cu_seqlens.shape[0] - 1, k.shape[1])
+    check_int("sink", sink, heads)
+    check_int("recent", recent, heads)
+    check_same_device(q=q, k=k, positions=positions, cu_seqlens=cu_seqlens, sink=sink, recent=recent)
+    return launch_sink_window(
+        _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), positions.contiguous(), cu_seqlens.contiguous(),
+        sink, recent, float(scale),
+    )
+
+
+def merge_states(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial softmax states over disjoint key sets: `[..., D]`, `[...]`."""
+    require(o1.shape == o2.shape, f"o1 shape {tuple(o1.shape)} != o2 shape {tuple(o2.shape)}")
+    require(o1.dim() >= 1, "o1 must have a head_dim axis")
+    require(
+        lse1.shape == o1.shape[:-1] and lse2.shape == o1.shape[:-1],
+        f"lse shapes {tuple(lse1.shape)}, {tuple(lse2.shape)} must equal o1.shape[:-1] = {tuple(o1.shape[:-1])}",
+    )
+    check_attention_dtype("o1", o1)
+    check_same_device(o1=o1, lse1=lse1, o2=o2, lse2=lse2)
+    return launch_merge(o1, lse1, o2, lse2)
