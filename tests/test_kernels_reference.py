@@ -1,0 +1,242 @@
+"""The torch references against plain dense attention with the DESIGN.md mask.
+
+The oracle materialises, per sequence and KV head, the mask "key j is visible to query i
+iff j <= i and (j < sink or j > i - recent)" over the full, unpaged K/V history, in
+float64. The references run in float32 on paged caches built with sink + ring slot
+mappings (so slots wrap and their positions are unsorted); tolerance: atol = rtol = 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from headwise.kernels import reference as ref
+from headwise.kernels.reference import UNBOUNDED
+from headwise.kernels.triton_cases import allocate, head_capacity, keep_of, prefill_in_chunks, slot_mapping
+
+ATOL = RTOL = 1e-5
+D = 16
+BLOCK = 4
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def dense_attention(q, qpos, k, v, kpos, sink, recent, scale):
+    """q [n, Hq, D] at positions qpos, one sequence's k / v [m, Hkv, D] at kpos."""
+    hq, hkv = q.shape[1], k.shape[1]
+    g = hq // hkv
+    scores = torch.einsum("nhd,mhd->hnm", q.double(), k.double().repeat_interleave(g, 1)) * scale
+    i, j = qpos[:, None].long(), kpos[None, :].long()
+    s = sink.long().repeat_interleave(g)[:, None, None]
+    r = recent.long().repeat_interleave(g)[:, None, None]
+    visible = (j <= i)[None] & ((j[None] < s) | (j[None] > i[None] - r))
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, -1)  # [Hq, n]
+    p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+    out = torch.einsum("hnm,mhd->nhd", p, v.double().repeat_interleave(g, 1))
+    return out, lse.T
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=ATOL, rtol=RTOL, equal_nan=False)
+
+
+@st.composite
+def workloads(draw, max_len=24):
+    """Sequences with random lengths and a per-(seq, KV head) full or sink + window budget."""
+    s = draw(st.integers(1, 3))
+    hkv = draw(st.integers(1, 2))
+    g = draw(st.sampled_from([1, 3, 4]))
+    lens = draw(st.lists(st.integers(0, max_len), min_size=s, max_size=s))
+    sink = torch.zeros(s, hkv, dtype=torch.int32)
+    recent = torch.full((s, hkv), UNBOUNDED, dtype=torch.int32)
+    for a in range(s):
+        for h in range(hkv):
+            if draw(st.booleans()):
+                sink[a, h] = draw(st.integers(0, 3))
+                recent[a, h] = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**16))
+    return lens, g, sink, recent, seed
+
+
+def make_tokens(lens, hkv, g, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(lens)
+    q = torch.randn(n, hkv * g, D, generator=gen)
+    k = torch.randn(n, hkv, D, generator=gen)
+    v = torch.randn(n, hkv, D, generator=gen)
+    return q, k, v, gen
+
+
+def new_cache(lens, sink, recent, gen, extra=0):
+    caps = torch.tensor(
+        [[head_capacity(int(sink[s, h]), int(recent[s, h]), n + extra) for h in range(sink.shape[1])] for s, n in enumerate(lens)]
+    )
+    return allocate(caps, BLOCK, D, torch.float32, "cpu", gen)
+
+
+def write_history(cache, k, v, lens, sink, recent):
+    pos = torch.cat([torch.arange(n) for n in lens])
+    seq = torch.cat([torch.full((n,), s) for s, n in enumerate(lens)])
+    ref.kv_write(k, v, pos, slot_mapping(cache, pos, seq, sink, recent), cache.k_cache, cache.v_cache, cache.pos_cache)
+
+
+def bounds(lens):
+    return [sum(lens[:s]) for s in range(len(lens) + 1)]
+
+
+@SETTINGS
+@given(workloads())
+def test_decode_over_ring_cache_equals_dense_window_attention(w):
+    """The newest token, written first, sees exactly what the ring kept."""
+    lens, g, sink, recent, seed = w
+    hkv = sink.shape[1]
+    q, k, v, gen = make_tokens(lens, hkv, g, seed)
+    cache = new_cache(lens, sink, recent, gen)
+    write_history(cache, k, v, lens, sink, recent)
+    b = bounds(lens)
+    last = torch.tensor([max(b[s + 1] - 1, 0) for s in range(len(lens))])
+    out, lse = ref.paged_decode(q[last] if len(q) else torch.zeros(len(lens), hkv * g, D),
+                                cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, 0.3)
+    for s, n in enumerate(lens):
+        if n == 0:
+            assert torch.all(out[s] == 0) and torch.all(lse[s] == float("-inf"))
+            continue
+        rows = slice(b[s], b[s + 1])
+        o, l = dense_attention(q[last[s : s + 1]], torch.tensor([n - 1]), k[rows], v[rows], torch.arange(n), sink[s], recent[s], 0.3)
+        assert_close(out[s], o[0])
+        assert_close(lse[s], l[0])
+
+
+@SETTINGS
+@given(workloads(), st.integers(1, 8))
+def test_prefix_over_cache_equals_dense_attention_to_cached_tokens(w, chunk):
+    """paged_prefix over the ring (sorted or not) = dense masked attention to the tokens before the chunk."""
+    lens, g, sink, recent, seed = w
+    hkv = sink.shape[1]
+    q, k, v, gen = make_tokens([n + chunk for n in lens], hkv, g, seed)
+    cache = new_cache(lens, sink, recent, gen)
+    b = bounds([n + chunk for n in lens])
+    hist = torch.cat([torch.arange(b[s], b[s] + n) for s, n in enumerate(lens)])
+    write_history(cache, k[hist], v[hist], lens, sink, recent)
+    rows = torch.cat([torch.arange(b[s] + n, b[s + 1]) for s, n in enumerate(lens)])
+    q_pos = torch.cat([torch.arange(n, n + chunk) for n in lens])
+    q_seq = torch.arange(len(lens)).repeat_interleave(chunk)
+    out, lse = ref.paged_prefix(q[rows], q_pos, q_seq, cache.k_cache, cache.v_cache, cache.pos_cache,
+                                cache.block_tables, cache.lengths, keep_of(cache, sink), recent, 0.3)
+    for s, n in enumerate(lens):
+        mine = q_seq == s
+        keys = slice(b[s], b[s] + n)
+        o, l = dense_attention(q[rows][mine], q_pos[mine], k[keys], v[keys], torch.arange(n), sink[s], recent[s], 0.3)
+        assert_close(out[mine], torch.nan_to_num(o))
+        assert_close(lse[mine], l)
+
+
+@SETTINGS
+@given(workloads(), st.integers(0, 30))
+def test_sink_window_prefill_equals_dense_masked_attention(w, first_pos):
+    """In-chunk attention, also for a chunk that starts after the sinks (first_pos > 0)."""
+    lens, g, sink, recent, seed = w
+    q, k, v, _ = make_tokens(lens, sink.shape[1], g, seed)
+    b = bounds(lens)
+    pos = torch.cat([torch.arange(first_pos, first_pos + n) for n in lens])
+    out, lse = ref.sink_window_prefill(q, k, v, pos, torch.tensor(b), sink, recent, 0.3)
+    for s in range(len(lens)):
+        rows = slice(b[s], b[s + 1])
+        o, l = dense_attention(q[rows], pos[rows], k[rows], v[rows], pos[rows], sink[s], recent[s], 0.3)
+        assert_close(out[rows], o)
+        assert_close(lse[rows], l)
+
+
+@SETTINGS
+@given(st.integers(1, 12), st.integers(0, 12), st.integers(0, 2**16))
+def test_merge_states_equals_attention_over_the_union(n1, n2, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 2, D, generator=gen)
+    k = torch.randn(n1 + n2, 2, D, generator=gen)
+    v = torch.randn(n1 + n2, 2, D, generator=gen)
+    full = torch.full((2,), UNBOUNDED)
+    qpos = torch.full((3,), n1 + n2)
+
+    def part(sl):
+        o, l = dense_attention(q, qpos, k[sl], v[sl], torch.arange(n1 + n2)[sl], full * 0, full, 0.3)
+        return torch.nan_to_num(o).float(), l.float()
+
+    out, lse = ref.merge_states(*part(slice(0, n1)), *part(slice(n1, None)))
+    o, l = dense_attention(q, qpos, k, v, torch.arange(n1 + n2), full * 0, full, 0.3)
+    assert_close(out, o)
+    assert_close(lse, l)
+
+
+def test_merge_of_two_empty_states_is_zero_with_lse_minus_inf():
+    o = torch.randn(2, 3, D)
+    lse = torch.full((2, 3), float("-inf"))
+    out, l = ref.merge_states(o, lse, o, lse)
+    assert torch.all(out == 0) and torch.all(l == float("-inf"))
+
+
+@SETTINGS
+@given(workloads(max_len=30), st.integers(1, 9))
+def test_chunked_prefill_equals_unchunked_attention_with_ring_wraparound(w, chunk):
+    """The chunk size does not change any output, even after the rings wrapped mid-prompt."""
+    lens, g, sink, recent, seed = w
+    hkv = sink.shape[1]
+    q, k, v, gen = make_tokens(lens, hkv, g, seed)
+    cache = new_cache(lens, sink, recent, gen)
+    out, lse = prefill_in_chunks(ref, cache, q, k, v, lens, sink, recent, chunk, 0.3)
+    b = bounds(lens)
+    for s, n in enumerate(lens):
+        rows = slice(b[s], b[s + 1])
+        o, l = dense_attention(q[rows], torch.arange(n), k[rows], v[rows], torch.arange(n), sink[s], recent[s], 0.3)
+        assert_close(out[rows], o)
+        assert_close(lse[rows], l)
+
+
+@SETTINGS
+@given(workloads(max_len=20), st.integers(1, 6), st.integers(1, 5))
+def test_decode_after_chunked_prefill_equals_dense_attention(w, chunk, steps):
+    """Prefill in chunks, then decode `steps` tokens, each written before it attends."""
+    lens, g, sink, recent, seed = w
+    lens = [n + 1 for n in lens]  # decode needs a prompt
+    hkv = sink.shape[1]
+    total = [n + steps for n in lens]
+    q, k, v, gen = make_tokens(total, hkv, g, seed)
+    cache = new_cache(lens, sink, recent, gen, extra=steps)
+    b = bounds(total)
+    prompt = torch.cat([torch.arange(b[s], b[s] + n) for s, n in enumerate(lens)])
+    prefill_in_chunks(ref, cache, q[prompt], k[prompt], v[prompt], lens, sink, recent, chunk, 0.3)
+    seqs = torch.arange(len(lens))
+    for step in range(steps):
+        pos = torch.tensor(lens) + step
+        rows = torch.tensor(b[:-1]) + pos
+        ref.kv_write(k[rows], v[rows], pos, slot_mapping(cache, pos, seqs, sink, recent),
+                     cache.k_cache, cache.v_cache, cache.pos_cache)
+        out, lse = ref.paged_decode(q[rows], cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, 0.3)
+        for s in range(len(lens)):
+            keys = slice(b[s], int(rows[s]) + 1)
+            o, l = dense_attention(q[rows[s : s + 1]], pos[s : s + 1], k[keys], v[keys],
+                                   torch.arange(int(pos[s]) + 1), sink[s], recent[s], 0.3)
+            assert_close(out[s], o[0])
+            assert_close(lse[s], l[0])
+
+
+def test_full_head_decode_matches_softmax_formula():
+    """A hand-checked case: one full head, two keys, exact softmax weights."""
+    cache = allocate(torch.tensor([[2]]), BLOCK, D, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    q = torch.zeros(1, 1, D)
+    q[0, 0, 0] = 1.0
+    k = torch.zeros(2, 1, D)
+    k[1, 0, 0] = math.log(3.0)  # scores 0 and log 3 -> weights 1/4, 3/4
+    v = torch.zeros(2, 1, D)
+    v[0, 0, 1], v[1, 0, 1] = 4.0, 8.0
+    pos = torch.arange(2)
+    one = torch.zeros(1, 1, dtype=torch.int32)
+    ref.kv_write(k, v, pos, slot_mapping(cache, pos, torch.zeros(2, dtype=torch.long), one, one + UNBOUNDED),
+                 cache.k_cache, cache.v_cache, cache.pos_cache)
+    out, lse = ref.paged_decode(q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, 1.0)
+    assert out[0, 0, 1].item() == pytest.approx(7.0, abs=1e-6)
+    assert lse[0, 0].item() == pytest.approx(math.log(4.0), abs=1e-6)
