@@ -87,6 +87,11 @@ class GenerationGroup:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        # a pump cancelled while its request was being added never reaches the generator's
+        # own abort; an explicit abort (queued after the add) covers that window
+        for job, out in zip(self._jobs, self.latest):
+            if self._tasks and (out is None or not out.finished):
+                await self._engine.abort(job.request_id)
         self._admission.release(len(self._jobs))
 
     async def _pump(self, index: int, job: Job) -> None:

@@ -1,0 +1,69 @@
+"""Run the server inside the current process on a free 127.0.0.1 port, in a thread: for
+notebooks, scripts that embed headwise, and the test suite's live-server tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Callable
+
+import httpx
+import uvicorn
+
+from headwise.engine.llm_engine import LLMEngine
+from headwise.server.app import create_app
+from headwise.server.settings import ServerSettings
+from headwise.server.state import ServerState
+
+
+class BackgroundServer:
+    """`with BackgroundServer(settings, load_engine) as server: ... server.url ...`
+
+    Entering waits until the port accepts connections (and, with `wait_ready`, until
+    /health is 200); leaving drains and stops the server and its engine worker."""
+
+    def __init__(self, settings: ServerSettings, load_engine: Callable[[], LLMEngine],
+                 wait_ready: bool = True, timeout: float = 120.0) -> None:
+        self.app = create_app(settings, load_engine)
+        self.state: ServerState = self.app.state.headwise
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((settings.host, settings.port))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://{settings.host}:{self.port}"
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=settings.drain_timeout)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="headwise-http", daemon=True)
+        self._wait_ready = wait_ready
+        self._timeout = timeout
+
+    def __enter__(self) -> "BackgroundServer":
+        self._thread.start()
+        deadline = time.monotonic() + self._timeout
+        while time.monotonic() < deadline:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server thread exited during startup")
+            try:
+                status = httpx.get(self.url + "/health", timeout=1.0).status_code
+            except httpx.HTTPError:
+                status = None
+            if status == 200 or (status is not None and not self._wait_ready):
+                return self
+            if self.state.load_error is not None:
+                self.stop()
+                raise RuntimeError(f"the model failed to load: {self.state.load_error}")
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"the server at {self.url} was not ready within {self._timeout} s")
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join()
+        self._sock.close()
