@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
           503: "service_unavailable_error"}
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none)$|[\[\-]")
 
 
 class APIError(Exception):
@@ -58,7 +61,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return APIError(400, "invalid request body", None, "invalid_request")
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = []
+    for part in first.get("loc", ())[1:] if first.get("loc", ())[:1] == ("body",) else first.get("loc", ()):
+        if isinstance(part, str) and _UNION_TAG.search(part):
+            break  # pydantic names the union member tried (`str`, `list[int]`); not a field
+        loc.append(str(part))
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
