@@ -60,7 +60,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
         return APIError(400, "invalid request body", None, "invalid_request")
-    first = errors[0]
+    # the longest location is the most specific complaint (inside a union, the member that got furthest)
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
     loc = []
     for part in first.get("loc", ())[1:] if first.get("loc", ())[:1] == ("body",) else first.get("loc", ()):
         if isinstance(part, str) and _UNION_TAG.search(part):
