@@ -155,7 +155,9 @@ def _baseline_ms(row: Row) -> float:
     return row.dense_ms if math.isnan(row.flash_ms) else min(row.dense_ms, row.flash_ms)
 
 
-def _paged_cell(shape: Shape, row: Row, q: torch.Tensor, window_frac: float, check_seqs: int, timer, rep_ms: int) -> None:
+def _paged_cell(
+    shape: Shape, row: Row, q: torch.Tensor, window_frac: float, check_seqs: int, timer, rep_ms: int
+) -> None:
     from headwise.kernels import reference, triton_ops
     from headwise.kernels.triton_cases import allocate
 
@@ -213,7 +215,8 @@ def _summary(rows: list[Row], peak: float | None) -> str:
     speed = ""
     if half:
         top = max(half, key=lambda r: (r.context, r.batch))
-        speed = f"; 50%-window plan at ctx {top.context} B {top.batch}: {_baseline_ms(top) / top.paged_ms:.2f}x vs dense"
+        gain = _baseline_ms(top) / top.paged_ms
+        speed = f"; 50%-window plan at ctx {top.context} B {top.batch}: {gain:.2f}x vs dense"
     return (f"paged_decode: best {best.gbps:.0f} GB/s{frac} at ctx {best.context} B {best.batch} "
             f"{best.window_pct}% window{speed}; {len(measured) - bad}/{len(measured)} cells match the reference")
 
@@ -224,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         from headwise.kernels import triton_common
 
         if not triton_common.INTERPRET:
-            print("headwise bench kernels: triton_ops was imported before TRITON_INTERPRET=1 could be set", file=sys.stderr)
+            print("headwise bench kernels: triton_ops was imported before TRITON_INTERPRET=1 was set", file=sys.stderr)
             return 2
         shape, device, timer = SMOKE, torch.device("cpu"), _time_cpu
         batches, contexts, peak, name = [2], [64], args.peak_gbps, "cpu (Triton interpreter)"

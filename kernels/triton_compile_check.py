@@ -33,6 +33,8 @@ from headwise.kernels import (  # noqa: E402
 from headwise.kernels.reference import UNBOUNDED  # noqa: E402
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+# opt-in shared memory per block by compute capability; a kernel over it fails to load
+_SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 _KERNELS = [
     (triton_decode, "_decode_split_kernel"),
     (triton_decode, "_decode_reduce_kernel"),
@@ -70,10 +72,16 @@ class _CompileOnLaunch:
         signature.update({name: "constexpr" for name in meta})
         backend = triton.compiler.make_backend(self.target)
         start = time.perf_counter()
-        triton.compile(ASTSource(self.fn, signature, meta, attrs), target=self.target,
-                       options=backend.parse_options(options).__dict__)
+        kernel = triton.compile(ASTSource(self.fn, signature, meta, attrs), target=self.target,
+                                options=backend.parse_options(options).__dict__)
         consts = ",".join(f"{k}={v}" for k, v in meta.items())
-        self.log.append(f"{self.fn.__name__}[{consts}] {time.perf_counter() - start:.1f}s")
+        smem = kernel.metadata.shared
+        limit = _SMEM_LIMIT.get(self.target.arch, 101376)
+        if smem > limit:
+            raise RuntimeError(
+                f"{self.fn.__name__}[{consts}] needs {smem} B of shared memory, sm_{self.target.arch} has {limit}"
+            )
+        self.log.append(f"{self.fn.__name__}[{consts}] smem {smem} B, {time.perf_counter() - start:.1f}s")
 
 
 def _drive_ops(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> None:

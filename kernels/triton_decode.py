@@ -176,7 +176,7 @@ def launch_decode(
     upcast, ieee = dot_flags(k_cache.dtype)
     consts = dict(
         G=g, G_PAD=next_pow2(g, 16), D=d, D_PAD=next_pow2(d, 16), BS=bs, TILE=TILE_TOKENS,
-        UPCAST=upcast, IEEE=ieee, num_warps=4, num_stages=2,
+        UPCAST=upcast, IEEE=ieee, num_warps=4, num_stages=3,
     )
     if max_splits == 1:
         # one split per head: write the final state directly and skip the reduce launch

@@ -33,8 +33,8 @@ def _kv_write_kernel(
     v = tl.load(v_ptr + t * s_vt + h[:, None] * s_vh + d[None, :], mask=mask)
     tl.store(kc_ptr + (blk * s_kcb + off * s_kcs)[:, None] + d[None, :], k.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptr + (blk * s_vcb + off * s_vcs)[:, None] + d[None, :], v.to(vc_ptr.dtype.element_ty), mask=mask)
-    pos = tl.load(pos_ptr + t)
-    tl.store(pc_ptr + blk * s_pcb + off * s_pcs, (pos + tl.zeros([H_PAD], tl.int64)).to(pc_ptr.dtype.element_ty), mask=ok)
+    pos = tl.load(pos_ptr + t) + tl.zeros([H_PAD], tl.int64)  # one position for all heads of the token
+    tl.store(pc_ptr + blk * s_pcb + off * s_pcs, pos.to(pc_ptr.dtype.element_ty), mask=ok)
 
 
 def launch_kv_write(

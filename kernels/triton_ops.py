@@ -50,7 +50,9 @@ def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     check_cache("k_cache", k_cache, q.shape[2])
     check_cache("v_cache", v_cache, q.shape[2])
     require(v_cache.shape == k_cache.shape, f"v_cache shape {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
-    require(block_tables.dim() == 3, f"block_tables must be [seqs, kv_heads, max_blocks], got {tuple(block_tables.shape)}")
+    require(
+        block_tables.dim() == 3, f"block_tables must be [seqs, kv_heads, max_blocks], got {tuple(block_tables.shape)}"
+    )
     check_int("block_tables", block_tables, tuple(block_tables.shape))
     _check_heads("q", q.shape[1], block_tables.shape[1])
 
@@ -95,7 +97,9 @@ def paged_decode(
     Returns out `[B, Hq, D]` and lse `[B, Hq]` (fp32, natural log).
     """
     _check_paged(q, k_cache, v_cache, block_tables)
-    require(block_tables.shape[0] == q.shape[0], f"block_tables has {block_tables.shape[0]} sequences, q has {q.shape[0]}")
+    require(
+        block_tables.shape[0] == q.shape[0], f"block_tables has {block_tables.shape[0]} sequences, q has {q.shape[0]}"
+    )
     check_int("lengths", lengths, tuple(block_tables.shape[:2]))
     check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, lengths=lengths)
     return launch_decode(_rows_contiguous(q), k_cache, v_cache, block_tables.contiguous(), lengths, float(scale))
@@ -147,7 +151,10 @@ def sink_window_prefill(
 
     Returns out `[T, Hq, D]` and lse `[T, Hq]`.
     """
-    require(q.dim() == 3 and k.dim() == 3, f"q, k must be [tokens, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}")
+    require(
+        q.dim() == 3 and k.dim() == 3,
+        f"q, k must be [tokens, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}",
+    )
     require(v.shape == k.shape, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
     t, hq, d = q.shape
     require(k.shape[0] == t and k.shape[2] == d, f"k shape {tuple(k.shape)} does not match q {tuple(q.shape)}")
@@ -156,7 +163,10 @@ def sink_window_prefill(
     check_attention_dtype("v", v, q)
     _check_heads("q", hq, k.shape[1])
     check_int("positions", positions, (t,))
-    require(cu_seqlens.dim() == 1 and cu_seqlens.shape[0] >= 1, f"cu_seqlens must be [seqs + 1], got {tuple(cu_seqlens.shape)}")
+    require(
+        cu_seqlens.dim() == 1 and cu_seqlens.shape[0] >= 1,
+        f"cu_seqlens must be [seqs + 1], got {tuple(cu_seqlens.shape)}",
+    )
     check_int("cu_seqlens", cu_seqlens, tuple(cu_seqlens.shape))
     heads = (cu_seqlens.shape[0] - 1, k.shape[1])
     check_int("sink", sink, heads)

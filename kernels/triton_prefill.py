@@ -21,7 +21,7 @@ import triton.language as tl
 from headwise.kernels.triton_common import LOG2E, dot_f32, dot_flags, finish_softmax, next_pow2, online_softmax_step
 
 ROWS = 64  # query rows (tokens x padded group) per program
-TILE_KEYS = 64
+TILE_KEYS = 64  # halved for fp32 so K/V stages stay under 100 KiB of shared memory
 
 
 @triton.jit
@@ -68,7 +68,8 @@ def _sink_window_kernel(
     row_ok = (t <= t_last) & (rows % G_PAD < G)
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    q = tl.load(q_ptr + t[:, None] * s_qt + hq[:, None] * s_qh + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + t[:, None] * s_qt + hq[:, None] * s_qh + d[None, :], mask=q_mask, other=0.0)
     qpos = tl.load(pos_ptr + t, mask=row_ok, other=0)
     k_head = k_ptr + h * s_kh
     v_head = v_ptr + h * s_vh
@@ -124,6 +125,7 @@ def launch_sink_window(
     seq_of_row = torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True, out_int32=True)
     seq_of_row.clamp_(max=num_seqs - 1)
     tokens = max(1, ROWS // g_pad)
+    tile = TILE_KEYS if q.element_size() <= 2 else TILE_KEYS // 2
     upcast, ieee = dot_flags(k.dtype)
     _sink_window_kernel[(triton.cdiv(t, tokens), hkv)](
         q, k, v, positions, cu_seqlens, seq_of_row, sink, recent, out, lse,
@@ -131,7 +133,7 @@ def launch_sink_window(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         sink.stride(0), sink.stride(1), recent.stride(0), recent.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        G=g, G_PAD=g_pad, TOKENS=tokens, D=d, D_PAD=next_pow2(d, 16), TILE=TILE_KEYS,
+        G=g, G_PAD=g_pad, TOKENS=tokens, D=d, D_PAD=next_pow2(d, 16), TILE=tile,
         UPCAST=upcast, IEEE=ieee, num_warps=4, num_stages=2,
     )
     return out, lse

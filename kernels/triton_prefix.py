@@ -17,7 +17,7 @@ import triton.language as tl
 from headwise.kernels.triton_common import LOG2E, dot_f32, dot_flags, finish_softmax, next_pow2, online_softmax_step
 
 ROWS = 64  # query rows (tokens x padded group) per program: a full tensor-core M tile
-TILE_KEYS = 64
+TILE_KEYS = 64  # halved for fp32 so K/V stages stay under 100 KiB of shared memory
 _NO_SEQ = 2**31 - 1
 
 
@@ -41,7 +41,8 @@ def _paged_prefix_kernel(
     d_ok = d < D
     seq = tl.load(qseq_ptr + t, mask=row_ok, other=NO_SEQ).to(tl.int32)
     qpos = tl.load(qpos_ptr + t, mask=row_ok, other=0)
-    q = tl.load(q_ptr + t[:, None] * s_qt + hq[:, None] * s_qh + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + t[:, None] * s_qt + hq[:, None] * s_qh + d[None, :], mask=q_mask, other=0.0)
     n = tl.arange(0, TILE)
     cur = tl.min(seq, 0)
     while cur != NO_SEQ:
@@ -98,6 +99,7 @@ def launch_prefix(
     if t == 0 or hq == 0:
         return out, lse
     tokens = max(1, ROWS // g_pad)
+    tile = TILE_KEYS if q.element_size() <= 2 else TILE_KEYS // 2
     upcast, ieee = dot_flags(k_cache.dtype)
     _paged_prefix_kernel[(triton.cdiv(t, tokens), hkv)](
         q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, lengths, keep, recent, out, lse,
@@ -106,7 +108,7 @@ def launch_prefix(
         pos_cache.stride(0), pos_cache.stride(1), block_tables.stride(0), block_tables.stride(1),
         lengths.stride(0), lengths.stride(1), keep.stride(0), keep.stride(1), recent.stride(0), recent.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        G=g, G_PAD=g_pad, TOKENS=tokens, D=d, D_PAD=next_pow2(d, 16), BS=k_cache.shape[1], TILE=TILE_KEYS,
-        UPCAST=upcast, IEEE=ieee, NO_SEQ=_NO_SEQ, num_warps=4, num_stages=2,
+        G=g, G_PAD=g_pad, TOKENS=tokens, D=d, D_PAD=next_pow2(d, 16), BS=k_cache.shape[1], TILE=tile,
+        UPCAST=upcast, IEEE=ieee, NO_SEQ=_NO_SEQ, num_warps=4, num_stages=3,
     )
     return out, lse

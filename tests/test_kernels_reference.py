@@ -74,7 +74,8 @@ def make_tokens(lens, hkv, g, seed):
 
 def new_cache(lens, sink, recent, gen, extra=0):
     caps = torch.tensor(
-        [[head_capacity(int(sink[s, h]), int(recent[s, h]), n + extra) for h in range(sink.shape[1])] for s, n in enumerate(lens)]
+        [[head_capacity(int(sink[s, h]), int(recent[s, h]), n + extra) for h in range(sink.shape[1])]
+         for s, n in enumerate(lens)]
     )
     return allocate(caps, BLOCK, D, torch.float32, "cpu", gen)
 
@@ -107,7 +108,8 @@ def test_decode_over_ring_cache_equals_dense_window_attention(w):
             assert torch.all(out[s] == 0) and torch.all(lse[s] == float("-inf"))
             continue
         rows = slice(b[s], b[s + 1])
-        o, l = dense_attention(q[last[s : s + 1]], torch.tensor([n - 1]), k[rows], v[rows], torch.arange(n), sink[s], recent[s], 0.3)
+        o, l = dense_attention(q[last[s : s + 1]], torch.tensor([n - 1]), k[rows], v[rows], torch.arange(n),
+                               sink[s], recent[s], 0.3)
         assert_close(out[s], o[0])
         assert_close(lse[s], l[0])
 

@@ -110,7 +110,8 @@ def test_paged_decode_matches_reference_over_ragged_split_heads(dtype, head_dim,
     assert {0, 1, block_size} <= set(cache.lengths.flatten().tolist())
     q = torch.randn(len(lens), HKV * group, head_dim, generator=gen).to(dtype)
     args = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, SCALE)
-    per_split, max_splits = triton_decode.plan_splits(len(lens), HKV, cache.block_tables.shape[2] * block_size, q.device)
+    table_tokens = cache.block_tables.shape[2] * block_size
+    per_split, max_splits = triton_decode.plan_splits(len(lens), HKV, table_tokens, q.device)
     assert max_splits > 1 and 53 % per_split != 0
     out, lse = tri.paged_decode(*args)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
@@ -186,7 +187,8 @@ def test_chunked_prefill_then_decode_matches_reference_pipeline(dtype, chunk, sm
     caps = torch.tensor([[head_capacity(int(sink[s, h]), int(recent[s, h]), n + steps) for h in range(HKV)]
                          for s, n in enumerate(lens)])
     caches = [allocate(caps, 16, d, dtype, "cpu", torch.Generator().manual_seed(4)) for _ in range(2)]
-    states = [prefill_in_chunks(ops, c, q, k, v, lens, sink, recent, chunk, SCALE) for ops, c in zip((tri, ref), caches)]
+    states = [prefill_in_chunks(ops, c, q, k, v, lens, sink, recent, chunk, SCALE)
+              for ops, c in zip((tri, ref), caches)]
     assert_state_close(states[0], states[1], dtype)
     seqs = torch.arange(len(lens))
     for step in range(steps):
@@ -221,7 +223,7 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
 def test_every_kernel_compiles_for_sm90():
     """The interpreter accepts code the GPU compiler rejects; compile it for an H100 without one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "headwise.kernels.triton_compile_check", "--arch", "90"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-W", "ignore", "-m", "headwise.kernels.triton_compile_check", "--arch", "90"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compiled 14 kernel variants for sm_90" in proc.stdout

@@ -155,7 +155,8 @@ def test_chunked_prefill_pipeline_matches_reference(chunk):
     caps = torch.tensor([[head_capacity(int(sink[s, h]), int(recent[s, h]), n) for h in range(hkv)]
                          for s, n in enumerate(lens)])
     caches = [allocate(caps, 16, d, dtype, DEV, torch.Generator().manual_seed(4)) for _ in range(2)]
-    states = [prefill_in_chunks(ops, c, q, k, v, lens, sink, recent, chunk, SCALE) for ops, c in zip((tri, ref), caches)]
+    states = [prefill_in_chunks(ops, c, q, k, v, lens, sink, recent, chunk, SCALE)
+              for ops, c in zip((tri, ref), caches)]
     assert_state_close(states[0], states[1], dtype)
 
 
