@@ -201,7 +201,7 @@ def _print_table(rows: list[Row], peak: float | None, device: str) -> None:
         fa = "-" if math.isnan(r.flash_ms) else f"{r.flash_ms:8.3f}"
         speedup = _baseline_ms(r) / r.paged_ms if r.paged_ms > 0 else math.nan
         print(f"{r.context:>8} {r.batch:>5} {r.window_pct:>6}% {r.paged_ms:9.3f} {r.gbps:7.0f} {frac:>6} "
-              f"{r.dense_ms:9.3f} {fa:>8} {speedup:6.2f}x {r.max_err:8.1e}  {r.note}")
+              f"{r.dense_ms:9.3f} {fa:>8} {speedup:6.2f}x {r.max_err:8.1e}  {r.note}".rstrip())
 
 
 def _summary(rows: list[Row], peak: float | None) -> str:

@@ -8,6 +8,7 @@ whose size does not divide the lengths. A last test compiles every kernel for sm
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -118,6 +119,23 @@ def test_paged_decode_matches_reference_over_ragged_split_heads(dtype, head_dim,
     assert_state_close((out, lse), ref.paged_decode(*args), dtype)
 
 
+def test_kv_write_and_decode_on_one_pool_holding_k_and_v():
+    """DESIGN.md's `[num_blocks, 2, block_size, head_dim]` pool: K and V are strided views."""
+    gen = torch.Generator().manual_seed(5)
+    pool = torch.zeros(8, 2, 16, 64)
+    pos_cache = torch.zeros(8, 16, dtype=torch.int32)
+    tables = torch.tensor([[[3, 5], [1, 6]]], dtype=torch.int32)
+    k, v = torch.randn(2, 20, HKV, 64, generator=gen)
+    slots = (tables[0, :, torch.arange(20) // 16] * 16 + torch.arange(20) % 16).T.contiguous()
+    tri.kv_write(k, v, torch.arange(20), slots, pool[:, 0], pool[:, 1], pos_cache)
+    q = torch.randn(1, HKV * 4, 64, generator=gen)
+    lengths = torch.tensor([[20, 20]], dtype=torch.int32)
+    out = tri.paged_decode(q, pool[:, 0], pool[:, 1], tables, lengths, SCALE)
+    dense_k, dense_v = pool[:, 0].clone(), pool[:, 1].clone()
+    assert_state_close(out, ref.paged_decode(q, dense_k, dense_v, tables, lengths, SCALE), torch.float32)
+    assert torch.equal(dense_k.view(-1, 64)[slots.long().view(-1)], k.reshape(-1, 64))
+
+
 def test_paged_decode_single_split_writes_output_directly():
     cache, _, _, gen = ring_cache([0, 5, 30], torch.float32, 64, 16)
     q = torch.randn(3, HKV * 4, 64, generator=gen)
@@ -147,12 +165,12 @@ def test_paged_prefix_matches_reference_on_wrapped_rings(dtype, head_dim, block_
 @pytest.mark.parametrize("first_pos", [0, 9])
 @pytest.mark.parametrize("dtype,head_dim,block_size,group", COMBOS, ids=COMBO_IDS)
 def test_sink_window_prefill_matches_reference(dtype, head_dim, block_size, group, first_pos):
-    """Sequences of 0, 1, 16 and 150 tokens: the long one skips tiles outside sink + window."""
-    lens = [0, 1, 16, 150]
+    """Sequences of 0, 1, 0, 16 and 150 tokens: the long one skips tiles outside sink + window."""
+    lens = [0, 1, 0, 16, 150]
     gen = torch.Generator().manual_seed(1)
     sink, recent = budgets(len(lens))
     recent[1, 1] = 1  # only the diagonal (and sinks) visible
-    sink[3, 1] = 0
+    sink[4, 1] = 0
     cu = torch.tensor([sum(lens[:s]) for s in range(len(lens) + 1)], dtype=torch.int32)
     pos = torch.cat([torch.arange(first_pos, first_pos + n) for n in lens])
     q = torch.randn(len(pos), HKV * group, head_dim, generator=gen).to(dtype)
@@ -200,6 +218,24 @@ def test_chunked_prefill_then_decode_matches_reference_pipeline(dtype, chunk, sm
             ops.kv_write(kd, kd, pos, slot_mapping(c, pos, seqs, sink, recent), c.k_cache, c.v_cache, c.pos_cache)
             results.append(ops.paged_decode(qd, c.k_cache, c.v_cache, c.block_tables, c.lengths, SCALE))
         assert_state_close(results[0], results[1], dtype)
+
+
+def test_triton_ops_has_the_signatures_of_the_reference():
+    for name in tri.__all__:
+        assert inspect.signature(getattr(tri, name)).parameters.keys() == inspect.signature(
+            getattr(ref, name)
+        ).parameters.keys(), name
+
+
+def test_dispatcher_forced_to_triton_runs_the_kernels(monkeypatch):
+    from headwise.kernels import ops
+
+    monkeypatch.setenv("HEADWISE_KERNELS", "triton")
+    cache, _, _, gen = ring_cache([0, 20], torch.float32, 64, 16)
+    q = torch.randn(2, HKV * 3, 64, generator=gen)
+    args = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, SCALE)
+    assert ops.backend_for(q) is tri
+    assert_state_close(ops.paged_decode(*args), ref.paged_decode(*args), torch.float32)
 
 
 def test_bad_inputs_raise_value_error_naming_the_argument():
