@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
 import re
 import time
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.concurrency is not None and args.concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per /metrics sample otherwise
     result = asyncio.run(benchmark(args))
     print(format_report(result))
     if args.result_json:
