@@ -22,8 +22,6 @@ from typing import Callable
 
 import torch
 
-from headwise.kernels.reference import UNBOUNDED
-
 # (substring of torch.cuda.get_device_name(), peak HBM GB/s); first match wins, so the
 # more specific names come first ("GH200" before "H200", "A100" before "A10", "L40" before "L4")
 PEAK_GBPS = [

@@ -48,7 +48,9 @@ def plan_splits(batch: int, kv_heads: int, table_tokens: int, device: torch.devi
 
     `table_tokens` (block-table width x block size) bounds every head's length. A head of
     length n uses ceil(n / tokens_per_split) splits; tokens_per_split is a multiple of
-    TILE_TOKENS so split boundaries fall on tile boundaries.
+    TILE_TOKENS so split boundaries fall on tile boundaries. Splits are sized for the
+    table width, so callers should pass tables trimmed to the batch's longest head (known
+    on the host), not padded to the model's maximum length.
     """
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), max(1, batch * kv_heads))
     cap = triton.cdiv(max(1, table_tokens), MIN_SPLIT_TOKENS)

@@ -107,10 +107,11 @@ def test_paged_decode_matches_reference(dtype, head_dim, block_size, hkv, group,
     assert_state_close((out, lse), ref.paged_decode(*args), dtype)
 
 
-@pytest.mark.parametrize("chunk", [1, 100, 512])
+@pytest.mark.parametrize("chunk", [1, 64, 128])
 @pytest.mark.parametrize("dtype,head_dim,block_size,hkv,group", COMBOS[:2], ids=IDS[:2])
 def test_paged_prefix_matches_reference(dtype, head_dim, block_size, hkv, group, chunk):
-    lens = [0, 40, 1500, 4000]
+    # the reference gathers [tokens, kv_heads, cached, D] in fp32: sizes kept to a few GB
+    lens = [0, 40, 500, 1000]
     cache, sink, recent = ring_cache(lens, dtype, head_dim, block_size, hkv)
     q_pos = torch.cat([torch.arange(n, n + chunk) for n in lens]).to(DEV)
     q_seq = torch.arange(len(lens)).repeat_interleave(chunk).to(DEV)
@@ -143,7 +144,7 @@ def test_merge_states_matches_reference(dtype):
     assert_state_close(tri.merge_states(o1, lse1, o2, lse2), ref.merge_states(o1, lse1, o2, lse2), dtype)
 
 
-@pytest.mark.parametrize("chunk", [64, 512])
+@pytest.mark.parametrize("chunk", [64, 256])
 def test_chunked_prefill_pipeline_matches_reference(chunk):
     dtype, d, hkv, group = torch.bfloat16, 128, 8, 4
     lens = [700, 1300]
