@@ -8,7 +8,7 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -63,13 +63,20 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], LLMEngine],
             return JSONResponse({"status": "error", "message": str(state.load_error)}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
-    async def models(request: Request) -> dict:
+    def model_card() -> dict:
         engine, _ = state.require_engine()
-        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "headwise",
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "headwise",
                 "root": engine.model_id, "max_model_len": engine.max_model_len,
                 "kv_plans": sorted(engine.plans), "default_kv_plan": engine.default_plan}
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(require_api_key)])
+    async def model(model: str) -> dict:
+        state.check_model(model)
+        return model_card()
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -127,6 +127,9 @@ def test_models_tokenize_detokenize_and_request_id(server, client):
     card = client.models.list().data[0]
     assert card.id == MODEL and card.model_extra["max_model_len"] == server.state.engine.max_model_len
     assert card.model_extra["kv_plans"] == ["full", "window"]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
     tokens = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
     assert tokens["count"] == len(tokens["tokens"]) > 0
     text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
