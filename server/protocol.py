@@ -17,7 +17,6 @@ class _Body(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class _Sampling(_Body):
