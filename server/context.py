@@ -14,7 +14,7 @@ from starlette.responses import Response
 from headwise.engine.outputs import RequestOutput
 from headwise.server.errors import api_error
 from headwise.server.generation import GenerationGroup, Job
-from headwise.server.protocol import _Sampling
+from headwise.server.protocol import GenerationRequest
 from headwise.server.state import ServerState
 from headwise.server.streaming import DONE, Disconnected, SSEResponse, cancel_on_disconnect, sse
 
@@ -27,7 +27,7 @@ CLIENT_CLOSED = 499
 class RequestContext:
     """One generation request: the engine, the response id, and the checks done up front."""
 
-    def __init__(self, request: Request, body: _Sampling, prefix: str) -> None:
+    def __init__(self, request: Request, body: GenerationRequest, prefix: str) -> None:
         self.request = request
         self.state: ServerState = request.app.state.headwise
         self.engine, self.async_engine = self.state.require_engine()

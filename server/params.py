@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from headwise.engine.sampling_params import SamplingParams
-from headwise.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+from headwise.server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
-def max_tokens(body: _Sampling, prompt_len: int, max_model_len: int) -> int:
+def max_tokens(body: GenerationRequest, prompt_len: int, max_model_len: int) -> int:
     """The explicit limit, else the endpoint's default; at least 1 so an over-long prompt
     reaches the engine's context check instead of a max_tokens error."""
     limit = body.max_completion_tokens or body.max_tokens
@@ -20,14 +20,14 @@ def max_tokens(body: _Sampling, prompt_len: int, max_model_len: int) -> int:
     return max(1, max_model_len - prompt_len)
 
 
-def logprobs_k(body: _Sampling) -> int | None:
+def logprobs_k(body: GenerationRequest) -> int | None:
     """Top alternatives per generated token, or None when logprobs are not asked for."""
     if isinstance(body, ChatCompletionRequest):
         return (body.top_logprobs or 0) if body.logprobs else None
     return body.logprobs
 
 
-def sampling_params(body: _Sampling, prompt_len: int, max_model_len: int, choice: int) -> SamplingParams:
+def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int, choice: int) -> SamplingParams:
     """Params for choice `choice` of n; a given seed becomes seed + choice so choices differ
     yet the whole response stays reproducible."""
     chosen = {

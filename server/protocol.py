@@ -19,7 +19,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class GenerationRequest(_Body):
     """Fields both generation endpoints share (OpenAI names, vLLM extensions)."""
 
     model: str | None = None
@@ -51,7 +51,7 @@ class _Sampling(_Body):
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(GenerationRequest):
     prompt: StrictStr | TokenIds | list[StrictStr] | list[TokenIds]
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
@@ -78,7 +78,7 @@ class ChatMessage(BaseModel):
         return "\n".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
