@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from headwise.engine.config import DEFAULT_KV_CACHE_MB, EngineConfig
 from headwise.engine.detokenizer import Detokenizer
 from headwise.engine.errors import PromptTooLong, UnknownPlan
-from headwise.engine.loader import load_state_dict, load_tokenizer, model_id, read_config, resolve_model_dir
+from headwise.engine.loader import (ModelConfig, load_state_dict, load_tokenizer, model_id, read_config,
+                                    resolve_model_dir)
 from headwise.engine.model import LlamaModel
 from headwise.engine.model_runner import ModelRunner
 from headwise.engine.outputs import RequestOutput
@@ -39,17 +42,23 @@ class EngineStats:
     block_bytes: int
 
 
+@functools.lru_cache(maxsize=2)
+def _load(model_dir: str, name: str, dtype: str, device: str) -> tuple[ModelConfig, LlamaModel, object]:
+    """Config, weights and tokenizer; engines in one process share read-only weights."""
+    cfg = read_config(Path(model_dir), name)
+    model = LlamaModel(cfg)
+    model.load_hf_state_dict(load_state_dict(Path(model_dir)))
+    model.to(device=device, dtype=getattr(torch, dtype)).eval()
+    return cfg, model, load_tokenizer(Path(model_dir))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        model_dir = resolve_model_dir(config.model)
         self.model_id = model_id(config.model)
-        self.model_config = read_config(model_dir, self.model_id)
-        self.tokenizer = load_tokenizer(model_dir)
         self.dtype = getattr(torch, config.dtype)
-        self.model = LlamaModel(self.model_config)
-        self.model.load_hf_state_dict(load_state_dict(model_dir))
-        self.model.to(device=config.device, dtype=self.dtype).eval()
+        self.model_config, self.model, self.tokenizer = _load(
+            str(resolve_model_dir(config.model)), self.model_id, config.dtype, config.device)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)
