@@ -47,3 +47,11 @@ def greedy_agreement(tokens: Sequence[int], full_tokens: Sequence[int]) -> float
             break
         common += 1
     return common / len(full_tokens)
+
+
+def top1_agreement(top1: Sequence[int], full_top1: Sequence[int]) -> float:
+    """Teacher-forced agreement, for perplexity windows where nothing is generated: the
+    fraction of positions where the plan's most likely next token is the full cache's."""
+    if len(top1) != len(full_top1) or not full_top1:
+        raise ValueError(f"top1_agreement needs two equal, non-empty lists; got {len(top1)} and {len(full_top1)}")
+    return sum(a == b for a, b in zip(top1, full_top1)) / len(full_top1)

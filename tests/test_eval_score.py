@@ -7,7 +7,7 @@ import math
 import pytest
 
 from headwise.clients.eval_score import (corpus_perplexity, greedy_agreement, mean_nll, perplexity,
-                                         string_match_all)
+                                         string_match_all, top1_agreement)
 
 
 def test_string_match_all_counts_the_fraction_found_case_insensitively():
@@ -38,3 +38,9 @@ def test_greedy_agreement_is_the_common_prefix_over_the_full_length():
     assert greedy_agreement([1, 2], [1, 2, 3, 4]) == 0.5  # stopped early
     assert greedy_agreement([1, 2, 3, 4, 5], [1, 2, 3, 4]) == 1.0  # ran on past full's stop
     assert greedy_agreement([], []) == 1.0
+
+
+def test_top1_agreement_is_the_fraction_of_matching_positions():
+    assert top1_agreement([5, 6, 7, 8], [5, 0, 7, 0]) == 0.5
+    with pytest.raises(ValueError):
+        top1_agreement([1], [1, 2])

