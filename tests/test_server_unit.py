@@ -32,6 +32,14 @@ def test_seed_becomes_seed_plus_choice_and_chat_defaults_to_the_rest_of_the_cont
     assert params[0].temperature == 0.5 and params[0].top_p == 1.0
 
 
+def test_penalties_and_vllm_extensions_reach_the_sampling_params():
+    body = CompletionRequest(prompt="hi", presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2,
+                             top_k=5, min_p=0.1, ignore_eos=True, min_tokens=2, stop_token_ids=[7])
+    p = sampling_params(body, 5, 1000, 0)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert (p.top_k, p.min_p, p.ignore_eos, p.min_tokens, p.stop_token_ids) == (5, 0.1, True, 2, [7])
+
+
 def test_completion_defaults_to_16_tokens_and_max_completion_tokens_wins():
     body = CompletionRequest(prompt="hi")
     assert sampling_params(body, 5, 1000, 0).max_tokens == 16
