@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from headwise.clients.engine_args import add_engine_args, engine_config_from_args
 from headwise.clients.eval_prompt import FORMATS
-from headwise.clients.eval_score import corpus_perplexity, greedy_agreement, mean_nll, string_match_all
+from headwise.clients.eval_score import (corpus_perplexity, greedy_agreement, mean_nll, string_match_all,
+                                         top1_agreement)
 from headwise.clients.eval_tasks import KEY_KINDS, MAX_TOKENS, TASKS, Sample, build_samples
 from headwise.engine.outputs import RequestOutput
 from headwise.engine.sampling_params import SamplingParams
@@ -32,7 +33,9 @@ class Row:
     length: int
     samples: int
     score: float  # mean string_match_all, or perplexity for ppl
-    agreement: float  # mean greedy agreement with the full plan (1.0 for full itself)
+    # mean greedy agreement with the full plan (1.0 for full itself); ppl rows: teacher-forced
+    # top-1 agreement over the window, since a perplexity request generates nothing to compare
+    agreement: float
     kv_bytes: float  # mean peak KV bytes per request
     kv_ratio: float  # kv_bytes / full's kv_bytes for the same task and length
 
@@ -94,7 +97,7 @@ def parse_lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--lengths {text!r}: expected comma-separated token counts like {DEFAULT_LENGTHS}")
+        raise ValueError(f"--lengths {text!r}: expected comma-separated token counts like {DEFAULT_LENGTHS}") from None
     if not lengths or any(n < 1 for n in lengths):
         raise ValueError(f"--lengths {text!r}: every length must be a positive token count")
     return list(dict.fromkeys(lengths))
@@ -102,8 +105,14 @@ def parse_lengths(text: str) -> list[int]:
 
 def evaluate(engine, tasks: list[str], lengths: list[int], samples: int, seed: int, fmt: str = "plain",
              keys: str = "words", progress: bool = True) -> list[Row]:
-    """Rows for every (task, length, plan); the full plan first, then the others by name order."""
+    """Rows for every (task, length, plan); the full plan first, then the others as loaded."""
     plans = ["full"] + [p for p in engine.plans if p != "full"]
+    limit = getattr(engine, "max_model_len", None)
+    # a ppl window is `length` tokens plus the one it must generate; other tasks fit in `length`
+    longest = max(lengths) + (1 if "ppl" in tasks else 0)
+    if limit is not None and longest > limit:
+        raise ValueError(f"--lengths: {max(lengths)} does not fit the model's context of {limit} tokens"
+                         + (" (ppl needs length + 1)" if "ppl" in tasks else ""))
     groups = [(t, n) for t in tasks for n in lengths]
     rows: list[Row] = []
     with tqdm(total=len(groups) * samples * len(plans), unit="req", desc="eval", disable=not progress) as bar:
@@ -122,7 +131,8 @@ def evaluate(engine, tasks: list[str], lengths: list[int], samples: int, seed: i
 
 def request_params(sample: Sample) -> SamplingParams:
     if sample.task == "ppl":
-        return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        # top-1 alternatives give the teacher-forced agreement with full
+        return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
     return SamplingParams(max_tokens=sample.max_tokens, temperature=0.0)
 
 
@@ -135,13 +145,19 @@ def score_group(group: list[Sample], by_plan: dict[str, list[RequestOutput]]) ->
     rows = []
     for plan, outs in by_plan.items():
         if task == "ppl":
-            score = corpus_perplexity([mean_nll([None if lp is None else lp.logprob for lp in o.prompt_logprobs]) for o in outs])
+            score = corpus_perplexity([mean_nll([None if lp is None else lp.logprob for lp in o.prompt_logprobs])
+                                       for o in outs])
+            agreement = mean(top1_agreement(_top1(o), _top1(f)) for o, f in zip(outs, full))
         else:
             score = mean(string_match_all(o.text, s.expected) for o, s in zip(outs, group))
-        agreement = mean(greedy_agreement(o.token_ids, f.token_ids) for o, f in zip(outs, full))
+            agreement = mean(greedy_agreement(o.token_ids, f.token_ids) for o, f in zip(outs, full))
         kv = mean(o.kv_bytes for o in outs)
         rows.append(Row(plan, task, length, len(group), score, agreement, kv, kv / full_kv if full_kv else 0.0))
     return rows
+
+
+def _top1(out: RequestOutput) -> list[int]:
+    return [lp.top[0][0] for lp in out.prompt_logprobs[1:]]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -157,7 +173,8 @@ def format_table(rows: list[Row]) -> str:
         score = f"{r.score:8.2f}" if r.task == "ppl" else f"{r.score:8.3f}"
         lines.append(f"{r.task:<16} {r.length:>6}  {r.plan:<{width}}  {score}  {r.agreement:6.3f}  "
                      f"{r.kv_bytes / 2**20:8.2f}  {r.kv_ratio:8.3f}")
-    lines.append("score: string_match_all accuracy; ppl rows: perplexity (lower is better)")
+    lines.append("score: string_match_all accuracy, ppl rows: perplexity (lower is better); agree: greedy "
+                 "common prefix with full, ppl rows: top-1 match with full per position")
     return "\n".join(lines)
 
 
@@ -180,7 +197,9 @@ def summarize(rows: list[Row], elapsed: float) -> str:
         if ppl:
             figures.append(f"ppl {mean(ppl):.2f}")
         if plan != "full":
-            figures.append(f"agree {mean(r.agreement for r in mine):.3f}")
+            # generation agreement and ppl's teacher-forced agreement are different measures
+            gen = [r.agreement for r in mine if r.task != "ppl"]
+            figures.append(f"agree {mean(gen or [r.agreement for r in mine]):.3f}")
         figures.append(f"KV {mean(r.kv_ratio for r in mine):.2f}x")
         parts.append(f"{plan}: " + " ".join(figures))
     groups = len({(r.task, r.length) for r in rows})
