@@ -163,7 +163,8 @@ def _top1(out: RequestOutput) -> list[int]:
 def format_table(rows: list[Row]) -> str:
     """One block per (task, length), a line per plan; score is accuracy, or perplexity for ppl."""
     width = max([len(r.plan) for r in rows] + [4])
-    header = f"{'task':<16} {'length':>6}  {'plan':<{width}}  {'score':>8}  {'agree':>6}  {'KV MiB':>8}  {'KV ratio':>8}"
+    header = (f"{'task':<16} {'length':>6}  {'plan':<{width}}  {'score':>8}  {'agree':>6}  "
+              f"{'KV MiB':>8}  {'KV ratio':>8}")
     lines = [header, "-" * len(header)]
     previous = None
     for r in rows:
