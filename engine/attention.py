@@ -23,6 +23,7 @@ class PrefillMeta:
     seq_index: torch.Tensor  # [Tp] index of the chunk's sequence in [0, Sp)
     cu_seqlens: torch.Tensor  # [Sp + 1]
     has_cache: bool  # any chunk with cached slots before it
+    all_full: bool  # every head of every chunk unbounded: plain causal attention
     block_tables: torch.Tensor  # [L, Sp, Hkv, nb]
     lengths: torch.Tensor  # [L, Sp, Hkv] cached slots before the chunk
     keep: torch.Tensor  # [L, Sp, Hkv]
@@ -70,7 +71,9 @@ def paged_attention(
     out = torch.empty_like(q)
     p, d = meta.prefill, meta.decode
     tp = p.num_tokens if p else 0
-    if p:
+    if p and not p.has_cache and p.all_full:
+        out[:tp] = ops.causal_prefill(q[:tp], k[:tp], v[:tp], p.cu_seqlens, scale)
+    elif p:
         o, lse = ops.sink_window_prefill(
             q[:tp], k[:tp], v[:tp], p.positions, p.cu_seqlens, p.sink[layer], p.recent[layer], scale)
         if p.has_cache:

@@ -8,6 +8,7 @@ import torch
 
 from headwise.engine.attention import AttentionMetadata, CaptureMeta, DecodeMeta, PrefillMeta
 from headwise.engine.model import LlamaModel
+from headwise.kernels.reference import UNBOUNDED
 from headwise.engine.sequence import Sequence
 from headwise.kvcache.manager import KVCacheManager
 
@@ -69,6 +70,7 @@ class ModelRunner:
                 seq_index=torch.repeat_interleave(torch.arange(len(seqs)), counts),
                 cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).int(),
                 has_cache=any(s.num_computed_tokens > 0 for s in seqs),
+                all_full=bool((recent >= UNBOUNDED).all()),
                 block_tables=_stack_tables(seqs), lengths=torch.stack(pf_len, dim=1),
                 keep=keep, sink=sink, recent=recent)
         if decode:

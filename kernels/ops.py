@@ -54,3 +54,17 @@ def sink_window_prefill(q, k, v, positions, cu_seqlens, sink, recent, scale):
 
 def merge_states(o1, lse1, o2, lse2):
     return backend_for(o1).merge_states(o1, lse1, o2, lse2)
+
+
+def causal_prefill(q, k, v, cu_seqlens, scale):
+    """Full heads, nothing cached: flash-attn when installed on CUDA, else torch SDPA."""
+    if q.is_cuda:
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            pass
+        else:
+            n = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+            return flash_attn_varlen_func(q, k, v, cu, cu, n, n, softmax_scale=scale, causal=True)
+    return reference.causal_prefill(q, k, v, cu_seqlens, scale)

@@ -110,22 +110,30 @@ def paged_prefix(
     t, hq, d = q.shape
     hkv = block_tables.shape[1]
     bs = k_cache.shape[1]
-    max_len = int(lengths.max()) if lengths.numel() else 0
-    nblocks = max(1, -(-max_len // bs))
-    seq = q_seq.long()
-    k = _gather(k_cache, block_tables, nblocks).float()[seq]  # [T, Hkv, N, D]
-    v = _gather(v_cache, block_tables, nblocks).float()[seq]
-    kpos = _gather(pos_cache, block_tables, nblocks)[seq].long()  # [T, Hkv, N]
-    r = torch.arange(nblocks * bs, device=q.device)
-    qp = q_pos.long()[:, None, None]
-    visible = (r[None, None, :] < lengths[seq][:, :, None]) & (
-        (r[None, None, :] < keep[seq][:, :, None]) | (kpos > qp - recent[seq][:, :, None])
-    )
-    qg = q.float().view(t, hkv, hq // hkv, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [T, Hkv, G, N]
-    scores.masked_fill_(~visible[:, :, None, :], float("-inf"))
-    out, lse = _softmax_av(scores, v, q.dtype)
-    return out.reshape(t, hq, d), lse.reshape(t, hq)
+    out = torch.zeros_like(q)
+    lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    # one gather per sequence, shared by all of its query tokens
+    for s in torch.unique(q_seq).tolist():
+        rows = (q_seq == s).nonzero().flatten()
+        n_valid = int(lengths[s].max())
+        if n_valid == 0:
+            continue
+        nblocks = -(-n_valid // bs)
+        k = _gather(k_cache, block_tables[s:s + 1], nblocks)[0].float()  # [Hkv, N, D]
+        v = _gather(v_cache, block_tables[s:s + 1], nblocks)[0].float()
+        kpos = _gather(pos_cache, block_tables[s:s + 1], nblocks)[0].long()  # [Hkv, N]
+        r = torch.arange(nblocks * bs, device=q.device)
+        qp = q_pos[rows].long()[None, :, None]  # [1, n, 1]
+        visible = (r[None, None, :] < lengths[s][:, None, None]) & (
+            (r[None, None, :] < keep[s][:, None, None]) | (kpos[:, None, :] > qp - recent[s][:, None, None])
+        )  # [Hkv, n, N]
+        qg = q[rows].float().view(-1, hkv, hq // hkv, d).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
+        scores = torch.matmul(qg, k[:, None].transpose(-1, -2)) * scale  # [Hkv, G, n, N]
+        scores.masked_fill_(~visible[:, None], float("-inf"))
+        o, l = _softmax_av(scores, v[:, None], q.dtype)
+        out[rows] = o.permute(2, 0, 1, 3).reshape(-1, hq, d)
+        lse[rows] = l.permute(2, 0, 1).reshape(-1, hq)
+    return out, lse
 
 
 def sink_window_prefill(
@@ -180,3 +188,20 @@ def merge_states(
     w2 = torch.exp(lse2 - safe)[..., None]
     out = o1.float() * w1 + o2.float() * w2
     return out.to(o1.dtype), lse
+
+
+def causal_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Plain causal attention inside each chunk when every head is full and nothing is
+    cached (no log-sum-exp needed): torch SDPA, which has fused CPU and GPU kernels."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:
+            continue
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=True)
+        out[a:b] = o.transpose(0, 1)
+    return out
