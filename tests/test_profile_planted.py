@@ -1,0 +1,121 @@
+"""Profilers on a tiny random Llama with one planted needle-reading head find that head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.engine.loader import ModelConfig
+from headwise.engine.model import LlamaModel
+from headwise.kvcache.plan_build import plan_from_scores, reduce_query_scores
+from headwise.kvcache.plans import HeadSpec, load_plan, save_plan
+from headwise.kvcache.profile import dense_forward as D
+from headwise.kvcache.profile.retrieval import NeedleTest, copy_paste, retrieval_scores
+
+VOCAB, HIDDEN, D_HEAD = 64, 64, 16
+MARKER = 7  # the needle token and, through lm_head, the token the model always generates
+CONST, FLAG = 0, 1  # residual dims: 1 for every token / 1 only for MARKER
+PLANTED = (1, 3)  # (layer, query head) that attends to MARKER tokens; kv head 1 of layer 1
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
+                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=D_HEAD, rms_norm_eps=1e-6,
+                       rope_theta=1e6, max_position_embeddings=1024, tie_word_embeddings=False,
+                       qkv_bias=False, id="tiny")
+
+
+def planted_model(seed: int = 0) -> LlamaModel:
+    """Random weights, except: every token carries CONST, MARKER also FLAG, no layer writes
+    those two dims, lm_head reads only CONST into MARKER's logit (so MARKER is always
+    generated), and query head PLANTED's score is large exactly on FLAG keys. The planted
+    rotary pair is the lowest frequency one, which barely turns over a few hundred tokens."""
+    torch.manual_seed(seed)
+    cfg = tiny_config()
+    model = LlamaModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+        emb = model.embed_tokens.weight
+        emb[:, CONST], emb[:, FLAG] = 1.0, 0.0
+        emb[MARKER, FLAG] = 1.0
+        for layer in model.layers:
+            layer.self_attn.o_proj.weight[[CONST, FLAG]] = 0
+            layer.mlp.down_proj.weight[[CONST, FLAG]] = 0
+        model.norm.weight.zero_()
+        model.norm.weight[CONST] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[MARKER, CONST] = 1.0
+        layer, head = PLANTED
+        qkv = model.layers[layer].self_attn.qkv_proj.weight
+        pair = D_HEAD // 2 - 1
+        q_rows = slice(head * D_HEAD, (head + 1) * D_HEAD)
+        qkv[q_rows] = 0
+        qkv[head * D_HEAD + pair, CONST] = 4.0
+        kv_head = head // (cfg.num_heads // cfg.num_kv_heads)
+        k_row = cfg.num_heads * D_HEAD + kv_head * D_HEAD + pair
+        qkv[k_row] = 0
+        qkv[k_row, FLAG] = 40.0
+    return model
+
+
+def needle_test(length: int = 96, needle: tuple[int, int] = (40, 44), seed: int = 0) -> NeedleTest:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(MARKER + 1, VOCAB, (length,), generator=g).tolist()
+    ids[needle[0]:needle[1]] = [MARKER] * (needle[1] - needle[0])
+    return NeedleTest(ids, needle, "x", needle[1] - needle[0])
+
+
+def test_dense_forward_matches_engine_attention():
+    model = planted_model()
+    ids = torch.tensor(needle_test().prompt_ids)
+    with torch.no_grad():
+        full = D.forward(model, ids, logits=True)
+    logits, cache = D.prefill(model, ids[:-1])
+    step = D.decode_step(model, cache, int(ids[-1]))
+    torch.testing.assert_close(step, full[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_planted_head_attends_to_needle():
+    model = planted_model()
+    test = needle_test()
+    probs = {}
+    D.greedy(model, test.prompt_ids, 1, record=lambda tok, layer, p: probs.setdefault(layer, p))
+    layer, head = PLANTED
+    assert probs[layer][head, 40:44].sum() > 0.99
+
+
+def test_retrieval_finds_the_planted_head():
+    model = planted_model()
+    tests = [needle_test(needle=(a, a + 4), seed=i) for i, a in enumerate((10, 40, 80))]
+    q_scores, n_correct = retrieval_scores(model, tests, lambda t, gen: gen[:4] == [MARKER] * 4, progress=False)
+    assert n_correct == 3
+    layer, head = PLANTED
+    assert q_scores[layer, head] >= 1.0  # copies on every answer token (and beyond)
+    others = q_scores.clone()
+    others[layer, head] = 0
+    assert others.max() < 0.5
+    kv = reduce_query_scores(q_scores.tolist(), 2)
+    assert max((v, (i, j)) for i, row in enumerate(kv) for j, v in enumerate(row))[1] == (1, 1)
+
+
+def test_retrieval_plan_keeps_planted_kv_head_full(tmp_path):
+    model = planted_model()
+    q_scores, _ = retrieval_scores(model, [needle_test()], lambda t, gen: True, progress=False)
+    shape = model.cfg.shape
+    rest = HeadSpec("select", sink=4, recent=8, select=8, window=4)
+    plan = plan_from_scores(shape, reduce_query_scores(q_scores.tolist(), 2), 0.25, rest, "r")
+    save_plan(plan, tmp_path / "p.json")
+    loaded = load_plan(tmp_path / "p.json", shape)
+    assert [[s.kind for s in row] for row in loaded.heads] == [["select", "select"], ["select", "full"]]
+    assert sum(loaded.scores, []) == pytest.approx(sum(plan.scores, []))
+    assert loaded.scores[1][1] > 0
+
+
+def test_copy_paste_counts_only_needle_positions():
+    model = planted_model()
+    test = needle_test()
+    outside = NeedleTest(test.prompt_ids, (0, 4), "x", 4)  # a span without the marker
+    _, scores = copy_paste(model, outside)
+    assert scores[PLANTED] == 0
