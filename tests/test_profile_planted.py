@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from headwise.kvcache.profile.retrieval import NeedleTest, copy_paste, retrieval
 
 VOCAB, HIDDEN, D_HEAD = 64, 64, 16
 MARKER = 7  # the needle token and, through lm_head, the token the model always generates
-CONST, FLAG = 0, 1  # residual dims: 1 for every token / 1 only for MARKER
+CONST, FLAG, READ = 0, 1, 2  # residual dims: 1 for every token / 1 only for MARKER / planted head's output
 PLANTED = (1, 3)  # (layer, query head) that attends to MARKER tokens; kv head 1 of layer 1
 
 
@@ -28,7 +29,9 @@ def tiny_config() -> ModelConfig:
 def planted_model(seed: int = 0) -> LlamaModel:
     """Random weights, except: every token carries CONST, MARKER also FLAG, no layer writes
     those two dims, lm_head reads only CONST into MARKER's logit (so MARKER is always
-    generated), and query head PLANTED's score is large exactly on FLAG keys. The planted
+    generated), and query head PLANTED's score is large exactly on FLAG keys. Its value
+    carries FLAG into READ, which only it writes and which raises MARKER's logit, so the
+    loss depends on what that head sees. The planted
     rotary pair is the lowest frequency one, which barely turns over a few hundred tokens."""
     torch.manual_seed(seed)
     cfg = tiny_config()
@@ -42,11 +45,13 @@ def planted_model(seed: int = 0) -> LlamaModel:
         emb[MARKER, FLAG] = 1.0
         for layer in model.layers:
             layer.self_attn.o_proj.weight[[CONST, FLAG]] = 0
-            layer.mlp.down_proj.weight[[CONST, FLAG]] = 0
+            layer.mlp.down_proj.weight[[CONST, FLAG, READ]] = 0
+            layer.self_attn.o_proj.weight[READ] = 0
         model.norm.weight.zero_()
-        model.norm.weight[CONST] = 1.0
+        model.norm.weight[[CONST, READ]] = 1.0
         model.lm_head.weight.zero_()
         model.lm_head.weight[MARKER, CONST] = 1.0
+        model.lm_head.weight[MARKER, READ] = 1.0
         layer, head = PLANTED
         qkv = model.layers[layer].self_attn.qkv_proj.weight
         pair = D_HEAD // 2 - 1
@@ -57,6 +62,10 @@ def planted_model(seed: int = 0) -> LlamaModel:
         k_row = cfg.num_heads * D_HEAD + kv_head * D_HEAD + pair
         qkv[k_row] = 0
         qkv[k_row, FLAG] = 40.0
+        v_row = cfg.num_heads * D_HEAD + cfg.num_kv_heads * D_HEAD + kv_head * D_HEAD
+        qkv[v_row] = 0
+        qkv[v_row, FLAG] = 1.0
+        model.layers[layer].self_attn.o_proj.weight[READ, head * D_HEAD] = 5.0
     return model
 
 
@@ -93,11 +102,11 @@ def test_retrieval_finds_the_planted_head():
     assert n_correct == 3
     layer, head = PLANTED
     assert q_scores[layer, head] >= 1.0  # copies on every answer token (and beyond)
-    others = q_scores.clone()
-    others[layer, head] = 0
-    assert others.max() < 0.5
-    kv = reduce_query_scores(q_scores.tolist(), 2)
-    assert max((v, (i, j)) for i, row in enumerate(kv) for j, v in enumerate(row))[1] == (1, 1)
+    assert q_scores.argmax() == layer * 4 + head
+    kv = torch.tensor(reduce_query_scores(q_scores.tolist(), 2))
+    assert kv[1, 1] == q_scores[layer, head]  # max over the GQA group (query heads 2, 3)
+    kv[1, 1] = 0
+    assert kv.max() < 0.5  # query head 2 shares the planted keys, so only other KV heads are low
 
 
 def test_retrieval_plan_keeps_planted_kv_head_full(tmp_path):
@@ -119,3 +128,21 @@ def test_copy_paste_counts_only_needle_positions():
     outside = NeedleTest(test.prompt_ids, (0, 4), "x", 4)  # a span without the marker
     _, scores = copy_paste(model, outside)
     assert scores[PLANTED] == 0
+
+
+def test_moa_gives_the_planted_head_the_long_span():
+    from headwise.kvcache.profile.milp import band_density, solve_rules
+    from headwise.kvcache.profile.moa import influence, rule_costs
+
+    model = planted_model()
+    test = needle_test(length=128, needle=(8, 12))
+    ids = test.prompt_ids + [MARKER]  # the last query must find the far-away marker to predict it
+    hist = influence(model, ids, len(ids) - 1, sink=4)
+    assert hist.shape == (2, 2, 9)
+    n = len(ids)
+    rule_list = [(16, 0.0), (32, 0.0), (0, 1.0)]
+    cost = rule_costs({n: hist}, [n], rule_list)
+    assert cost[3].argmin() == 2 and cost[3, 0] > 0.9  # kv head (1, 1): all its influence is far
+    dens = np.array([[band_density(4, a + b * n, n)] for a, b in rule_list])
+    choice = solve_rules(cost, dens, [0, 0, 1, 1], bound=(3 * dens[0, 0] + 1) / 4, max_rules=2)
+    assert choice[3] == 2 and choice[:3] == [0, 0, 0]
