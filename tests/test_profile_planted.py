@@ -146,3 +146,40 @@ def test_moa_gives_the_planted_head_the_long_span():
     dens = np.array([[band_density(4, a + b * n, n)] for a, b in rule_list])
     choice = solve_rules(cost, dens, [0, 0, 1, 1], bound=(3 * dens[0, 0] + 1) / 4, max_rules=2)
     assert choice[3] == 2 and choice[:3] == [0, 0, 0]
+
+
+def test_duo_keeps_the_planted_head_gate_high():
+    from headwise.kvcache.profile.duo import train_gates
+
+    model = planted_model()
+    data = []
+    for i in range(2):
+        ids = needle_test(length=64, needle=(6, 10), seed=i).prompt_ids + [MARKER]
+        data.append((ids, [len(ids) - 3, len(ids) - 2]))  # queries far past the window (sink 4 + recent 8)
+    gates, _ = train_gates(model, data, steps=30, lr=0.05, seed=0, sink=4, recent=8, progress=False)
+    assert gates[1, 1] == gates.max() and gates[1, 1] > 0.5
+    others = gates.clone()
+    others[1, 1] = 0
+    assert others.max() < 0.1  # only the gate penalty acts on them
+
+
+def test_taskkv_finds_the_head_pointing_away_from_its_layer():
+    from headwise.kvcache.profile.taskkv import profile_taskkv
+
+    torch.manual_seed(0)
+    cfg = tiny_config().__class__(**{**tiny_config().__dict__, "num_heads": 4, "num_kv_heads": 4})
+    model = LlamaModel(cfg).eval()
+    with torch.no_grad():
+        qkv = model.layers[0].self_attn.qkv_proj.weight
+        v0 = slice(2 * cfg.num_heads * D_HEAD, 2 * cfg.num_heads * D_HEAD + D_HEAD)
+        base = qkv[v0].clone()
+        for h in range(4):  # every head's values the same, head 2's reversed
+            rows = slice(v0.start + h * D_HEAD, v0.start + (h + 1) * D_HEAD)
+            qkv[rows] = -base if h == 2 else base
+        qkv[:cfg.num_heads * D_HEAD] = 0  # uniform attention: each output is the mean value
+    prompts = [needle_test(seed=i).prompt_ids for i in range(3)]
+    rest = HeadSpec("select", sink=4, recent=8, select=8, window=4)
+    plan, _ = profile_taskkv(model, prompts, 0.125, rest, window=8, name=None, progress=False)
+    assert plan.scores[0] == pytest.approx([0.0, 0.0, 2.0, 0.0], abs=1e-4)
+    assert [s.kind for s in plan.heads[0]] == ["select", "select", "full", "select"]
+    assert plan.name == "taskkv-12.5"

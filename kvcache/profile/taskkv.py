@@ -1,0 +1,76 @@
+"""Task-KV offline (He et al. 2025, our reading): heads far from their layer's semantic center.
+
+On each task prompt, per layer, each KV head's attention output over the last `window`
+prompt queries (its GQA group's outputs concatenated) is compared to the layer's center
+(the mean over KV heads) by cosine distance (`selection.head_distances`, the same measure
+dynamic plans use per request); distances are averaged over the prompts. The `ratio`
+farthest KV heads of the whole model stay full, the rest get a `select` budget.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from headwise.kvcache.plan_build import plan_from_scores, plan_source, ratio_plan_name
+from headwise.kvcache.plans import HeadSpec, Plan
+from headwise.kvcache.profile.dense_forward import attention, forward
+from headwise.kvcache.selection import head_distances
+
+
+def read_task(path: str | Path, tokenizer, samples: int, max_tokens: int) -> list[list[int]]:
+    """Up to `samples` prompts of a JSONL file, each cut to its last `max_tokens` tokens.
+    A line holds {"prompt": TEXT} or {"prompt_ids": [ints]}; other fields are ignored."""
+    from headwise.clients.eval_data import encode
+    from headwise.clients.eval_prompt import encode_specials
+
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if isinstance(d, dict) and isinstance(d.get("prompt_ids"), list):
+                ids = [int(t) for t in d["prompt_ids"]]
+            elif isinstance(d, dict) and isinstance(d.get("prompt"), str):
+                ids = encode_specials(tokenizer) + encode(tokenizer, d["prompt"])
+            else:
+                raise ValueError(f'{path}:{n}: expected {{"prompt": TEXT}} or {{"prompt_ids": [...]}}')
+            if ids:
+                prompts.append(ids[-max_tokens:])
+            if len(prompts) == samples:
+                break
+    if not prompts:
+        raise ValueError(f"{path}: no task samples")
+    return prompts
+
+
+def head_distance_scores(model, prompts: list[list[int]], window: int, progress: bool = True) -> torch.Tensor:
+    """Mean cosine distance to the layer center `[L, Hkv]` over `prompts`."""
+    cfg = model.cfg
+    total = torch.zeros(cfg.num_layers, cfg.num_kv_heads)
+    for ids in tqdm(prompts, desc="taskkv", unit="prompt", disable=not progress):
+        def attend(layer, q, k, v):
+            o = attention(q, k, v)
+            total[layer] += head_distances(o[-window:], cfg.num_kv_heads)
+            return o
+
+        with torch.no_grad():
+            forward(model, torch.tensor(ids), attend)
+    return total / len(prompts)
+
+
+def profile_taskkv(model, prompts: list[list[int]], ratio: float, rest: HeadSpec, window: int, name: str | None,
+                   task: str = "", progress: bool = True) -> tuple[Plan, str]:
+    scores = head_distance_scores(model, prompts, window, progress)
+    params = {"task": str(task), "samples": len(prompts), "window": window,
+              "mean_tokens": round(sum(map(len, prompts)) / len(prompts), 1)}
+    plan = plan_from_scores(model.cfg.shape, [[round(v, 6) for v in row] for row in scores.tolist()], ratio, rest,
+                            name or ratio_plan_name("taskkv", ratio), plan_source("taskkv", params))
+    return plan, f"{len(prompts)} task prompts of {params['mean_tokens']:g} tokens on average"
