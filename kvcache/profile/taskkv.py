@@ -58,7 +58,7 @@ def head_distance_scores(model, prompts: list[list[int]], window: int, progress:
     for ids in tqdm(prompts, desc="taskkv", unit="prompt", disable=not progress):
         def attend(layer, q, k, v):
             o = attention(q, k, v)
-            total[layer] += head_distances(o[-window:], cfg.num_kv_heads)
+            total[layer] += head_distances(o[-window:].contiguous(), cfg.num_kv_heads)
             return o
 
         with torch.no_grad():

@@ -1,0 +1,67 @@
+"""`headwise profile` end to end on the default model at toy sizes, and its user errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from headwise.clients.cli import main
+from headwise.kvcache.plan_build import rethreshold
+from headwise.kvcache.plans import load_plan
+
+
+def test_profile_retrieval_writes_a_plan_that_loads_and_rethresholds(tmp_path, capsys, engine):
+    out = tmp_path / "r.json"
+    assert main(["profile", "retrieval", "--out", str(out), "--lengths", "256", "--samples", "2",
+                 "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("profile retrieval: 23 of 90 kv heads full, KV ") and "at 4096 tokens" in line
+    plan = load_plan(out, engine.model_config.shape)
+    assert plan.name == "retrieval-25" and plan.source["method"] == "retrieval"
+    assert plan.source["params"]["tests"] == 2 and len(plan.source["params"]["query_scores"][0]) == 9
+    kinds = {s.kind for row in plan.heads for s in row}
+    assert kinds == {"full", "select"}
+    assert sum(s.kind == "full" for row in rethreshold(plan, 0.1).heads for s in row) == 9
+
+
+def test_profile_retrieval_is_deterministic(tmp_path):
+    outs = [tmp_path / "a.json", tmp_path / "b.json"]
+    for out in outs:
+        main(["profile", "retrieval", "--out", str(out), "--lengths", "192", "--samples", "1", "--no-progress",
+              "--rest", "window", "--seed", "3"])
+    a, b = (json.loads(p.read_text()) for p in outs)
+    assert a["scores"] == b["scores"] and a["heads"] == b["heads"]
+    assert a["heads"][0][0] in ({"kind": "full"}, {"kind": "window", "sink": 64, "recent": 256})
+
+
+def test_profile_taskkv_reads_a_jsonl_task(tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"prompt": "The grass is green. " * 30}) + "\n"
+                    + json.dumps({"prompt_ids": list(range(100, 260))}) + "\n")
+    out = tmp_path / "t.json"
+    assert main(["profile", "taskkv", "--task", str(task), "--out", str(out), "--ratio", "0.1", "--no-progress"]) == 0
+    assert "9 of 90 kv heads full" in capsys.readouterr().out
+    plan = load_plan(out)
+    assert plan.source["params"]["samples"] == 2 and plan.name == "taskkv-10"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["retrieval", "--ratio", "1.5"], "--ratio must be in [0, 1], got 1.5"),
+    (["retrieval", "--lengths", "1024,x"], "--lengths '1024,x'"),
+    (["retrieval", "--samples", "0"], "--samples must be >= 1, got 0"),
+    (["retrieval", "--rest", "window", "--sink", "0", "--recent", "0"], "must keep at least one token"),
+    (["moa", "--density", "0"], "--density must be in (0, 1], got 0.0"),
+    (["duo", "--steps", "0"], "--steps must be >= 1, got 0"),
+])
+def test_profile_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    assert main(["profile", *argv, "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_profile_taskkv_refuses_a_malformed_task(tmp_path, capsys):
+    task = tmp_path / "bad.jsonl"
+    task.write_text('{"text": "no prompt field"}\n')
+    assert main(["profile", "taskkv", "--task", str(task), "--out", str(tmp_path / "p.json")]) == 2
+    assert 'expected {"prompt": TEXT}' in capsys.readouterr().err
