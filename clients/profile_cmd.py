@@ -45,9 +45,9 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("duo", help="DuoAttention: trained full/streaming gates per KV head")
     _common(p, ratio=0.25)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: see --help of duo.py)")
-    p.add_argument("--length", type=int, default=None, help="training prompt length in tokens")
-    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--steps", type=int, default=None, help="AdamW steps (default 40)")
+    p.add_argument("--length", type=int, default=None, help="training prompt length in tokens (default 768)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 0.05)")
     _rest_args(p)
     p.set_defaults(func=_duo)
 
@@ -185,8 +185,9 @@ def _duo(args: argparse.Namespace) -> int:
     rest = rest_spec(args)
     start = time.perf_counter()
     cfg, model, tok = _load(args.model, args.seed)
-    plan, note = duo.profile_duo(model, tok, args.ratio, rest, args.steps or duo.DEFAULT_STEPS,
-                                 args.length or duo.DEFAULT_LENGTH, args.lr, args.seed, args.name, args.progress)
+    steps, length = args.steps or duo.DEFAULT_STEPS, args.length or duo.DEFAULT_LENGTH
+    plan, note = duo.profile_duo(model, tok, args.ratio, rest, steps, length, args.lr or duo.DEFAULT_LR, args.seed,
+                                 args.name, args.progress)
     return _finish(plan, args.out, start, note)
 
 
