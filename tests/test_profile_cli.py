@@ -65,3 +65,20 @@ def test_profile_taskkv_refuses_a_malformed_task(tmp_path, capsys):
     task.write_text('{"text": "no prompt field"}\n')
     assert main(["profile", "taskkv", "--task", str(task), "--out", str(tmp_path / "p.json")]) == 2
     assert 'expected {"prompt": TEXT}' in capsys.readouterr().err
+
+
+def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
+    shape = engine.model_config.shape
+    moa = tmp_path / "moa.json"
+    assert main(["profile", "moa", "--out", str(moa), "--lengths", "256,512", "--profile-length", "256",
+                 "--samples", "1", "--generate", "16", "--sink", "16", "--no-progress"]) == 0
+    plan = load_plan(moa, shape)
+    assert {s.kind for row in plan.heads for s in row} <= {"full", "elastic"}
+    assert all(d <= 0.5 + 1e-6 for d in plan.source["params"]["mean_density"])
+    assert all(len({(s.kind, s.alpha, s.beta) for s in row}) <= 2 for row in plan.heads)
+    duo = tmp_path / "duo.json"
+    assert main(["profile", "duo", "--out", str(duo), "--steps", "1", "--length", "256", "--no-progress"]) == 0
+    plan = load_plan(duo, shape)
+    assert plan.source["method"] == "duo" and sum(s.kind == "full" for row in plan.heads for s in row) == 23
+    assert all(0 <= g <= 1 for row in plan.scores for g in row)
+    assert "profile duo: 23 of 90 kv heads full" in capsys.readouterr().out
