@@ -90,7 +90,7 @@ def train_gates(model, data: list[tuple[list[int], list[int]]], steps: int, lr: 
             with torch.no_grad():
                 gates.clamp_(0, 1)
             distill = float(loss_distill.detach())
-            bar.set_postfix_str(f"distill {distill:.4f} mean gate {float(gates.mean()):.3f}")
+            bar.set_postfix_str(f"distill {distill:.4f} mean gate {float(gates.detach().mean()):.3f}")
     return gates.detach(), distill
 
 
