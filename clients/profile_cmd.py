@@ -59,6 +59,8 @@ def _common(p: argparse.ArgumentParser, ratio: float | None) -> None:
     p.add_argument("--seed", type=int, default=0)
     if ratio is not None:
         p.add_argument("--ratio", type=float, default=ratio, help="fraction of KV heads kept full")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is fastest on a busy "
+                   "machine, where extra threads spin-wait)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -108,13 +110,17 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _load(model: str, seed: int):
+def _load(args: argparse.Namespace):
     import torch
 
     from headwise.kvcache.profile.dense_forward import load_model
 
-    torch.manual_seed(seed)
-    return load_model(model)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return load_model(args.model)
 
 
 def _eos(cfg, tokenizer) -> set[int]:
@@ -133,7 +139,7 @@ def _retrieval(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
     rest = rest_spec(args)
     start = time.perf_counter()
-    cfg, model, tok = _load(args.model, args.seed)
+    cfg, model, tok = _load(args)
     tests = build_tests(tok, lengths, args.samples, args.seed)
     q_scores, n_correct = retrieval_scores(
         model, tests, lambda t, gen: t.answer in tok.decode(gen), _eos(cfg, tok), args.progress)
@@ -158,7 +164,7 @@ def _moa(args: argparse.Namespace) -> int:
         raise CliError(f"--sink must be >= 0, got {args.sink}")
     lengths = parse_lengths(args.lengths)
     start = time.perf_counter()
-    cfg, model, tok = _load(args.model, args.seed)
+    cfg, model, tok = _load(args)
     plan, note = profile_moa(model, tok, lengths, args.density, args.profile_length, args.samples, args.generate,
                              args.sink, args.rules_per_layer, args.seed, args.name, args.progress)
     return _finish(plan, args.out, start, note)
@@ -171,7 +177,7 @@ def _taskkv(args: argparse.Namespace) -> int:
     _positive(args, "samples", "max_tokens")
     rest = rest_spec(args)
     start = time.perf_counter()
-    cfg, model, tok = _load(args.model, args.seed)
+    cfg, model, tok = _load(args)
     prompts = read_task(args.task, tok, args.samples, args.max_tokens)
     plan, note = profile_taskkv(model, prompts, args.ratio, rest, args.window, args.name, args.task, args.progress)
     return _finish(plan, args.out, start, note)
@@ -184,7 +190,7 @@ def _duo(args: argparse.Namespace) -> int:
     _positive(args, "steps", "length")
     rest = rest_spec(args)
     start = time.perf_counter()
-    cfg, model, tok = _load(args.model, args.seed)
+    cfg, model, tok = _load(args)
     steps, length = args.steps or duo.DEFAULT_STEPS, args.length or duo.DEFAULT_LENGTH
     plan, note = duo.profile_duo(model, tok, args.ratio, rest, steps, length, args.lr or duo.DEFAULT_LR, args.seed,
                                  args.name, args.progress)
