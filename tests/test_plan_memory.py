@@ -1,0 +1,144 @@
+"""Memory of head budgets is real: the blocks a request holds follow the budget formula,
+the pool admits the predicted number of requests per plan, and mixed plans with aborts
+and preemption leak nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from headwise.engine.sampling_params import SamplingParams
+from headwise.kvcache.plans import FULL, HeadSpec, Plan, save_plan
+
+BS = 16
+LAYERS, KV_HEADS = 30, 3
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _plan(shape, spec: HeadSpec, full_every: int = 0) -> Plan:
+    heads = [[FULL if full_every and (l * shape.kv_heads + h) % full_every == 0 else spec
+              for h in range(shape.kv_heads)] for l in range(shape.layers)]
+    return Plan(spec.kind, shape, heads)
+
+
+@pytest.fixture(scope="module")
+def plan_paths(engine, tmp_path_factory):
+    shape = engine.model_config.shape
+    d = tmp_path_factory.mktemp("mem_plans")
+    plans = {
+        # 30 of 90 heads full, 60 window heads of 8 + 40 slots
+        "window": _plan(shape, HeadSpec("window", sink=8, recent=40), full_every=3),
+        # every head a 16 + 48 = 64-slot window: 4 blocks instead of 16 at 256 tokens
+        "quarter": _plan(shape, HeadSpec("window", sink=16, recent=48)),
+        "select": _plan(shape, HeadSpec("select", sink=4, recent=20, select=12, window=8), full_every=3),
+    }
+    paths = {}
+    for name, plan in plans.items():
+        save_plan(plan, d / f"{name}.json")
+        paths[name] = str(d / f"{name}.json")
+    return paths
+
+
+def _run_collecting(eng, request_ids, check):
+    """Step until done, calling `check(step)` after every step."""
+    step = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        step += 1
+        check(step)
+
+
+def test_window_blocks_follow_the_formula(make_engine, plan_paths, tok):
+    eng = make_engine(plans=plan_paths, max_num_batched_tokens=64)
+    prompt = tok("A quiet harbour town wakes up slowly. " * 20)["input_ids"][:150]
+    max_tokens = 30
+    eng.add_request("w", prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), "window")
+    n_full, n_win = 30, 60
+    win_blocks = _cdiv(8 + 40, BS)  # allocated whole at admission, never grows
+    seen = []
+    seq = eng._seqs["w"]
+
+    def check(step):
+        if seq.kv is None:
+            return
+        held = eng.kv_blocks_in_use("w")
+        # admission reserves the whole prompt in full heads (the prefill peak, so chunked
+        # prefill never stalls); decode then grows them a block at a time
+        written = seq.num_computed_tokens
+        assert held == n_full * _cdiv(max(written, len(prompt)), BS) + n_win * win_blocks, f"step {step}"
+        seen.append(written)
+
+    _run_collecting(eng, ["w"], check)
+    # the last step writes position P + max_tokens - 2 and frees the request in the same step
+    assert seen[0] == 64 and seen[-1] == len(prompt) + max_tokens - 2
+    out_bytes = seq.peak_blocks * eng.kv.block_bytes
+    expect_peak = n_full * _cdiv(len(prompt) + max_tokens - 1, BS) + n_win * win_blocks
+    assert seq.peak_blocks == expect_peak
+    assert out_bytes == expect_peak * BS * 64 * 2 * 4
+    assert eng.stats().num_free_blocks == eng.stats().num_blocks
+
+
+def test_select_heads_shrink_to_their_budget_after_prefill(make_engine, plan_paths, tok):
+    eng = make_engine(plans=plan_paths, max_num_batched_tokens=4096)
+    prompt = tok("Numbers and letters fill the page. " * 30)["input_ids"][:200]
+    eng.add_request("s", prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), "select")
+    eng.step()  # the whole prompt in one chunk, then selection compacts the select heads
+    n_full, n_sel = 30, 60
+    assert eng.kv_blocks_in_use("s") == n_full * _cdiv(200, BS) + n_sel * _cdiv(4 + 12 + 20, BS)
+    # the prefill peak held the whole prompt in every head
+    assert eng._seqs["s"].kv.peak_blocks == 90 * _cdiv(200, BS)
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.stats().num_free_blocks == eng.stats().num_blocks
+
+
+def test_pool_admits_the_predicted_number_of_requests(make_engine, plan_paths, tok):
+    # 240-token prompts + 16 new tokens = 256 positions = 16 blocks per full head; the
+    # quarter plan's heads hold 4 blocks, so the same pool runs 4x the requests at once
+    pool = 2 * 90 * 16
+    base = tok("The river carries the snow of the mountains down to the sea. " * 30)["input_ids"]
+    peaks = {}
+    for plan, per_request in (("full", 90 * 16), ("quarter", 90 * 4)):
+        eng = make_engine(plans=plan_paths, num_blocks=pool, kv_cache_mb=None, max_num_seqs=16,
+                          max_num_batched_tokens=4096)
+        for i in range(12):
+            prompt = [base[i]] + base[12:12 + 239]
+            eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), plan)
+        peak = 0
+        while eng.has_unfinished_requests():
+            eng.step()
+            peak = max(peak, eng.stats().num_running)
+        assert peak == pool // per_request, plan
+        assert eng.stats().num_preemptions == 0
+        assert eng.stats().num_free_blocks == pool
+        peaks[plan] = peak
+    assert peaks == {"full": 2, "quarter": 8}
+
+
+def test_no_leaks_with_mixed_plans_aborts_and_preemption(make_engine, plan_paths, tok):
+    eng = make_engine(plans=plan_paths, num_blocks=90 * 10, kv_cache_mb=None, max_num_batched_tokens=48)
+    prompt = tok("Write a long story about a fox, a crow and a piece of cheese in the forest")["input_ids"]
+    plans = ["full", "window", "select", "quarter"]
+    for i in range(8):
+        eng.add_request(f"m{i}", prompt, SamplingParams(max_tokens=60 + 7 * i, temperature=0, ignore_eos=True),
+                        plans[i % 4])
+    reasons = {}
+    steps = 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        steps += 1
+        if steps == 4:
+            eng.abort_request("m1")
+            eng.abort_request("m7")
+        if steps == 40:
+            eng.abort_request("m4")
+        used = eng.stats().num_blocks - eng.stats().num_free_blocks
+        assert used == sum(eng.kv_blocks_in_use(f"m{i}") for i in range(8))
+    assert {k for k, v in reasons.items() if v == "abort"} == {"m1", "m4", "m7"}
+    assert set(reasons) == {f"m{i}" for i in range(8)}
+    assert eng.stats().num_preemptions > 0
+    assert eng.stats().num_free_blocks == eng.stats().num_blocks
