@@ -1,4 +1,4 @@
-"""`headwise plan {streaming,show,import,ratio}`: make, inspect and re-threshold plans."""
+"""`headwise plan {streaming,select,dynamic,show,import,ratio}`: make, inspect and re-threshold plans."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Callable
 
 from headwise.clients.cli import CliError
 from headwise.kvcache import plan_import
-from headwise.kvcache.plan_build import (full_head_count, head_capacities, kv_ratio, layer_kv_bytes,
+from headwise.kvcache.plan_build import (dynamic_plan, full_head_count, select_plan, head_capacities, kv_ratio, layer_kv_bytes,
                                          ratio_plan_name, rethreshold, static_heads, streaming_plan)
 from headwise.kvcache.plans import ModelShape, Plan, full_plan, load_plan, save_plan
 
@@ -29,6 +29,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.add_argument("--name", help="plan name (default streaming-SINK-RECENT)")
     p.set_defaults(func=_user_errors(_streaming))
+
+    p = sub.add_parser("select", help="every KV head keeps sink + recent + selected middle tokens (SnapKV, Task-KV)")
+    _select_args(p)
+    p.add_argument("--name", help="plan name (default select-SINK-SELECT-RECENT)")
+    p.set_defaults(func=_user_errors(_select))
+
+    p = sub.add_parser("dynamic", help="per request, the heads farthest from their layer's center stay full "
+                       "(Task-KV); the rest get a select budget")
+    p.add_argument("--ratio", type=float, default=0.25, help="fraction of each layer's KV heads kept full")
+    _select_args(p)
+    p.add_argument("--name", help="plan name (default dynamic-PERCENT)")
+    p.set_defaults(func=_user_errors(_dynamic))
 
     p = sub.add_parser("show", help="per-layer kinds, slots and KV bytes of a plan")
     p.add_argument("plan", help="plan JSON")
@@ -83,6 +95,26 @@ def _model_shape(model: str) -> ModelShape:
 
 def _streaming(args: argparse.Namespace) -> int:
     plan = streaming_plan(_model_shape(args.model), args.sink, args.recent, args.name)
+    return _write(plan, args.out)
+
+
+def _select_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="smollm2-135m, a .gguf file or a model directory")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--recent", type=int, default=256)
+    p.add_argument("--select", type=int, default=192, help="middle tokens kept per head")
+    p.add_argument("--window", type=int, default=32, help="last prompt queries whose attention picks them")
+    p.add_argument("--out", required=True, help="plan JSON to write")
+
+
+def _select(args: argparse.Namespace) -> int:
+    plan = select_plan(_model_shape(args.model), args.sink, args.recent, args.select, args.window, args.name)
+    return _write(plan, args.out)
+
+
+def _dynamic(args: argparse.Namespace) -> int:
+    plan = dynamic_plan(_model_shape(args.model), args.ratio, args.sink, args.recent, args.select, args.window,
+                        args.name)
     return _write(plan, args.out)
 
 

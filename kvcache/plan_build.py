@@ -7,7 +7,7 @@ import math
 from datetime import datetime, timezone
 
 from headwise.kvcache.budget import resolve_budget
-from headwise.kvcache.plans import (FULL, HeadSpec, ModelShape, Plan, PlanError, check_spec, full_plan,
+from headwise.kvcache.plans import (FULL, DynamicSpec, HeadSpec, ModelShape, Plan, PlanError, check_spec, full_plan,
                                     parse_scores)
 
 
@@ -39,6 +39,32 @@ def streaming_plan(shape: ModelShape, sink: int, recent: int, name: str | None =
     return Plan(name or f"streaming-{sink}-{recent}", shape,
                 [[spec] * shape.kv_heads for _ in range(shape.layers)],
                 source=plan_source("streaming", {"sink": sink, "recent": recent}))
+
+
+def select_plan(shape: ModelShape, sink: int, recent: int, select: int, window: int,
+                name: str | None = None) -> Plan:
+    """Every KV head keeps sink + recent + the `select` middle tokens the last `window`
+    prompt queries attend to most (Task-KV middle activations / SnapKV)."""
+    spec = HeadSpec("select", sink=sink, recent=recent, select=select, window=window)
+    check_spec(spec)
+    return Plan(name or f"select-{sink}-{select}-{recent}", shape,
+                [[spec] * shape.kv_heads for _ in range(shape.layers)],
+                source=plan_source("select", {"sink": sink, "recent": recent, "select": select,
+                                              "window": window}))
+
+
+def dynamic_plan(shape: ModelShape, ratio: float, sink: int, recent: int, select: int, window: int,
+                 name: str | None = None) -> Plan:
+    """Task-KV per request: on each prompt the `ratio` of each layer's KV heads farthest
+    from the layer's semantic center stay full, the others get a select budget."""
+    full_head_count(ratio, shape.kv_heads)  # validates ratio
+    rest = HeadSpec("select", sink=sink, recent=recent, select=select, window=window)
+    check_spec(rest)
+    return Plan(name or ratio_plan_name("dynamic", ratio), shape,
+                [[FULL] * shape.kv_heads for _ in range(shape.layers)],
+                source=plan_source("dynamic", {"ratio": ratio, "sink": sink, "recent": recent,
+                                               "select": select, "window": window}),
+                dynamic=DynamicSpec(ratio, rest))
 
 
 def plan_from_scores(shape: ModelShape, scores: list[list[float]], ratio: float, rest: HeadSpec,

@@ -39,6 +39,26 @@ def test_streaming_writes_a_plan_for_the_model(tmp_path, model, capsys):
                       "KV 0.016x of full at 4096 tokens\n")
 
 
+def test_select_and_dynamic_write_plans_for_the_model(tmp_path, model, capsys):
+    out = tmp_path / "sel.json"
+    rc, stdout, _ = run(capsys, "select", "--model", model, "--sink", "4", "--recent", "28", "--select", "32",
+                        "--window", "8", "--out", str(out))
+    assert rc == 0
+    plan = load_plan(out, SHAPE)
+    assert plan.name == "select-4-32-28" and plan.dynamic is None
+    assert {s for row in plan.heads for s in row} == {HeadSpec("select", sink=4, recent=28, select=32, window=8)}
+    out = tmp_path / "dyn.json"
+    rc, stdout, _ = run(capsys, "dynamic", "--model", model, "--ratio", "0.5", "--sink", "4", "--recent", "28",
+                        "--select", "32", "--window", "8", "--out", str(out))
+    assert rc == 0
+    plan = load_plan(out, SHAPE)
+    assert plan.name == "dynamic-50" and plan.dynamic.ratio == 0.5
+    assert plan.dynamic.rest == HeadSpec("select", sink=4, recent=28, select=32, window=8)
+    assert stdout.startswith(f"wrote {out}: plan 'dynamic-50', dynamic")
+    rc, _, err = run(capsys, "dynamic", "--model", model, "--ratio", "1.5", "--out", str(tmp_path / "x.json"))
+    assert rc == 2 and err == "headwise plan: error: ratio: must be a number in [0, 1], got 1.5\n"
+
+
 def test_show_prints_layer_table_total_and_png(tmp_path, model, capsys):
     (tmp_path / "g.tsv").write_text("0.9\t0.1\n0.2\t0.8\n0.1\t0.1\n0.1\t0.1\n")
     plan = tmp_path / "d.json"
