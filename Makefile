@@ -26,5 +26,22 @@ test-slow: setup
 serve: setup
 	$(VENV)/bin/headwise serve
 
+# A bounded headless locust run against a local server on LOADTEST_PORT.
+LOADTEST_PORT ?= 8011
+LOADTEST_USERS ?= 8
+LOADTEST_TIME ?= 30s
+LOADTEST_SCENARIO ?= short
+loadtest: setup
+	@set -e; \
+	$(VENV)/bin/headwise serve --port $(LOADTEST_PORT) --kv-cache-mb 256 --log-level warning & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
+	for i in $$(seq 1 120); do \
+		$(PY) -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(LOADTEST_PORT)/health')" \
+			2>/dev/null && break; \
+		kill -0 $$pid 2>/dev/null || { echo "loadtest: the server exited" >&2; exit 1; }; sleep 1; \
+	done; \
+	$(VENV)/bin/locust -f loadtest/locustfile.py --headless -u $(LOADTEST_USERS) -r 4 -t $(LOADTEST_TIME) \
+		--host http://127.0.0.1:$(LOADTEST_PORT) --scenario $(LOADTEST_SCENARIO) --only-summary
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -10,13 +10,14 @@ from headwise.engine.config import DTYPES, EngineConfig
 
 def env_default(flag: str, default=None, cast=str):
     """Default of `--flag` from HEADWISE_FLAG (dashes become underscores)."""
-    value = os.environ.get("HEADWISE_" + flag.lstrip("-").replace("-", "_").upper())
+    name = "HEADWISE_" + flag.lstrip("-").replace("-", "_").upper()
+    value = os.environ.get(name)
     if value is None or value == "":
         return default
     try:
         return cast(value)
     except ValueError as e:
-        raise SystemExit(f"headwise: error: environment HEADWISE_{flag.lstrip('-').upper()}={value!r}: {e}")
+        raise SystemExit(f"headwise: error: environment {name}={value!r}: {e}")
 
 
 def parse_plan_arg(value: str) -> tuple[str, str]:

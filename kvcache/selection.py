@@ -33,7 +33,7 @@ def head_distances(out_win: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """Mean cosine distance of each KV head's output to the layer center: out_win
     `[W, Hq, D]` (attention outputs of the last prompt queries) -> `[Hkv]`."""
     w, hq, d = out_win.shape
-    per_kv = out_win.float().view(w, num_kv_heads, hq // num_kv_heads * d)  # group outputs concatenated
+    per_kv = out_win.float().reshape(w, num_kv_heads, hq // num_kv_heads * d)  # group outputs concatenated
     center = per_kv.mean(1, keepdim=True)
     return (1 - F.cosine_similarity(per_kv, center, dim=-1)).mean(0)
 

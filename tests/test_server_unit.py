@@ -159,3 +159,9 @@ def test_serve_flags_read_headwise_environment_variables(monkeypatch):
 def test_bad_server_settings_name_the_value():
     with pytest.raises(ValueError, match="max_queue must be >= 1, got 0"):
         settings_from_args(build_parser().parse_args(["serve", "--max-queue", "0"]))
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("HEADWISE_MAX_QUEUE", "lots")
+    with pytest.raises(SystemExit, match=r"environment HEADWISE_MAX_QUEUE='lots': invalid literal"):
+        build_parser()
