@@ -74,14 +74,10 @@ def paged_attention(
     if p and not p.has_cache and p.all_full:
         out[:tp] = ops.causal_prefill(q[:tp], k[:tp], v[:tp], p.cu_seqlens, scale)
     elif p:
-        o, lse = ops.sink_window_prefill(
-            q[:tp], k[:tp], v[:tp], p.positions, p.cu_seqlens, p.sink[layer], p.recent[layer], scale)
-        if p.has_cache:
-            oc, lsec = ops.paged_prefix(
-                q[:tp], p.positions, p.seq_index, pool.k, pool.v, pool.pos,
-                p.block_tables[layer], p.lengths[layer], p.keep[layer], p.recent[layer], scale)
-            o, lse = ops.merge_states(o, lse, oc, lsec)
-        out[:tp] = o
+        out[:tp] = ops.prefill_attention(
+            q[:tp], k[:tp], v[:tp], p.positions, p.seq_index, p.cu_seqlens, pool.k, pool.v, pool.pos,
+            p.block_tables[layer], p.lengths[layer], p.keep[layer], p.sink[layer], p.recent[layer], scale,
+            p.has_cache)
     ops.kv_write(k, v, meta.positions, meta.slot_mapping[layer], pool.k, pool.v, pool.pos)
     if d:
         o, _ = ops.paged_decode(q[tp:], pool.k, pool.v, d.block_tables[layer], d.lengths[layer], scale)

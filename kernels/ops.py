@@ -68,3 +68,23 @@ def causal_prefill(q, k, v, cu_seqlens, scale):
             cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
             return flash_attn_varlen_func(q, k, v, cu, cu, n, n, softmax_scale=scale, causal=True)
     return reference.causal_prefill(q, k, v, cu_seqlens, scale)
+
+
+def prefill_attention(q, k, v, positions, seq_index, cu_seqlens, k_cache, v_cache, pos_cache, block_tables,
+                      lengths, keep, sink, recent, scale, has_cache: bool):
+    """Chunk queries over their sequence's cached slots and the chunk itself, with the
+    DESIGN.md position mask; returns `[T, Hq, D]`.
+
+    Triton: paged_prefix + sink_window_prefill + merge_states. Reference (CPU): one
+    masked fused SDPA per sequence (`reference.masked_prefill`), same mask, same output.
+    """
+    be = backend_for(q)
+    if be is reference and bool((recent >= 1).all()):
+        return reference.masked_prefill(q, k, v, positions, cu_seqlens, k_cache, v_cache, pos_cache,
+                                        block_tables, lengths, keep, sink, recent, scale)
+    o, lse = be.sink_window_prefill(q, k, v, positions, cu_seqlens, sink, recent, scale)
+    if has_cache:
+        oc, lsec = be.paged_prefix(q, positions, seq_index, k_cache, v_cache, pos_cache, block_tables, lengths,
+                                   keep, recent, scale)
+        o, _ = be.merge_states(o, lse, oc, lsec)
+    return o

@@ -190,6 +190,72 @@ def merge_states(
     return out.to(o1.dtype), lse
 
 
+def masked_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    keep: torch.Tensor,
+    sink: torch.Tensor,
+    recent: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """paged_prefix + sink_window_prefill + merge_states in one masked SDPA call per
+    sequence (the CPU serving path: torch's fused CPU attention, no log-sum-exp).
+
+    Keys are the sequence's cached slots followed by the chunk's own K/V; the mask is the
+    union of both ops' masks, so the output equals theirs. Arguments as in those two ops
+    (block_tables / lengths / keep / sink / recent `[S, Hkv]` for sequence s = rows
+    cu[s]:cu[s+1]). Every query must see at least itself: recent >= 1. Returns `[T, Hq, D]`.
+    """
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    bs = k_cache.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s in range(len(bounds) - 1):
+        a, b = bounds[s], bounds[s + 1]
+        if a == b:
+            continue
+        n = b - a
+        p = positions[a:b].long()
+        qi, kj = p[:, None], p[None, :]
+        snk, rec = sink[s].long()[:, None, None], recent[s].long()[:, None, None]
+        vis_chunk = (kj <= qi)[None] & ((kj[None] < snk) | (kj[None] > qi[None] - rec))  # [Hkv, n, n]
+        ks, vs = k[a:b].permute(1, 0, 2), v[a:b].permute(1, 0, 2)  # [Hkv, n, D]
+        n_cached = int(lengths[s].max()) if lengths.numel() else 0
+        if n_cached:
+            nb = -(-n_cached // bs)
+            kc = _gather(k_cache, block_tables[s:s + 1], nb)[0].to(q.dtype)  # [Hkv, N, D]
+            vc = _gather(v_cache, block_tables[s:s + 1], nb)[0].to(q.dtype)
+            kpos = _gather(pos_cache, block_tables[s:s + 1], nb)[0].long()  # [Hkv, N]
+            r = torch.arange(nb * bs, device=q.device)[None, None, :]
+            vis_cache = (r < lengths[s].long()[:, None, None]) & (
+                (r < keep[s].long()[:, None, None]) | (kpos[:, None, :] > qi[None] - rec))  # [Hkv, n, N]
+            ks, vs = torch.cat([kc, ks], 1), torch.cat([vc, vs], 1)
+            visible = torch.cat([vis_cache, vis_chunk], 2)
+        else:
+            visible = vis_chunk
+        qs = q[a:b].view(n, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
+        uniform = bool((visible == visible[:1]).all())
+        if uniform:  # one mask for every head: a single call over all query heads
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qs.reshape(1, hq, n, d), ks[None], vs[None], attn_mask=visible[0], scale=scale, enable_gqa=True)
+            o = o[0].view(hkv, g, n, d)
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qs, ks[:, None], vs[:, None], attn_mask=visible[:, None], scale=scale)  # [Hkv, G, n, D]
+        out[a:b] = o.permute(2, 0, 1, 3).reshape(n, hq, d)
+    return out
+
+
 def causal_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -200,8 +266,9 @@ def causal_prefill(
     for a, b in zip(bounds[:-1], bounds[1:]):
         if a == b:
             continue
+        # 4-d inputs: 3-d ones take SDPA's unfused math path on CPU (5x slower)
         o = torch.nn.functional.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+            q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
             is_causal=True, scale=scale, enable_gqa=True)
-        out[a:b] = o.transpose(0, 1)
+        out[a:b] = o[0].transpose(0, 1)
     return out

@@ -242,3 +242,33 @@ def test_full_head_decode_matches_softmax_formula():
     out, lse = ref.paged_decode(q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, 1.0)
     assert out[0, 0, 1].item() == pytest.approx(7.0, abs=1e-6)
     assert lse[0, 0].item() == pytest.approx(math.log(4.0), abs=1e-6)
+
+
+@SETTINGS
+@given(workloads(max_len=30), st.integers(1, 9))
+def test_masked_prefill_equals_prefix_merged_with_chunk_attention(w, chunk):
+    """The CPU serving path (one masked SDPA over cached slots + chunk) gives the output of
+    paged_prefix + sink_window_prefill + merge_states, chunk after chunk, rings wrapping."""
+    lens, g, sink, recent, seed = w
+    hkv = sink.shape[1]
+    q, k, v, gen = make_tokens(lens, hkv, g, seed)
+    caches = [new_cache(lens, sink, recent, torch.Generator().manual_seed(seed)) for _ in range(2)]
+    expected, _ = prefill_in_chunks(ref, caches[0], q, k, v, lens, sink, recent, chunk, 0.3)
+
+    class Fused:  # prefill_in_chunks' ops, with the chunk attention replaced by masked_prefill
+        kv_write = staticmethod(ref.kv_write)
+
+        def paged_prefix(self, qc, pos, seq, kc, vc, pc, tables, lengths, keep, rec, scale):
+            self.args = (pos, kc, vc, pc, tables, lengths, keep)
+            return torch.zeros_like(qc), torch.zeros(qc.shape[:2])
+
+        def sink_window_prefill(self, qc, kk, vv, pos, cu, snk, rec, scale):
+            _, kc, vc, pc, tables, lengths, keep = self.args
+            return ref.masked_prefill(qc, kk, vv, pos, cu, kc, vc, pc, tables, lengths, keep, snk, rec, scale), None
+
+        @staticmethod
+        def merge_states(o1, l1, o2, l2):
+            return o2, torch.zeros(o2.shape[:2])
+
+    actual, _ = prefill_in_chunks(Fused(), caches[1], q, k, v, lens, sink, recent, chunk, 0.3)
+    assert_close(actual, expected)
