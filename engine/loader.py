@@ -79,23 +79,25 @@ def model_id(model: str) -> str:
 def resolve_model_dir(model: str) -> Path:
     """A Hugging Face style directory for `model`, converting a GGUF on first use."""
     if model == DEFAULT_MODEL:
-        return _converted_gguf(smollm2_gguf_path(), DEFAULT_MODEL)
+        return _converted_gguf(smollm2_gguf_path())
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
         return path
     if path.is_file() and path.suffix == ".gguf":
-        return _converted_gguf(path, path.stem)
+        return _converted_gguf(path)
     if path.exists():
         raise ModelLoadError(f"{model}: expected a .gguf file or a Hugging Face model directory")
     raise ModelLoadError(f"model {model!r} not found: use {DEFAULT_MODEL}, a .gguf file or a model directory")
 
 
-def _converted_gguf(gguf: Path, name: str) -> Path:
+def _converted_gguf(gguf: Path) -> Path:
+    # keyed by the file (path, size, mtime), so `smollm2-135m` and the path of its GGUF
+    # share one conversion
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_root() / f"{name}-{key}"
+    out = cache_root() / f"{gguf.stem}-{key}"
     if (out / "model.safetensors").is_file():
         return out
     log.info("dequantizing %s once into %s", gguf, out)
