@@ -38,6 +38,10 @@ class Row:
     agreement: float
     kv_bytes: float  # mean peak KV bytes per request
     kv_ratio: float  # kv_bytes / full's kv_bytes for the same task and length
+    # the same once the prompt is processed (select / dynamic heads shrunk): what a request
+    # holds while it decodes
+    kv_bytes_decode: float = 0.0
+    kv_ratio_decode: float = 0.0
 
 
 def add_parser(subparsers) -> None:
@@ -142,6 +146,7 @@ def score_group(group: list[Sample], by_plan: dict[str, list[RequestOutput]]) ->
     task, length = group[0].task, group[0].length
     full = by_plan["full"]
     full_kv = mean(o.kv_bytes for o in full)
+    full_dec = mean(o.kv_bytes_decode for o in full)
     rows = []
     for plan, outs in by_plan.items():
         if task == "ppl":
@@ -152,7 +157,9 @@ def score_group(group: list[Sample], by_plan: dict[str, list[RequestOutput]]) ->
             score = mean(string_match_all(o.text, s.expected) for o, s in zip(outs, group))
             agreement = mean(greedy_agreement(o.token_ids, f.token_ids) for o, f in zip(outs, full))
         kv = mean(o.kv_bytes for o in outs)
-        rows.append(Row(plan, task, length, len(group), score, agreement, kv, kv / full_kv if full_kv else 0.0))
+        dec = mean(o.kv_bytes_decode for o in outs)
+        rows.append(Row(plan, task, length, len(group), score, agreement, kv, kv / full_kv if full_kv else 0.0,
+                        dec, dec / full_dec if full_dec else 0.0))
     return rows
 
 
@@ -164,7 +171,7 @@ def format_table(rows: list[Row]) -> str:
     """One block per (task, length), a line per plan; score is accuracy, or perplexity for ppl."""
     width = max([len(r.plan) for r in rows] + [4])
     header = (f"{'task':<16} {'length':>6}  {'plan':<{width}}  {'score':>8}  {'agree':>6}  "
-              f"{'KV MiB':>8}  {'KV ratio':>8}")
+              f"{'KV MiB':>8}  {'KV ratio':>8}  {'dec MiB':>8}  {'dec ratio':>9}")
     lines = [header, "-" * len(header)]
     previous = None
     for r in rows:
@@ -173,9 +180,11 @@ def format_table(rows: list[Row]) -> str:
         previous = (r.task, r.length)
         score = f"{r.score:8.2f}" if r.task == "ppl" else f"{r.score:8.3f}"
         lines.append(f"{r.task:<16} {r.length:>6}  {r.plan:<{width}}  {score}  {r.agreement:6.3f}  "
-                     f"{r.kv_bytes / 2**20:8.2f}  {r.kv_ratio:8.3f}")
+                     f"{r.kv_bytes / 2**20:8.2f}  {r.kv_ratio:8.3f}  {r.kv_bytes_decode / 2**20:8.2f}  "
+                     f"{r.kv_ratio_decode:9.3f}")
     lines.append("score: string_match_all accuracy, ppl rows: perplexity (lower is better); agree: greedy "
-                 "common prefix with full, ppl rows: top-1 match with full per position")
+                 "common prefix with full, ppl rows: top-1 match with full per position; KV: peak bytes per "
+                 "request (prefill included); dec: peak once the prompt is processed (select heads shrunk)")
     return "\n".join(lines)
 
 
@@ -201,7 +210,7 @@ def summarize(rows: list[Row], elapsed: float) -> str:
             # generation agreement and ppl's teacher-forced agreement are different measures
             gen = [r.agreement for r in mine if r.task != "ppl"]
             figures.append(f"agree {mean(gen or [r.agreement for r in mine]):.3f}")
-        figures.append(f"KV {mean(r.kv_ratio for r in mine):.2f}x")
+        figures.append(f"KV {mean(r.kv_ratio for r in mine):.2f}x (decode {mean(r.kv_ratio_decode for r in mine):.2f}x)")
         parts.append(f"{plan}: " + " ".join(figures))
     groups = len({(r.task, r.length) for r in rows})
     requests = sum(r.samples for r in rows)

@@ -248,6 +248,8 @@ class LLMEngine:
                 seq.prompt_logprobs.append(token_logprob(lps[i], seq.prompt_token_ids[nxt], k))
 
     def _append_token(self, seq: Sequence, token: int, logprobs: torch.Tensor, now: float) -> None:
+        if seq.kv is not None:
+            seq.decode_peak_blocks = max(seq.decode_peak_blocks, seq.kv.num_blocks_held)
         seq.output_token_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -293,7 +295,8 @@ class LLMEngine:
             prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
             arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time, finished_time=seq.finished_time,
-            num_preemptions=seq.num_preemptions, stop_reason=seq.stop_reason)
+            num_preemptions=seq.num_preemptions, stop_reason=seq.stop_reason,
+            kv_bytes_decode=seq.decode_peak_blocks * self.kv.block_bytes)
 
     # -- convenience -----------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

@@ -30,3 +30,7 @@ class RequestOutput:
     finished_time: float | None = None
     num_preemptions: int = 0
     stop_reason: str | int | None = field(default=None)  # the stop string or token that ended it
+    # peak KV bytes held once the prompt was processed: what the request keeps while it
+    # decodes, after select / dynamic heads shrank to their budgets (kv_bytes includes the
+    # prefill peak, when those heads still hold the whole prompt)
+    kv_bytes_decode: int = 0

@@ -38,6 +38,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     peak_blocks: int = 0
+    decode_peak_blocks: int = 0  # most blocks held at a sampled token (prompt done)
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

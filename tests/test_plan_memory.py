@@ -92,6 +92,11 @@ def test_select_heads_shrink_to_their_budget_after_prefill(make_engine, plan_pat
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.stats().num_free_blocks == eng.stats().num_blocks
+    # the outputs report both: the prefill peak and what the request held while decoding
+    out = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), "select")[0]
+    block = BS * 64 * 2 * 4
+    assert out.kv_bytes == 90 * _cdiv(200, BS) * block
+    assert out.kv_bytes_decode == (n_full * _cdiv(200 + 8 - 1, BS) + n_sel * _cdiv(36, BS)) * block
 
 
 def test_pool_admits_the_predicted_number_of_requests(make_engine, plan_paths, tok):
