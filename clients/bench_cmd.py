@@ -1,4 +1,4 @@
-"""`headwise bench {offline,serve,kernels}`: each benchmark lives in its own module."""
+"""`headwise bench {offline,serve,capacity,kernels}`: each benchmark lives in its own module."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 _BENCHES = [
     "headwise.clients.bench_offline",
     "headwise.clients.bench_serve",
+    "headwise.clients.bench_capacity",
     "headwise.kernels.bench",
 ]
 

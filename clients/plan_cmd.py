@@ -9,7 +9,8 @@ from typing import Callable
 
 from headwise.clients.cli import CliError
 from headwise.kvcache import plan_import
-from headwise.kvcache.plan_build import (dynamic_plan, full_head_count, select_plan, head_capacities, kv_ratio, layer_kv_bytes,
+from headwise.kvcache.plan_build import (dynamic_full_count, dynamic_plan, full_head_count, select_plan,
+                                         head_capacities, kv_ratio, layer_kv_bytes,
                                          ratio_plan_name, rethreshold, static_heads, streaming_plan)
 from headwise.kvcache.plans import ModelShape, Plan, full_plan, load_plan, save_plan
 
@@ -163,7 +164,7 @@ def _show(args: argparse.Namespace) -> int:
     print(f"context {args.context} (prompt {args.prompt or args.context}), block {args.block_size}, "
           f"{args.dtype_bytes} bytes/element; F full, W window, E elastic, S select")
     if plan.dynamic:
-        k, rest = full_head_count(plan.dynamic.ratio, m.kv_heads), plan.dynamic.rest
+        k, rest = dynamic_full_count(plan.dynamic.ratio, m.kv_heads), plan.dynamic.rest
         print(f"dynamic: per request the {k} of {m.kv_heads} kv heads of each layer farthest from its "
               f"center stay full, the rest select (sink {rest.sink}, recent {rest.recent}, select "
               f"{rest.select}, window {rest.window}); shown as the first heads of each layer")

@@ -27,6 +27,11 @@ def full_head_count(ratio: float, heads: int) -> int:
     return min(heads, math.floor(ratio * heads + 0.5 + 1e-9))
 
 
+def dynamic_full_count(ratio: float, heads_per_layer: int) -> int:
+    """KV heads per layer a dynamic plan keeps full: full_head_count, at least 1 when ratio > 0."""
+    return max(1 if ratio > 0 else 0, full_head_count(ratio, heads_per_layer))
+
+
 def ratio_plan_name(method: str, ratio: float) -> str:
     """The default name of a plan thresholded at `ratio`, e.g. retrieval-25."""
     return f"{method}-{ratio * 100:g}"
@@ -119,7 +124,7 @@ def static_heads(plan: Plan) -> list[list[HeadSpec]]:
     first full_head_count(ratio, Hkv) heads of each layer full, the rest `rest`)."""
     if plan.dynamic is None:
         return plan.heads
-    k = full_head_count(plan.dynamic.ratio, plan.model.kv_heads)
+    k = dynamic_full_count(plan.dynamic.ratio, plan.model.kv_heads)
     row = [FULL] * k + [plan.dynamic.rest] * (plan.model.kv_heads - k)
     return [list(row) for _ in range(plan.model.layers)]
 
@@ -153,3 +158,34 @@ def kv_ratio(plan: Plan, context_len: int, prompt_len: int | None = None, block_
     """kv_bytes of the plan over kv_bytes of the full plan of the same model."""
     full = kv_bytes(full_plan(plan.model), context_len, prompt_len, 1, block_size)
     return kv_bytes(plan, context_len, prompt_len, 1, block_size) / full if full else 1.0
+
+
+def request_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size: int = 16) -> tuple[int, int]:
+    """KV blocks one request of this plan holds: (prefill peak, end of decode).
+
+    The engine's accounting: at admission full heads and select / dynamic heads reserve
+    the whole prompt, window / elastic heads their whole ring; when the prompt ends select
+    heads (and a dynamic plan's non-full heads) shrink to sink + selected + ring; full
+    heads then grow to the prompt_len + max_tokens - 1 positions that are ever written."""
+    ctx = prompt_len + max_tokens
+    written = ctx - 1
+    cdiv = lambda a: -(-a // block_size)  # noqa: E731
+    peak = end = 0
+    for row in static_heads(plan):
+        for spec in row:
+            if spec.kind == "full":
+                peak += cdiv(prompt_len)
+                end += cdiv(written)
+            elif spec.kind == "select":
+                b = resolve_budget(spec, prompt_len, ctx)
+                ring = b.recent or 0
+                lo = min(b.sink, prompt_len)
+                hi = max(lo, prompt_len - ring)
+                cap = b.sink + min(b.select, hi - lo) + min(ring, max(0, ctx - b.sink))
+                peak += cdiv(prompt_len)
+                end += cdiv(cap)
+            else:
+                blocks = cdiv(resolve_budget(spec, prompt_len, ctx).capacity(ctx))
+                peak += blocks
+                end += blocks
+    return max(peak, end), end

@@ -39,9 +39,11 @@ def head_distances(out_win: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def farthest_heads(distances: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Bool mask `[Hkv]`: the round(ratio * Hkv) (at least 1 when ratio > 0) farthest heads."""
+    """Bool mask `[Hkv]`: the dynamic_full_count(ratio, Hkv) farthest heads, the count `plan show` and the memory accounting use."""
+    from headwise.kvcache.plan_build import dynamic_full_count
+
     hkv = distances.numel()
-    n = min(hkv, max(1 if ratio > 0 else 0, round(ratio * hkv)))
+    n = dynamic_full_count(ratio, hkv)
     keep = torch.zeros(hkv, dtype=torch.bool)
     keep[torch.topk(distances, n).indices] = True
     return keep

@@ -129,3 +129,25 @@ def test_bad_input_is_one_line_error_with_exit_2(tmp_path, model, capsys, argv, 
     assert rc == 2
     assert err == f"headwise plan: error: {error.format(tmp=tmp_path, model=model)}\n"
     assert not (tmp_path / "o.json").exists()
+
+
+def test_bench_capacity_counts_requests_per_plan(tmp_path, model, capsys):
+    run(capsys, "streaming", "--model", model, "--sink", "4", "--recent", "12", "--out", str(tmp_path / "w.json"))
+    run(capsys, "select", "--model", model, "--sink", "4", "--recent", "12", "--select", "16", "--out",
+        str(tmp_path / "s.json"))
+    rc = main(["bench", "capacity", "--model", model, "--plan", f"w={tmp_path / 'w.json'}", "--plan",
+               f"s={tmp_path / 's.json'}", "--kv-cache-mb", "1", "--input-len", "100", "--output-len", "29", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0
+    # 1 MiB of 16-slot fp32 blocks of head_dim 16 (+ int32 positions) = 496 blocks; 8 kv heads
+    assert rows == [
+        {"plan": "full", "blocks_peak": 64, "blocks_decode": 64, "pool_blocks": 496, "admitted_at_once": 7,
+         "held_decoding": 7},
+        {"plan": "w", "blocks_peak": 8, "blocks_decode": 8, "pool_blocks": 496, "admitted_at_once": 62,
+         "held_decoding": 62},
+        # select heads hold the 100-token prompt until it ends, then 4 + 16 + 12 slots
+        {"plan": "s", "blocks_peak": 56, "blocks_decode": 16, "pool_blocks": 496, "admitted_at_once": 8,
+         "held_decoding": 28},
+    ]
+    assert main(["bench", "capacity", "--model", model, "--input-len", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from headwise.engine.sampling_params import SamplingParams
+from headwise.kvcache.plan_build import dynamic_plan, request_blocks
 from headwise.kvcache.plans import FULL, HeadSpec, Plan, save_plan
 
 BS = 16
@@ -33,6 +34,8 @@ def plan_paths(engine, tmp_path_factory):
         # every head a 16 + 48 = 64-slot window: 4 blocks instead of 16 at 256 tokens
         "quarter": _plan(shape, HeadSpec("window", sink=16, recent=48)),
         "select": _plan(shape, HeadSpec("select", sink=4, recent=20, select=12, window=8), full_every=3),
+        "dynamic": dynamic_plan(shape, 0.34, sink=4, recent=20, select=12, window=8),
+        "elastic": _plan(shape, HeadSpec("elastic", sink=4, alpha=10, beta=0.1), full_every=2),
     }
     paths = {}
     for name, plan in plans.items():
@@ -146,4 +149,21 @@ def test_no_leaks_with_mixed_plans_aborts_and_preemption(make_engine, plan_paths
     assert {k for k, v in reasons.items() if v == "abort"} == {"m1", "m4", "m7"}
     assert set(reasons) == {f"m{i}" for i in range(8)}
     assert eng.stats().num_preemptions > 0
+    assert eng.stats().num_free_blocks == eng.stats().num_blocks
+
+
+@pytest.mark.parametrize("prompt_len, max_tokens", [(200, 9), (37, 40)])
+def test_request_blocks_formula_equals_what_the_engine_holds(make_engine, plan_paths, tok, prompt_len, max_tokens):
+    """`headwise bench capacity` predicts from request_blocks(); the engine must agree for
+    every plan kind: the prefill peak (kv_bytes) and the decode peak (kv_bytes_decode)."""
+    eng = make_engine(plans=plan_paths, max_num_batched_tokens=64)
+    prompt = tok("Seven swans swim south as the summer sun sets. " * 30)["input_ids"][:prompt_len]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    names = ["full", *plan_paths]
+    outs = eng.generate([prompt] * len(names), params, names)
+    block = eng.kv.block_bytes
+    for name, out in zip(names, outs):
+        plan = eng.plans[name]
+        peak, end = request_blocks(plan, prompt_len, max_tokens)
+        assert (out.kv_bytes // block, out.kv_bytes_decode // block) == (peak, end), name
     assert eng.stats().num_free_blocks == eng.stats().num_blocks

@@ -1,0 +1,74 @@
+"""`headwise bench capacity`: how many concurrent requests of one shape fit in a KV pool,
+per plan, from the engine's block accounting (no model run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from headwise.clients.cli import CliError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("capacity", help="concurrent requests that fit in a KV pool, per plan")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a .gguf file or a model directory")
+    p.add_argument("--plan", action="append", default=[], metavar="NAME=PATH", help="plan to compare (repeatable)")
+    p.add_argument("--kv-cache-mb", type=float, default=256.0, help="KV pool size in MiB")
+    p.add_argument("--input-len", type=int, default=4096, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print one JSON line per plan")
+    p.set_defaults(func=run)
+
+
+def capacity(plan, pool_blocks: int, input_len: int, output_len: int, block_size: int) -> dict:
+    """Blocks per request and the requests that fit: all admitted at once (each holding its
+    prefill peak), and held while decoding with one request prefilling at a time."""
+    from headwise.kvcache.plan_build import request_blocks
+
+    peak, end = request_blocks(plan, input_len, output_len, block_size)
+    at_once = pool_blocks // peak
+    decoding = 0 if pool_blocks < peak else 1 + (pool_blocks - peak) // end
+    return {"plan": plan.name, "blocks_peak": peak, "blocks_decode": end, "pool_blocks": pool_blocks,
+            "admitted_at_once": at_once, "held_decoding": decoding}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from headwise.clients.engine_args import parse_plan_arg
+    from headwise.engine.errors import ModelLoadError
+    from headwise.engine.loader import model_shape
+    from headwise.kvcache.manager import KVCacheManager
+    from headwise.kvcache.plans import full_plan, load_plan
+
+    if args.input_len < 1 or args.output_len < 1 or args.kv_cache_mb <= 0:
+        raise CliError("--input-len, --output-len and --kv-cache-mb must be positive")
+    try:
+        shape = model_shape(args.model)
+    except ModelLoadError as e:
+        raise CliError(str(e)) from None
+    plans = [full_plan(shape)]
+    for value in args.plan:
+        name, path = parse_plan_arg(value)
+        plan = load_plan(path, shape)
+        plan.name = name
+        plans.append(plan)
+    per_block = KVCacheManager.bytes_per_block(args.block_size, shape.head_dim, getattr(torch, args.dtype))
+    pool = int(args.kv_cache_mb * 2**20 // per_block)
+    rows = [capacity(p, pool, args.input_len, args.output_len, args.block_size) for p in plans]
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    print(f"{args.kv_cache_mb:g} MiB pool = {pool} blocks of {args.block_size} slots ({args.dtype}); requests of "
+          f"{args.input_len} + {args.output_len} tokens")
+    width = max(len(r["plan"]) for r in rows)
+    print(f"{'plan':<{width}}  {'blocks peak':>11}  {'blocks decode':>13}  {'at once':>7}  {'decoding':>8}  "
+          f"{'vs full':>7}")
+    base = rows[0]["held_decoding"] or 1
+    for r in rows:
+        print(f"{r['plan']:<{width}}  {r['blocks_peak']:>11}  {r['blocks_decode']:>13}  {r['admitted_at_once']:>7}  "
+              f"{r['held_decoding']:>8}  {r['held_decoding'] / base:>6.2f}x")
+    return 0
