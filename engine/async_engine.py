@@ -71,7 +71,12 @@ class AsyncEngine:
         added: asyncio.Future = loop.create_future()
         self._commands.put(("add", request_id, prompt_token_ids, params, plan, (loop, q), added))
         self._wake.set()
-        await added  # raises the engine's InvalidRequest / UnknownPlan / PromptTooLong
+        try:
+            await added  # raises the engine's InvalidRequest / UnknownPlan / PromptTooLong
+        except asyncio.CancelledError:
+            # the add is already queued: abort it behind it so no orphan runs to completion
+            self._abort_now(request_id)
+            raise
         finished = False
         try:
             while True:
