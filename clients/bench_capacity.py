@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from headwise.engine.errors import ModelLoadError
     from headwise.engine.loader import model_shape
     from headwise.kvcache.manager import KVCacheManager
-    from headwise.kvcache.plans import full_plan, load_plan
+    from headwise.kvcache.plans import load_plans
 
     if args.input_len < 1 or args.output_len < 1 or args.kv_cache_mb <= 0:
         raise CliError("--input-len, --output-len and --kv-cache-mb must be positive")
@@ -49,12 +49,7 @@ def run(args: argparse.Namespace) -> int:
         shape = model_shape(args.model)
     except ModelLoadError as e:
         raise CliError(str(e)) from None
-    plans = [full_plan(shape)]
-    for value in args.plan:
-        name, path = parse_plan_arg(value)
-        plan = load_plan(path, shape)
-        plan.name = name
-        plans.append(plan)
+    plans = list(load_plans(dict(parse_plan_arg(v) for v in args.plan), shape).values())
     per_block = KVCacheManager.bytes_per_block(args.block_size, shape.head_dim, getattr(torch, args.dtype))
     pool = int(args.kv_cache_mb * 2**20 // per_block)
     rows = [capacity(p, pool, args.input_len, args.output_len, args.block_size) for p in plans]

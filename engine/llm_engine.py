@@ -24,7 +24,7 @@ from headwise.engine.scheduler import Scheduler
 from headwise.engine.sequence import Sequence, Status
 from headwise.kvcache.budget import resolve_budget
 from headwise.kvcache.manager import KVCacheManager
-from headwise.kvcache.plans import Plan, full_plan, load_plan
+from headwise.kvcache.plans import Plan, load_plans
 from headwise.kvcache.selection import farthest_heads, head_distances, middle_scores
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,7 @@ class LLMEngine:
         num_blocks = config.num_blocks or int((config.kv_cache_mb or DEFAULT_KV_CACHE_MB) * 2**20 // per_block)
         self.kv = KVCacheManager(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
                                  num_blocks, self.max_model_len, self.dtype, config.device)
-        self.plans: dict[str, Plan] = {"full": full_plan(mc.shape)}
-        for name, path in config.plans.items():
-            plan = load_plan(path, mc.shape)
-            plan.name = name
-            self.plans[name] = plan
+        self.plans: dict[str, Plan] = load_plans(config.plans, mc.shape)
         if config.default_plan not in self.plans:
             raise ValueError(f"default plan {config.default_plan!r} is not loaded (loaded: {', '.join(self.plans)})")
         self.default_plan = config.default_plan

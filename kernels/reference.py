@@ -58,6 +58,36 @@ def _softmax_av(scores: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype):
     return out.to(out_dtype), lse
 
 
+def _cached_keys(k_cache, v_cache, pos_cache, table, lengths, keep, recent, q_pos, dtype):
+    """One sequence's cached slots and which of them each query may see.
+
+    table `[1, Hkv, max_blocks]`, lengths / keep / recent `[Hkv]`, q_pos `[n]`. Returns
+    k, v `[Hkv, N, D]` in `dtype` and visible `[Hkv, n, N]`: slot r is visible iff it is
+    written (r < length) and either kept for good (sink or selected, r < keep) or its
+    position is inside the query's recent window. None when nothing is cached."""
+    n_valid = int(lengths.max()) if lengths.numel() else 0
+    if n_valid == 0:
+        return None
+    bs = k_cache.shape[1]
+    nb = -(-n_valid // bs)
+    k = _gather(k_cache, table, nb)[0].to(dtype)
+    v = _gather(v_cache, table, nb)[0].to(dtype)
+    kpos = _gather(pos_cache, table, nb)[0].long()  # [Hkv, N]
+    r = torch.arange(nb * bs, device=k.device)[None, None, :]
+    qp = q_pos.long()[None, :, None]
+    visible = (r < lengths.long()[:, None, None]) & (
+        (r < keep.long()[:, None, None]) | (kpos[:, None, :] > qp - recent.long()[:, None, None]))
+    return k, v, visible
+
+
+def _chunk_visible(p: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+    """`[Hkv, n, n]`: key j of a chunk at positions `p` visible to query i iff j <= i and
+    (j < sink or j > i - recent), per head."""
+    qi, kj = p.long()[:, None], p.long()[None, :]
+    win = (kj[None] < sink.long()[:, None, None]) | (kj[None] > qi[None] - recent.long()[:, None, None])
+    return (kj <= qi)[None] & win
+
+
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -109,24 +139,16 @@ def paged_prefix(
     """
     t, hq, d = q.shape
     hkv = block_tables.shape[1]
-    bs = k_cache.shape[1]
     out = torch.zeros_like(q)
     lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=q.device)
     # one gather per sequence, shared by all of its query tokens
     for s in torch.unique(q_seq).tolist():
         rows = (q_seq == s).nonzero().flatten()
-        n_valid = int(lengths[s].max())
-        if n_valid == 0:
+        cached = _cached_keys(k_cache, v_cache, pos_cache, block_tables[s:s + 1], lengths[s], keep[s], recent[s],
+                              q_pos[rows], torch.float32)
+        if cached is None:
             continue
-        nblocks = -(-n_valid // bs)
-        k = _gather(k_cache, block_tables[s:s + 1], nblocks)[0].float()  # [Hkv, N, D]
-        v = _gather(v_cache, block_tables[s:s + 1], nblocks)[0].float()
-        kpos = _gather(pos_cache, block_tables[s:s + 1], nblocks)[0].long()  # [Hkv, N]
-        r = torch.arange(nblocks * bs, device=q.device)
-        qp = q_pos[rows].long()[None, :, None]  # [1, n, 1]
-        visible = (r[None, None, :] < lengths[s][:, None, None]) & (
-            (r[None, None, :] < keep[s][:, None, None]) | (kpos[:, None, :] > qp - recent[s][:, None, None])
-        )  # [Hkv, n, N]
+        k, v, visible = cached
         qg = q[rows].float().view(-1, hkv, hq // hkv, d).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
         scores = torch.matmul(qg, k[:, None].transpose(-1, -2)) * scale  # [Hkv, G, n, N]
         scores.masked_fill_(~visible[:, None], float("-inf"))
@@ -162,11 +184,7 @@ def sink_window_prefill(
         a, b = bounds[s], bounds[s + 1]
         if a == b:
             continue
-        p = positions[a:b].long()
-        qi, kj = p[:, None], p[None, :]
-        causal = kj <= qi  # [n, n]
-        win = (kj[None] < sink[s].long()[:, None, None]) | (kj[None] > qi[None] - recent[s].long()[:, None, None])
-        visible = causal[None] & win  # [Hkv, n, n]
+        visible = _chunk_visible(positions[a:b], sink[s], recent[s])  # [Hkv, n, n]
         qs = q[a:b].float().view(b - a, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
         ks = k[a:b].float().permute(1, 0, 2)  # [Hkv, n, D]
         vs = v[a:b].float().permute(1, 0, 2)
@@ -217,7 +235,6 @@ def masked_prefill(
     t, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    bs = k_cache.shape[1]
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for s in range(len(bounds) - 1):
@@ -225,24 +242,14 @@ def masked_prefill(
         if a == b:
             continue
         n = b - a
-        p = positions[a:b].long()
-        qi, kj = p[:, None], p[None, :]
-        snk, rec = sink[s].long()[:, None, None], recent[s].long()[:, None, None]
-        vis_chunk = (kj <= qi)[None] & ((kj[None] < snk) | (kj[None] > qi[None] - rec))  # [Hkv, n, n]
+        visible = _chunk_visible(positions[a:b], sink[s], recent[s])  # [Hkv, n, n]
         ks, vs = k[a:b].permute(1, 0, 2), v[a:b].permute(1, 0, 2)  # [Hkv, n, D]
-        n_cached = int(lengths[s].max()) if lengths.numel() else 0
-        if n_cached:
-            nb = -(-n_cached // bs)
-            kc = _gather(k_cache, block_tables[s:s + 1], nb)[0].to(q.dtype)  # [Hkv, N, D]
-            vc = _gather(v_cache, block_tables[s:s + 1], nb)[0].to(q.dtype)
-            kpos = _gather(pos_cache, block_tables[s:s + 1], nb)[0].long()  # [Hkv, N]
-            r = torch.arange(nb * bs, device=q.device)[None, None, :]
-            vis_cache = (r < lengths[s].long()[:, None, None]) & (
-                (r < keep[s].long()[:, None, None]) | (kpos[:, None, :] > qi[None] - rec))  # [Hkv, n, N]
+        cached = _cached_keys(k_cache, v_cache, pos_cache, block_tables[s:s + 1], lengths[s], keep[s], recent[s],
+                              positions[a:b], q.dtype)
+        if cached is not None:
+            kc, vc, vis_cache = cached
             ks, vs = torch.cat([kc, ks], 1), torch.cat([vc, vs], 1)
-            visible = torch.cat([vis_cache, vis_chunk], 2)
-        else:
-            visible = vis_chunk
+            visible = torch.cat([vis_cache, visible], 2)
         qs = q[a:b].view(n, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
         uniform = bool((visible == visible[:1]).all())
         if uniform:  # one mask for every head: a single call over all query heads

@@ -29,6 +29,20 @@ class HeadBudget:
 FULL_BUDGET = HeadBudget()
 
 
+def select_range(b: HeadBudget, prompt_len: int) -> tuple[int, int, int]:
+    """A select head at the end of a `prompt_len` prompt: the middle positions [lo, hi)
+    it chooses from (after the sink, before the recent ring) and how many it keeps."""
+    lo = min(b.sink, prompt_len)
+    hi = max(lo, prompt_len - (b.recent or 0))
+    return lo, hi, min(b.select, hi - lo)
+
+
+def compacted_capacity(b: HeadBudget, prompt_len: int, context_len: int) -> int:
+    """Slots a select head holds once its prompt is compacted: sink + chosen + ring."""
+    ring = b.recent or 0
+    return b.sink + select_range(b, prompt_len)[2] + min(ring, max(0, context_len - b.sink))
+
+
 def resolve_budget(spec: HeadSpec, prompt_len: int, context_len: int) -> HeadBudget:
     """The budget a head spec gives a request with this prompt and context length."""
     if spec.kind == "full":

@@ -12,7 +12,7 @@ import torch
 
 from headwise.engine.attention import KVPool
 from headwise.kvcache.block_pool import BlockPool
-from headwise.kvcache.budget import HeadBudget
+from headwise.kvcache.budget import HeadBudget, compacted_capacity, select_range
 from headwise.kvcache.seq_kv import SeqKV
 
 
@@ -80,8 +80,7 @@ class KVCacheManager:
                     continue
                 b = kv.budgets[l][h]
                 sink, ring = b.sink, b.recent or 0
-                mid_lo, mid_hi = min(sink, p), max(min(sink, p), p - ring)
-                nsel = min(b.select, mid_hi - mid_lo)
+                mid_lo, mid_hi, nsel = select_range(b, p)
                 chosen = torch.empty(0, dtype=torch.int64)
                 if nsel:
                     chosen = torch.topk(scores[l][h, mid_lo:mid_hi], nsel).indices.sort().values + mid_lo
@@ -96,7 +95,7 @@ class KVCacheManager:
                 for t in (self.kv.k, self.kv.v, self.kv.pos):
                     flat = t.view(-1, *t.shape[2:])
                     flat[dst_flat] = flat[src_flat].clone()
-                cap = base + min(ring, max(0, kv.context_len - sink))
+                cap = compacted_capacity(b, p, kv.context_len)
                 nkeep = -(-cap // bs)
                 self.pool.free(kv.blocks[head][nkeep:])
                 kv.set_blocks(head, kv.blocks[head][:nkeep])

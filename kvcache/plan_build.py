@@ -6,7 +6,7 @@ import dataclasses
 import math
 from datetime import datetime, timezone
 
-from headwise.kvcache.budget import resolve_budget
+from headwise.kvcache.budget import compacted_capacity, resolve_budget
 from headwise.kvcache.plans import (FULL, DynamicSpec, HeadSpec, ModelShape, Plan, PlanError, check_spec, full_plan,
                                     parse_scores)
 
@@ -177,13 +177,8 @@ def request_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size: int
                 peak += cdiv(prompt_len)
                 end += cdiv(written)
             elif spec.kind == "select":
-                b = resolve_budget(spec, prompt_len, ctx)
-                ring = b.recent or 0
-                lo = min(b.sink, prompt_len)
-                hi = max(lo, prompt_len - ring)
-                cap = b.sink + min(b.select, hi - lo) + min(ring, max(0, ctx - b.sink))
                 peak += cdiv(prompt_len)
-                end += cdiv(cap)
+                end += cdiv(compacted_capacity(resolve_budget(spec, prompt_len, ctx), prompt_len, ctx))
             else:
                 blocks = cdiv(resolve_budget(spec, prompt_len, ctx).capacity(ctx))
                 peak += blocks

@@ -151,6 +151,16 @@ def load_plan(path: str | Path, shape: ModelShape | None = None) -> Plan:
         raise PlanError(f"{path}: {e}") from None
 
 
+def load_plans(named: dict[str, str], shape: ModelShape) -> dict[str, Plan]:
+    """`full` plus each NAME=PATH plan, validated against `shape` and renamed to NAME."""
+    plans = {"full": full_plan(shape)}
+    for name, path in named.items():
+        plan = load_plan(path, shape)
+        plan.name = name
+        plans[name] = plan
+    return plans
+
+
 def read_json(path: str | Path) -> object:
     """A JSON file's value; malformed JSON is a one-line PlanError naming the file."""
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from headwise.kvcache.budget import resolve_budget
+from headwise.kvcache.budget import resolve_budget, select_range
 from headwise.kvcache.plans import Plan
 from headwise.kvcache.selection import farthest_heads, head_distances, middle_scores
 
@@ -68,8 +68,7 @@ def dense_logprobs(engine, plan: Plan, tokens: list[int], prompt_len: int, max_t
                 w = spec.window
                 sc = middle_scores(q[prompt_len - w:prompt_len], torch.arange(prompt_len - w, prompt_len),
                                    k[:prompt_len], cfg.head_dim ** -0.5)[h]
-                lo, hi = min(b.sink, prompt_len), max(min(b.sink, prompt_len), prompt_len - b.recent)
-                n = min(b.select, hi - lo)
+                lo, hi, n = select_range(b, prompt_len)
                 chosen = torch.zeros(t, dtype=torch.bool)
                 if n:
                     chosen[torch.topk(sc[lo:hi], n).indices + lo] = True
