@@ -183,7 +183,7 @@ class LLMEngine:
         for r in lp_rows:
             self._prompt_logprobs(r, hidden)
         if sample_seqs:
-            logits = self.model.logits(hidden[torch.tensor(sample_rows)])
+            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=hidden.device)])
             tokens, logprobs = sample(logits, sample_seqs, self.eos_ids)
             for i, (seq, tok) in enumerate(zip(sample_seqs, tokens)):
                 self._append_token(seq, tok, logprobs[i], now)
@@ -213,19 +213,21 @@ class LLMEngine:
         """End of the prompt: choose full heads (dynamic plans) and middle tokens."""
         kv, mc, p = seq.kv, self.model_config, seq.num_prompt_tokens
         w = seq.captured_q[0].shape[0]
-        q_pos = torch.arange(p - w, p)
+        device = self.kv.kv.k.device
+        q_pos = torch.arange(p - w, p, device=device)
         scale = mc.head_dim ** -0.5
         keep_full = torch.zeros(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
         scores = []
         for layer in range(mc.num_layers):
             if seq.plan.dynamic is not None:
                 dist = head_distances(seq.captured_out[layer], mc.num_kv_heads)
-                keep_full[layer] = farthest_heads(dist, seq.plan.dynamic.ratio)
+                keep_full[layer] = farthest_heads(dist.cpu(), seq.plan.dynamic.ratio)
             nb = -(-p // self.kv.block_size)
-            ids = kv.table[layer, :, :nb].long()  # [Hkv, nb]
+            ids = kv.table[layer, :, :nb].to(device=device, dtype=torch.long)  # [Hkv, nb]
             k = self.kv.kv.k[ids].reshape(mc.num_kv_heads, nb * self.kv.block_size, -1)[:, :p]
             scores.append(middle_scores(seq.captured_q[layer], q_pos, k.transpose(0, 1), scale))
-        self.kv.compact(kv, keep_full, scores)
+        # the block bookkeeping lives on the host
+        self.kv.compact(kv, keep_full, [s.cpu() for s in scores])
         seq.captured_q = seq.captured_out = None
 
     def _prompt_logprobs(self, r, hidden: torch.Tensor) -> None:

@@ -52,7 +52,14 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 class Rotary(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self._inv_freq32 = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", self._inv_freq32.clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(dtype=bfloat16)` moves the frequencies but must not round them
+        super()._apply(fn, recurse)
+        self.inv_freq = self._inv_freq32.to(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -79,5 +79,17 @@ class ModelRunner:
                                      lengths=torch.stack([s.kv.lengths for s in seqs], dim=1))
         if cap_rows:
             meta.capture = CaptureMeta(rows=torch.tensor(cap_rows))
+        if torch.device(self.device).type != "cpu":
+            _to_device(meta, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), meta, self.kv.kv)
         return hidden, rows, meta.capture
+
+
+def _to_device(obj, device) -> None:
+    """Metadata is built on the host; the kernels read it on the model's device."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            setattr(obj, f.name, value.to(device, non_blocking=True))
+        elif value is not None and hasattr(value, "__dataclass_fields__"):
+            _to_device(value, device)

@@ -16,11 +16,12 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.repetition_penalty != 1.0:
-            ids = torch.tensor(sorted(set(seq.all_token_ids)), dtype=torch.long)
+            ids = torch.tensor(sorted(set(seq.all_token_ids)), dtype=torch.long, device=logits.device)
             row = logits[i, ids]
             logits[i, ids] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
-            counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=logits.shape[1]).float()
+            counts = torch.bincount(torch.tensor(seq.output_token_ids, device=logits.device),
+                                    minlength=logits.shape[1]).float()
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     return logits
 
@@ -55,17 +56,17 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     raw_logprobs = logits.log_softmax(-1)
     logits = apply_penalties(logits.clone(), seqs)
     suppress_stop_tokens(logits, seqs, eos_ids)
-    tokens: list[int] = []
+    tokens = logits.argmax(-1).tolist()  # greedy rows; one transfer for the batch
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.greedy:
-            tokens.append(int(logits[i].argmax()))
             continue
         row = _filter(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
-        probs = row.softmax(-1)
+        # drawn on the host with the request's own generator: the same draw on every device
+        probs = row.softmax(-1).cpu()
         # exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p
         noise = torch.empty_like(probs).exponential_(generator=seq.generator)
-        tokens.append(int((probs / noise).argmax()))
+        tokens[i] = int((probs / noise).argmax())
     return tokens, raw_logprobs
 
 

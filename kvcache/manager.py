@@ -71,6 +71,7 @@ class KVCacheManager:
         their other blocks go back to the pool now."""
         p = kv.num_tokens
         bs = self.block_size
+        moves_src, moves_dst = [], []
         for l in range(self.num_layers):
             for h in range(self.num_kv_heads):
                 if not kv.pending[l, h]:
@@ -91,12 +92,11 @@ class KVCacheManager:
                                  base + (tail - sink) % max(ring, 1)])
                 head = l * self.num_kv_heads + h
                 old = torch.tensor(kv.blocks[head], dtype=torch.int64)
-                src_flat, dst_flat = old[src // bs] * bs + src % bs, old[dst // bs] * bs + dst % bs
-                for t in (self.kv.k, self.kv.v, self.kv.pos):
-                    flat = t.view(-1, *t.shape[2:])
-                    flat[dst_flat] = flat[src_flat].clone()
+                moves_src.append(old[src // bs] * bs + src % bs)
+                moves_dst.append(old[dst // bs] * bs + dst % bs)
                 cap = compacted_capacity(b, p, kv.context_len)
                 nkeep = -(-cap // bs)
+                # freed blocks are only reused by a later allocation, after the copy below
                 self.pool.free(kv.blocks[head][nkeep:])
                 kv.set_blocks(head, kv.blocks[head][:nkeep])
                 kv.bounded[l, h] = True
@@ -105,3 +105,11 @@ class KVCacheManager:
                 kv.ring_base[l, h] = base
                 kv.capacity[l, h] = cap
                 kv.lengths[l, h] = len(src) and int(dst.max()) + 1
+        if moves_src:
+            # heads own disjoint blocks, so every head's move is one gather then one scatter
+            device = self.kv.k.device
+            src_flat = torch.cat(moves_src).to(device)
+            dst_flat = torch.cat(moves_dst).to(device)
+            for t in (self.kv.k, self.kv.v, self.kv.pos):
+                flat = t.view(-1, *t.shape[2:])
+                flat[dst_flat] = flat[src_flat]

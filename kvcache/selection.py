@@ -22,7 +22,7 @@ def middle_scores(q_win: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, sca
     g = hq // hkv
     qg = q_win.float().view(w, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, W, D]
     scores = torch.matmul(qg, k.float().permute(1, 2, 0)[:, None]) * scale  # [Hkv, G, W, P]
-    future = torch.arange(p)[None, :] > q_pos[:, None]
+    future = torch.arange(p, device=q_pos.device)[None, :] > q_pos[:, None]
     scores.masked_fill_(future, float("-inf"))
     attn = scores.softmax(-1).sum(2)  # [Hkv, G, P]
     attn = F.max_pool1d(attn, pool_kernel, stride=1, padding=pool_kernel // 2)
