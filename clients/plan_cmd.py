@@ -67,7 +67,8 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("ratio", help="re-threshold a plan's saved scores to another full-head ratio")
     p.add_argument("plan", help="plan JSON with scores (or a dynamic plan)")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of KV heads kept full")
+    p.add_argument("--ratio", type=float, required=True,
+                   help="fraction of KV heads kept full (moa plans: the mean attention-density bound)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.add_argument("--name", help="plan name (default METHOD-PERCENT, e.g. duo-25)")
     p.set_defaults(func=_user_errors(_ratio))

@@ -91,8 +91,20 @@ def plan_from_scores(shape: ModelShape, scores: list[list[float]], ratio: float,
 
 def rethreshold(plan: Plan, ratio: float, name: str | None = None) -> Plan:
     """The same plan at another full-head ratio, from its saved scores and its one
-    non-full spec; a dynamic plan just gets the new per-layer ratio."""
+    non-full spec; a dynamic plan just gets the new per-layer ratio; a moa plan is re-solved
+    from its saved rule costs with `ratio` as the mean-density bound."""
     name = name or plan.name
+    if plan.source.get("method") == "moa":
+        # MoA heads have per-head rules, not one rest spec: re-solve the MILP at density `ratio`
+        params = plan.source.get("params", {})
+        if "rule_costs" not in params:
+            raise PlanError(f"plan {plan.name!r} is a moa plan without rule_costs (made by an older "
+                            "headwise); run `headwise profile moa --density ...` again")
+        if not 0 < ratio <= 1:
+            raise PlanError(f"ratio: a moa plan's density bound must be in (0, 1], got {ratio!r}")
+        from headwise.kvcache.profile.moa import plan_for_density
+
+        return plan_for_density(plan.model, params, ratio, name)[0]
     if plan.dynamic is not None:
         full_head_count(ratio, plan.model.kv_heads)  # validates ratio
         source = {**plan.source, "params": {**plan.source.get("params", {}), "ratio": ratio}}

@@ -76,6 +76,17 @@ def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
     assert {s.kind for row in plan.heads for s in row} <= {"full", "elastic"}
     assert all(d <= 0.5 + 1e-6 for d in plan.source["params"]["mean_density"])
     assert all(len({(s.kind, s.alpha, s.beta) for s in row}) <= 2 for row in plan.heads)
+    # `plan ratio` re-solves the MILP from the saved rule costs: the same bound gives the
+    # same heads, a tighter one a plan within it
+    again, tight = tmp_path / "again.json", tmp_path / "tight.json"
+    assert main(["plan", "ratio", str(moa), "--ratio", "0.5", "--out", str(again)]) == 0
+    assert load_plan(again, shape).heads == plan.heads
+    # (at 256 / 512 tokens the sparsest rule keeps 0.34 of the entries)
+    assert main(["plan", "ratio", str(moa), "--ratio", "0.4", "--out", str(tight)]) == 0
+    tighter = load_plan(tight, shape)
+    assert tighter.name == "moa-40" and tighter.heads != plan.heads
+    assert all(d <= 0.4 + 1e-6 for d in tighter.source["params"]["mean_density"])
+    assert tighter.source["params"]["cost"] > plan.source["params"]["cost"]
     duo = tmp_path / "duo.json"
     assert main(["profile", "duo", "--out", str(duo), "--steps", "1", "--length", "256", "--no-progress"]) == 0
     plan = load_plan(duo, shape)

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from headwise.kvcache.plan_build import plan_source
-from headwise.kvcache.plans import FULL, HeadSpec, Plan
+from headwise.kvcache.plans import FULL, HeadSpec, Plan, PlanError
 from headwise.kvcache.profile.dense_forward import attention, expand_kv, greedy
 from headwise.kvcache.profile.milp import band_density, solve_rules
 
@@ -128,28 +128,42 @@ def profile_moa(model, tokenizer, lengths: list[int], density: float, profile_le
                 h = influence(model, ids, start, sink)
                 hists[n] = hists.get(n, 0) + h / samples
                 bar.update(1)
+    cost = rule_costs(hists, lengths, rules())
+    params = {"lengths": lengths, "profiled_lengths": profiled, "samples": samples, "generate": generate,
+              "sink": sink, "rules_per_layer": max_rules, "seed": seed,
+              # one row per KV head, one column per rules() entry: what `plan ratio` re-solves
+              "rule_costs": [[float(f"{c:.6g}") for c in row] for row in cost]}
+    return plan_for_density(cfg.shape, params, density, name or f"moa-{density * 100:g}")
+
+
+def plan_for_density(shape, params: dict, density: float, name: str) -> tuple[Plan, str]:
+    """Solve the MILP of a profile (`params`: lengths, sink, rules_per_layer, rule_costs) for
+    one density bound: `profile moa` and `plan ratio` on a moa plan both end here."""
+    lengths, sink, max_rules = params["lengths"], params["sink"], params["rules_per_layer"]
     rule_list = rules()
-    cost = rule_costs(hists, lengths, rule_list)
+    cost = np.array(params["rule_costs"], dtype=np.float64)
+    if cost.shape != (shape.layers * shape.kv_heads, len(rule_list)):
+        raise PlanError(f"moa rule_costs: expected {shape.layers * shape.kv_heads} x {len(rule_list)}, "
+                        f"got {' x '.join(map(str, cost.shape))}")
     dens = np.array([[band_density(sink, a + b * n, n) for n in lengths] for a, b in rule_list])
-    layer_of = [l for l in range(cfg.num_layers) for _ in range(cfg.num_kv_heads)]
+    layer_of = [l for l in range(shape.layers) for _ in range(shape.kv_heads)]
     choice = solve_rules(cost, dens, layer_of, density, max_rules)
-    heads, flat_scores = [], []
-    for l in range(cfg.num_layers):
+    heads = []
+    for l in range(shape.layers):
         row = []
-        for j in range(cfg.num_kv_heads):
-            alpha, beta = rule_list[choice[l * cfg.num_kv_heads + j]]
+        for j in range(shape.kv_heads):
+            alpha, beta = rule_list[choice[l * shape.kv_heads + j]]
             row.append(FULL if beta >= 1 else HeadSpec("elastic", sink=sink, alpha=float(alpha), beta=float(beta)))
         heads.append(row)
-    # a head's score: the share of its influence a sink + 256 band would drop at the longest length
+    # a head's score: the share of its influence a sink + 256 band would drop, mean over lengths
     ref = rule_list.index((256, 0.0))
-    scores = [[round(float(cost[l * cfg.num_kv_heads + j, ref]), 6) for j in range(cfg.num_kv_heads)]
-              for l in range(cfg.num_layers)]
+    scores = [[round(float(cost[l * shape.kv_heads + j, ref]), 6) for j in range(shape.kv_heads)]
+              for l in range(shape.layers)]
     mean_density = [float(np.mean([dens[choice[i], c] for i in range(len(choice))])) for c in range(len(lengths))]
-    params = {"density": density, "lengths": lengths, "profiled_lengths": profiled, "samples": samples,
-              "generate": generate, "sink": sink, "rules_per_layer": max_rules, "seed": seed,
-              "alphas": list(ALPHAS), "betas": list(BETAS), "mean_density": [round(d, 4) for d in mean_density],
+    params = {**params, "density": density, "alphas": list(ALPHAS), "betas": list(BETAS),
+              "mean_density": [round(d, 4) for d in mean_density],
               "cost": round(float(sum(cost[i, choice[i]] for i in range(len(choice)))), 6)}
-    plan = Plan(name or f"moa-{density * 100:g}", cfg.shape, heads, scores, plan_source("moa", params))
+    plan = Plan(name, shape, heads, scores, plan_source("moa", params))
     note = ("mean density " + ", ".join(f"{d:.3f}@{n}" for d, n in zip(mean_density, lengths))
             + f", {len(set(choice))} distinct rules")
     return plan, note
