@@ -29,6 +29,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--profile-length", type=int, default=1024,
                    help="calibration text length the influence is measured at (scaled to --lengths)")
     p.add_argument("--samples", type=int, default=2, help="calibration texts")
+    p.add_argument("--data", choices=["text", "needle"], default="text",
+                   help="calibration: text continued by the model (MoA's default), or needle prompts "
+                        "answered by the model (the influence of retrieval)")
     p.add_argument("--generate", type=int, default=64, help="tokens the model writes after each text")
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--rules-per-layer", type=int, default=2)
@@ -166,7 +169,7 @@ def _moa(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cfg, model, tok = _load(args)
     plan, note = profile_moa(model, tok, lengths, args.density, args.profile_length, args.samples, args.generate,
-                             args.sink, args.rules_per_layer, args.seed, args.name, args.progress)
+                             args.sink, args.rules_per_layer, args.seed, args.name, args.progress, args.data)
     return _finish(plan, args.out, start, note)
 
 

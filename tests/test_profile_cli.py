@@ -87,6 +87,11 @@ def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
     assert tighter.name == "moa-40" and tighter.heads != plan.heads
     assert all(d <= 0.4 + 1e-6 for d in tighter.source["params"]["mean_density"])
     assert tighter.source["params"]["cost"] > plan.source["params"]["cost"]
+    needle = tmp_path / "needle.json"
+    assert main(["profile", "moa", "--data", "needle", "--out", str(needle), "--lengths", "512",
+                 "--profile-length", "512", "--samples", "1", "--sink", "16", "--no-progress"]) == 0
+    plan = load_plan(needle, shape)
+    assert plan.source["params"]["data"] == "needle" and len(plan.source["params"]["rule_costs"]) == 90
     duo = tmp_path / "duo.json"
     assert main(["profile", "duo", "--out", str(duo), "--steps", "1", "--length", "256", "--no-progress"]) == 0
     plan = load_plan(duo, shape)

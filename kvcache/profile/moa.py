@@ -7,6 +7,10 @@ E_ij = -A_ij (dL/dA_ij - sum_k A_ik dL/dA_ik) / (1 - A_ij), the first-order loss
 masking it with renormalisation. |E| of the non-sink entries is binned by distance i - j per
 KV head (summed over its GQA group), so the cost of a rule of span S is the tail from S.
 A rule is (alpha, beta): span alpha + beta * N for prompt length N.
+
+Calibration data (`--data`): `text` (MoA's recipe: long text and the model's own
+continuation) or `needle` (needle prompts and the model's own answer, so the loss measures
+what retrieval needs; the retrieval profiler's prompts).
 """
 
 from __future__ import annotations
@@ -43,6 +47,23 @@ def calibration_ids(tokenizer, model, length: int, generate: int, index: int, se
     start = rng.randrange(len(corpus) - n)
     prefix = list(corpus[start:start + n])
     return prefix + greedy(model, prefix, generate), n
+
+
+DATA = ("text", "needle")
+
+
+def needle_calibration(tokenizer, model, length: int, samples: int, seed: int) -> list[tuple[list[int], int]]:
+    """Needle-in-a-haystack prompts (the retrieval profiler's, depths spread over `samples`)
+    with the model's own greedy answer appended: the loss is on the answer, so the influence
+    lands on the needle for the heads that retrieve it. Per prompt: the ids and where the
+    answer starts."""
+    from headwise.kvcache.profile.retrieval import ANSWER_SLACK, build_tests
+
+    out = []
+    for test in build_tests(tokenizer, [length], samples, seed):
+        answer = greedy(model, test.prompt_ids, test.answer_tokens + ANSWER_SLACK)
+        out.append((test.prompt_ids + answer, len(test.prompt_ids)))
+    return out
 
 
 def influence(model, ids: list[int], loss_from: int, sink: int) -> torch.Tensor:
@@ -115,7 +136,9 @@ def rule_costs(hists: dict[int, torch.Tensor], lengths: list[int], rule_list: li
 
 def profile_moa(model, tokenizer, lengths: list[int], density: float, profile_length: int, samples: int,
                 generate: int, sink: int, max_rules: int, seed: int, name: str | None,
-                progress: bool = True) -> tuple[Plan, str]:
+                progress: bool = True, data: str = "text") -> tuple[Plan, str]:
+    if data not in DATA:
+        raise ValueError(f"calibration data {data!r}: expected one of {', '.join(DATA)}")
     cfg = model.cfg
     profiled = sorted({min(n, MAX_PROFILE_LENGTH) for n in lengths} | {profile_length})
     hists: dict[int, torch.Tensor] = {}
@@ -123,13 +146,16 @@ def profile_moa(model, tokenizer, lengths: list[int], density: float, profile_le
         for n in profiled:
             if n <= generate + 16:
                 raise ValueError(f"length {n} is too short for {generate} generated calibration tokens")
-            for i in range(samples):
-                ids, start = calibration_ids(tokenizer, model, n, generate, i, seed)
+            if data == "needle":
+                sequences = needle_calibration(tokenizer, model, n, samples, seed)
+            else:
+                sequences = [calibration_ids(tokenizer, model, n, generate, i, seed) for i in range(samples)]
+            for ids, start in sequences:
                 h = influence(model, ids, start, sink)
                 hists[n] = hists.get(n, 0) + h / samples
                 bar.update(1)
     cost = rule_costs(hists, lengths, rules())
-    params = {"lengths": lengths, "profiled_lengths": profiled, "samples": samples, "generate": generate,
+    params = {"data": data, "lengths": lengths, "profiled_lengths": profiled, "samples": samples, "generate": generate,
               "sink": sink, "rules_per_layer": max_rules, "seed": seed,
               # one row per KV head, one column per rules() entry: what `plan ratio` re-solves
               "rule_costs": [[float(f"{c:.6g}") for c in row] for row in cost]}
