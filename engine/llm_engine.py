@@ -217,17 +217,19 @@ class LLMEngine:
         q_pos = torch.arange(p - w, p, device=device)
         scale = mc.head_dim ** -0.5
         keep_full = torch.zeros(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
+        if seq.plan.dynamic is not None:
+            # one host transfer for all layers' distances
+            dists = torch.stack([head_distances(o, mc.num_kv_heads) for o in seq.captured_out]).cpu()
+            for layer in range(mc.num_layers):
+                keep_full[layer] = farthest_heads(dists[layer], seq.plan.dynamic.ratio)
+        nb = -(-p // self.kv.block_size)
+        ids = kv.table[:, :, :nb].to(device=device, dtype=torch.long)  # [L, Hkv, nb]
         scores = []
         for layer in range(mc.num_layers):
-            if seq.plan.dynamic is not None:
-                dist = head_distances(seq.captured_out[layer], mc.num_kv_heads)
-                keep_full[layer] = farthest_heads(dist.cpu(), seq.plan.dynamic.ratio)
-            nb = -(-p // self.kv.block_size)
-            ids = kv.table[layer, :, :nb].to(device=device, dtype=torch.long)  # [Hkv, nb]
-            k = self.kv.kv.k[ids].reshape(mc.num_kv_heads, nb * self.kv.block_size, -1)[:, :p]
+            k = self.kv.kv.k[ids[layer]].reshape(mc.num_kv_heads, nb * self.kv.block_size, -1)[:, :p]
             scores.append(middle_scores(seq.captured_q[layer], q_pos, k.transpose(0, 1), scale))
-        # the block bookkeeping lives on the host
-        self.kv.compact(kv, keep_full, [s.cpu() for s in scores])
+        # the block bookkeeping lives on the host: one transfer for all layers' scores
+        self.kv.compact(kv, keep_full, list(torch.stack(scores).cpu()))
         seq.captured_q = seq.captured_out = None
 
     def _prompt_logprobs(self, r, hidden: torch.Tensor) -> None:
