@@ -183,3 +183,15 @@ def test_taskkv_finds_the_head_pointing_away_from_its_layer():
     assert plan.scores[0] == pytest.approx([0.0, 0.0, 2.0, 0.0], abs=1e-4)
     assert [s.kind for s in plan.heads[0]] == ["select", "select", "full", "select"]
     assert plan.name == "taskkv-12.5"
+
+
+def test_taskkv_scores_a_kv_head_by_its_farthest_query_head():
+    from headwise.kvcache.profile.taskkv import query_head_distances
+    from headwise.kvcache.selection import head_distances
+
+    v = torch.tensor([1.0, 2.0, -0.5, 3.0])
+    out = torch.stack([v, v, v, -v])[None].repeat(5, 1, 1)  # [W=5, Hq=4, D=4], 2 KV heads of 2 query heads
+    # center = v / 2: query heads 0-2 point along it (distance 0), head 3 against it (distance 2)
+    assert query_head_distances(out, 2).tolist() == pytest.approx([0.0, 2.0], abs=1e-6)
+    # concatenating each group's outputs hides the one distinct query head: both groups sit at 1 - 1/sqrt(2)
+    assert head_distances(out, 2).tolist() == pytest.approx([1 - 2 ** -0.5] * 2, abs=1e-6)

@@ -1,10 +1,17 @@
 """Task-KV offline (He et al. 2025, our reading): heads far from their layer's semantic center.
 
-On each task prompt, per layer, each KV head's attention output over the last `window`
-prompt queries (its GQA group's outputs concatenated) is compared to the layer's center
-(the mean over KV heads) by cosine distance (`selection.head_distances`, the same measure
-dynamic plans use per request); distances are averaged over the prompts. The `ratio`
-farthest KV heads of the whole model stay full, the rest get a `select` budget.
+On each task prompt, per layer, every attention (query) head's output over the last
+`window` prompt queries is compared to the layer's semantic center (the mean over the
+layer's query heads) by cosine distance; distances are averaged over the queries and the
+prompts, and a KV head scores the max over its GQA group (it must stay full if any head
+reading it does), as retrieval scores reduce. The `ratio` farthest KV heads of the whole
+model stay full, the rest get a `select` budget.
+
+Why query heads: the 3 query heads of a SmolLM2 GQA group read the same values but attend
+differently. Concatenating a group's outputs into one vector (what dynamic plans'
+`selection.head_distances` does per request) averages a group's one distinct head away:
+on SmolLM2 it ranks the retrieval head L18.2 79th of 90, per query head it ranks 5th
+(docs/benchmarks.md, "Profiled plans").
 """
 
 from __future__ import annotations
@@ -13,12 +20,12 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from headwise.kvcache.plan_build import plan_from_scores, plan_source, ratio_plan_name
 from headwise.kvcache.plans import HeadSpec, Plan
 from headwise.kvcache.profile.dense_forward import attention, forward
-from headwise.kvcache.selection import head_distances
 
 
 def read_task(path: str | Path, tokenizer, samples: int, max_tokens: int) -> list[list[int]]:
@@ -51,14 +58,24 @@ def read_task(path: str | Path, tokenizer, samples: int, max_tokens: int) -> lis
     return prompts
 
 
+def query_head_distances(out_win: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """out_win `[W, Hq, D]` (attention outputs of the last prompt queries) -> `[Hkv]`: each
+    query head's cosine distance to the mean of the layer's query-head outputs, averaged over
+    the W queries, max over the query heads of each KV head's group."""
+    w, hq, _ = out_win.shape
+    out = out_win.float()
+    per_q = (1 - F.cosine_similarity(out, out.mean(1, keepdim=True), dim=-1)).mean(0)
+    return per_q.view(num_kv_heads, hq // num_kv_heads).max(1).values
+
+
 def head_distance_scores(model, prompts: list[list[int]], window: int, progress: bool = True) -> torch.Tensor:
-    """Mean cosine distance to the layer center `[L, Hkv]` over `prompts`."""
+    """`query_head_distances` `[L, Hkv]` averaged over `prompts`."""
     cfg = model.cfg
     total = torch.zeros(cfg.num_layers, cfg.num_kv_heads)
     for ids in tqdm(prompts, desc="taskkv", unit="prompt", disable=not progress):
         def attend(layer, q, k, v):
             o = attention(q, k, v)
-            total[layer] += head_distances(o[-window:].contiguous(), cfg.num_kv_heads)
+            total[layer] += query_head_distances(o[-window:], cfg.num_kv_heads)
             return o
 
         with torch.no_grad():
@@ -69,7 +86,7 @@ def head_distance_scores(model, prompts: list[list[int]], window: int, progress:
 def profile_taskkv(model, prompts: list[list[int]], ratio: float, rest: HeadSpec, window: int, name: str | None,
                    task: str = "", progress: bool = True) -> tuple[Plan, str]:
     scores = head_distance_scores(model, prompts, window, progress)
-    params = {"task": str(task), "samples": len(prompts), "window": window,
+    params = {"task": str(task), "samples": len(prompts), "window": window, "distance": "query_head_max",
               "mean_tokens": round(sum(map(len, prompts)) / len(prompts), 1)}
     plan = plan_from_scores(model.cfg.shape, [[round(v, 6) for v in row] for row in scores.tolist()], ratio, rest,
                             name or ratio_plan_name("taskkv", ratio), plan_source("taskkv", params))
