@@ -5,6 +5,9 @@
   sequence, reduced (max) over the query heads of each GQA group.
 - `farthest_heads`: Task-KV heterogeneous heads: per layer, the KV heads whose outputs
   lie farthest (cosine distance) from the layer's semantic center (mean over heads).
+  `head_distances` (per request, dynamic plans) compares each KV head's group outputs
+  concatenated; `query_head_distances` (`profile taskkv`) compares query heads and keeps
+  each group's farthest, which separates a group's one distinct head (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ def head_distances(out_win: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     per_kv = out_win.float().reshape(w, num_kv_heads, hq // num_kv_heads * d)  # group outputs concatenated
     center = per_kv.mean(1, keepdim=True)
     return (1 - F.cosine_similarity(per_kv, center, dim=-1)).mean(0)
+
+
+def query_head_distances(out_win: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """out_win `[W, Hq, D]` (attention outputs of the last prompt queries) -> `[Hkv]`: each
+    query head's cosine distance to the mean of the layer's query-head outputs, averaged over
+    the W queries, max over the query heads of each KV head's group."""
+    hq = out_win.shape[1]
+    out = out_win.float()
+    per_q = (1 - F.cosine_similarity(out, out.mean(1, keepdim=True), dim=-1)).mean(0)
+    return per_q.view(num_kv_heads, hq // num_kv_heads).max(1).values
 
 
 def farthest_heads(distances: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -186,8 +186,7 @@ def test_taskkv_finds_the_head_pointing_away_from_its_layer():
 
 
 def test_taskkv_scores_a_kv_head_by_its_farthest_query_head():
-    from headwise.kvcache.profile.taskkv import query_head_distances
-    from headwise.kvcache.selection import head_distances
+    from headwise.kvcache.selection import head_distances, query_head_distances
 
     v = torch.tensor([1.0, 2.0, -0.5, 3.0])
     out = torch.stack([v, v, v, -v])[None].repeat(5, 1, 1)  # [W=5, Hq=4, D=4], 2 KV heads of 2 query heads

@@ -20,12 +20,12 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from headwise.kvcache.plan_build import plan_from_scores, plan_source, ratio_plan_name
 from headwise.kvcache.plans import HeadSpec, Plan
 from headwise.kvcache.profile.dense_forward import attention, forward
+from headwise.kvcache.selection import query_head_distances
 
 
 def read_task(path: str | Path, tokenizer, samples: int, max_tokens: int) -> list[list[int]]:
@@ -56,16 +56,6 @@ def read_task(path: str | Path, tokenizer, samples: int, max_tokens: int) -> lis
     if not prompts:
         raise ValueError(f"{path}: no task samples")
     return prompts
-
-
-def query_head_distances(out_win: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """out_win `[W, Hq, D]` (attention outputs of the last prompt queries) -> `[Hkv]`: each
-    query head's cosine distance to the mean of the layer's query-head outputs, averaged over
-    the W queries, max over the query heads of each KV head's group."""
-    w, hq, _ = out_win.shape
-    out = out_win.float()
-    per_q = (1 - F.cosine_similarity(out, out.mean(1, keepdim=True), dim=-1)).mean(0)
-    return per_q.view(num_kv_heads, hq // num_kv_heads).max(1).values
 
 
 def head_distance_scores(model, prompts: list[list[int]], window: int, progress: bool = True) -> torch.Tensor:
