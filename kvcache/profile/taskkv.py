@@ -10,7 +10,7 @@ model stay full, the rest get a `select` budget.
 Why query heads: the 3 query heads of a SmolLM2 GQA group read the same values but attend
 differently. Concatenating a group's outputs into one vector (what dynamic plans'
 `selection.head_distances` does per request) averages a group's one distinct head away:
-on SmolLM2 it ranks the retrieval head L18.2 79th of 90, per query head it ranks 5th
+on SmolLM2 it ranks the retrieval head L18.2 78th-79th of 90, per query head 5th
 (docs/benchmarks.md, "Profiled plans").
 """
 
