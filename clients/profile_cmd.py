@@ -28,10 +28,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lengths", default="1024,2048,4096", help="lengths the density bound holds at")
     p.add_argument("--profile-length", type=int, default=1024,
                    help="calibration text length the influence is measured at (scaled to --lengths)")
-    p.add_argument("--samples", type=int, default=2, help="calibration texts")
-    p.add_argument("--data", choices=["text", "needle"], default="text",
-                   help="calibration: text continued by the model (MoA's default), or needle prompts "
-                        "answered by the model (the influence of retrieval)")
+    p.add_argument("--samples", type=int, default=4, help="calibration sequences per profiled length")
+    p.add_argument("--data", choices=["text", "needle"], default="needle",
+                   help="calibration: needle prompts in real text answered by the model (default: the "
+                        "long-range dependency the cache must keep), or text continued by the model")
     p.add_argument("--generate", type=int, default=64, help="tokens the model writes after each text")
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--rules-per-layer", type=int, default=2)

@@ -70,7 +70,7 @@ def test_profile_taskkv_refuses_a_malformed_task(tmp_path, capsys):
 def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
     shape = engine.model_config.shape
     moa = tmp_path / "moa.json"
-    assert main(["profile", "moa", "--out", str(moa), "--lengths", "256,512", "--profile-length", "256",
+    assert main(["profile", "moa", "--data", "text", "--out", str(moa), "--lengths", "256,512", "--profile-length", "256",
                  "--samples", "1", "--generate", "16", "--sink", "16", "--no-progress"]) == 0
     plan = load_plan(moa, shape)
     assert {s.kind for row in plan.heads for s in row} <= {"full", "elastic"}
@@ -88,7 +88,7 @@ def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
     assert all(d <= 0.4 + 1e-6 for d in tighter.source["params"]["mean_density"])
     assert tighter.source["params"]["cost"] > plan.source["params"]["cost"]
     needle = tmp_path / "needle.json"
-    assert main(["profile", "moa", "--data", "needle", "--out", str(needle), "--lengths", "512",
+    assert main(["profile", "moa", "--out", str(needle), "--lengths", "512",  # needle data by default
                  "--profile-length", "512", "--samples", "1", "--sink", "16", "--no-progress"]) == 0
     plan = load_plan(needle, shape)
     assert plan.source["params"]["data"] == "needle" and len(plan.source["params"]["rule_costs"]) == 90

@@ -8,9 +8,12 @@ masking it with renormalisation. |E| of the non-sink entries is binned by distan
 KV head (summed over its GQA group), so the cost of a rule of span S is the tail from S.
 A rule is (alpha, beta): span alpha + beta * N for prompt length N.
 
-Calibration data (`--data`): `text` (MoA's recipe: long text and the model's own
-continuation) or `needle` (needle prompts and the model's own answer, so the loss measures
-what retrieval needs; the retrieval profiler's prompts).
+Calibration data (`--data`): `needle` (the default: needle prompts in real text and the
+model's own answer, so the loss measures what retrieval needs; the retrieval profiler's
+prompts) or `text` (real text and the model's own continuation). MoA's recipe is data with
+long-range dependencies answered by the model itself; a text continuation mostly depends on
+the last few hundred tokens, and its plans lost to an equal-bytes window below density 0.65
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def rule_costs(hists: dict[int, torch.Tensor], lengths: list[int], rule_list: li
 
 def profile_moa(model, tokenizer, lengths: list[int], density: float, profile_length: int, samples: int,
                 generate: int, sink: int, max_rules: int, seed: int, name: str | None,
-                progress: bool = True, data: str = "text") -> tuple[Plan, str]:
+                progress: bool = True, data: str = "needle") -> tuple[Plan, str]:
     if data not in DATA:
         raise ValueError(f"calibration data {data!r}: expected one of {', '.join(DATA)}")
     cfg = model.cfg
