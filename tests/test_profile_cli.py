@@ -70,8 +70,9 @@ def test_profile_taskkv_refuses_a_malformed_task(tmp_path, capsys):
 def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
     shape = engine.model_config.shape
     moa = tmp_path / "moa.json"
-    assert main(["profile", "moa", "--data", "text", "--out", str(moa), "--lengths", "256,512", "--profile-length", "256",
-                 "--samples", "1", "--generate", "16", "--sink", "16", "--no-progress"]) == 0
+    assert main(["profile", "moa", "--data", "text", "--out", str(moa), "--lengths", "256,512",
+                 "--profile-length", "256", "--samples", "1", "--generate", "16", "--sink", "16",
+                 "--no-progress"]) == 0
     plan = load_plan(moa, shape)
     assert {s.kind for row in plan.heads for s in row} <= {"full", "elastic"}
     assert all(d <= 0.5 + 1e-6 for d in plan.source["params"]["mean_density"])
