@@ -32,7 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", choices=["text", "needle"], default="needle",
                    help="calibration: needle prompts in real text answered by the model (default: the "
                         "long-range dependency the cache must keep), or text continued by the model")
-    p.add_argument("--generate", type=int, default=64, help="with --data text: tokens the model writes after each text")
+    p.add_argument("--generate", type=int, default=64,
+                   help="with --data text: tokens the model writes after each text")
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--rules-per-layer", type=int, default=2)
     p.set_defaults(func=_moa)
