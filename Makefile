@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-slow serve loadtest clean
+.PHONY: setup lint test test-slow serve loadtest clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: setup
+# imports flow one way (pyproject.toml [tool.importlinter]); a reversed arrow fails CI
+lint: setup
+	$(VENV)/bin/lint-imports
+
+test: setup lint
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: setup

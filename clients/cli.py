@@ -9,12 +9,12 @@ import sys
 
 # (module, subcommand) in help order; each module defines add_parser(subparsers)
 _COMMANDS = [
-    "headwise.clients.serve_cmd",
-    "headwise.clients.generate_cmd",
-    "headwise.clients.plan_cmd",
-    "headwise.clients.profile_cmd",
-    "headwise.clients.eval_cmd",
-    "headwise.clients.bench_cmd",
+    "headwise.clients.commands.serve",
+    "headwise.clients.commands.generate",
+    "headwise.clients.commands.plan",
+    "headwise.clients.commands.profile",
+    "headwise.clients.commands.eval",
+    "headwise.clients.commands.bench",
 ]
 
 

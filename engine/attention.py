@@ -1,7 +1,7 @@
 """Paged attention of one layer over a flat batch: prefill chunks first, then decode tokens.
 
 The model runner fills an `AttentionMetadata` once per step; every layer reads its own
-slice (index 0 of the per-layer tensors). Order inside a layer (DESIGN.md section 3):
+slice (index 0 of the per-layer tensors). Order inside a layer (docs/design.md, "KV cache"):
 chunk queries attend to the cached slots (position mask) merged by log-sum-exp with
 causal attention inside the chunk, then the chunk's K/V are written; decode tokens are
 written first and then attend to every valid slot of their heads.
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from headwise.kernels import ops
+from headwise.kvcache.buffers import KVBuffers
 
 
 @dataclass
@@ -56,16 +57,9 @@ class AttentionMetadata:
     capture: CaptureMeta | None = None
 
 
-@dataclass
-class KVPool:
-    k: torch.Tensor  # [num_blocks, block_size, D]
-    v: torch.Tensor
-    pos: torch.Tensor  # [num_blocks, block_size] int32
-
-
 def paged_attention(
     layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    meta: AttentionMetadata, pool: KVPool, scale: float,
+    meta: AttentionMetadata, buffers: KVBuffers, scale: float,
 ) -> torch.Tensor:
     """q `[T, Hq, D]`, k / v `[T, Hkv, D]` (RoPE applied) -> output `[T, Hq, D]`."""
     out = torch.empty_like(q)
@@ -75,12 +69,12 @@ def paged_attention(
         out[:tp] = ops.causal_prefill(q[:tp], k[:tp], v[:tp], p.cu_seqlens, scale)
     elif p:
         out[:tp] = ops.prefill_attention(
-            q[:tp], k[:tp], v[:tp], p.positions, p.seq_index, p.cu_seqlens, pool.k, pool.v, pool.pos,
+            q[:tp], k[:tp], v[:tp], p.positions, p.seq_index, p.cu_seqlens, buffers.k, buffers.v, buffers.pos,
             p.block_tables[layer], p.lengths[layer], p.keep[layer], p.sink[layer], p.recent[layer], scale,
             p.has_cache)
-    ops.kv_write(k, v, meta.positions, meta.slot_mapping[layer], pool.k, pool.v, pool.pos)
+    ops.kv_write(k, v, meta.positions, meta.slot_mapping[layer], buffers.k, buffers.v, buffers.pos)
     if d:
-        o, _ = ops.paged_decode(q[tp:], pool.k, pool.v, d.block_tables[layer], d.lengths[layer], scale)
+        o, _ = ops.paged_decode(q[tp:], buffers.k, buffers.v, d.block_tables[layer], d.lengths[layer], scale)
         out[tp:] = o
     if meta.capture is not None:
         meta.capture.q.append(q[meta.capture.rows])

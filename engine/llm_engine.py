@@ -42,9 +42,14 @@ class EngineStats:
     block_bytes: int
 
 
+def load_model(model: str, dtype: str = "float32", device: str = "cpu") -> tuple[ModelConfig, LlamaModel, object]:
+    """(config, model, tokenizer) of `--model`; engines and profilers in one process share
+    the read-only weights."""
+    return _load(str(resolve_model_dir(model)), model_id(model), dtype, device)
+
+
 @functools.lru_cache(maxsize=2)
 def _load(model_dir: str, name: str, dtype: str, device: str) -> tuple[ModelConfig, LlamaModel, object]:
-    """Config, weights and tokenizer; engines in one process share read-only weights."""
     cfg = read_config(Path(model_dir), name)
     model = LlamaModel(cfg)
     model.load_hf_state_dict(load_state_dict(Path(model_dir)))
@@ -57,13 +62,12 @@ class LLMEngine:
         self.config = config
         self.model_id = model_id(config.model)
         self.dtype = getattr(torch, config.dtype)
-        self.model_config, self.model, self.tokenizer = _load(
-            str(resolve_model_dir(config.model)), self.model_id, config.dtype, config.device)
+        self.model_config, self.model, self.tokenizer = load_model(config.model, config.dtype, config.device)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)
         num_blocks = config.num_blocks or int((config.kv_cache_mb or DEFAULT_KV_CACHE_MB) * 2**20 // per_block)
-        self.kv = KVCacheManager(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
+        self.kv_manager = KVCacheManager(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
                                  num_blocks, self.max_model_len, self.dtype, config.device)
         self.plans: dict[str, Plan] = load_plans(config.plans, mc.shape)
         if config.default_plan not in self.plans:
@@ -71,8 +75,8 @@ class LLMEngine:
         self.default_plan = config.default_plan
         self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self._budgets)
-        self.runner = ModelRunner(self.model, self.kv, config.device)
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, self._budgets)
+        self.runner = ModelRunner(self.model, self.kv_manager, config.device)
         self.detok = Detokenizer(self.tokenizer)
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = torch.Generator().manual_seed(config.seed)
@@ -103,10 +107,10 @@ class LLMEngine:
                        torch.Generator().manual_seed(seed))
         if arrival_time is not None:
             seq.arrival_time = arrival_time
-        worst = self.kv.new_seq(*self._budgets(seq, at_end=True), seq.context_len)
-        need = self.kv.blocks_needed(worst, max(seq.context_len, seq.num_prompt_tokens))
-        if need > self.kv.num_blocks:
-            raise PromptTooLong(f"the request needs {need} KV blocks but the pool has {self.kv.num_blocks}; "
+        worst = self.kv_manager.new_seq(*self._budgets(seq, at_end=True), seq.context_len)
+        need = self.kv_manager.blocks_needed(worst, max(seq.context_len, seq.num_prompt_tokens))
+        if need > self.kv_manager.num_blocks:
+            raise PromptTooLong(f"the request needs {need} KV blocks but the pool has {self.kv_manager.num_blocks}; "
                                 "shorten the prompt or max_tokens, or start with a larger --kv-cache-mb", "prompt")
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -124,13 +128,13 @@ class LLMEngine:
 
     def kv_blocks_in_use(self, request_id: str) -> int:
         seq = self._seqs.get(request_id)
-        return seq.kv.num_blocks_held if seq is not None and seq.kv is not None else 0
+        return seq.tables.num_blocks_held if seq is not None and seq.tables is not None else 0
 
     def stats(self) -> EngineStats:
-        total = self.kv.num_blocks
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.num_free, total,
-                           1 - self.kv.num_free / total, self.scheduler.num_preemptions,
-                           self.kv_bytes_saved, self.kv.block_bytes)
+        total = self.kv_manager.num_blocks
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_manager.num_free, total,
+                           1 - self.kv_manager.num_free / total, self.scheduler.num_preemptions,
+                           self.kv_bytes_saved, self.kv_manager.block_bytes)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if not messages:
@@ -211,9 +215,9 @@ class LLMEngine:
 
     def _select(self, seq: Sequence) -> None:
         """End of the prompt: choose full heads (dynamic plans) and middle tokens."""
-        kv, mc, p = seq.kv, self.model_config, seq.num_prompt_tokens
+        tables, mc, p = seq.tables, self.model_config, seq.num_prompt_tokens
         w = seq.captured_q[0].shape[0]
-        device = self.kv.kv.k.device
+        device = self.kv_manager.buffers.k.device
         q_pos = torch.arange(p - w, p, device=device)
         scale = mc.head_dim ** -0.5
         keep_full = torch.zeros(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
@@ -222,14 +226,15 @@ class LLMEngine:
             dists = torch.stack([head_distances(o, mc.num_kv_heads) for o in seq.captured_out]).cpu()
             for layer in range(mc.num_layers):
                 keep_full[layer] = farthest_heads(dists[layer], seq.plan.dynamic.ratio)
-        nb = -(-p // self.kv.block_size)
-        ids = kv.table[:, :, :nb].to(device=device, dtype=torch.long)  # [L, Hkv, nb]
+        nb = -(-p // self.kv_manager.block_size)
+        ids = tables.table[:, :, :nb].to(device=device, dtype=torch.long)  # [L, Hkv, nb]
         scores = []
         for layer in range(mc.num_layers):
-            k = self.kv.kv.k[ids[layer]].reshape(mc.num_kv_heads, nb * self.kv.block_size, -1)[:, :p]
+            k = self.kv_manager.buffers.k[ids[layer]].reshape(mc.num_kv_heads, nb * self.kv_manager.block_size,
+                                                                -1)[:, :p]
             scores.append(middle_scores(seq.captured_q[layer], q_pos, k.transpose(0, 1), scale))
         # the block bookkeeping lives on the host: one transfer for all layers' scores
-        self.kv.compact(kv, keep_full, list(torch.stack(scores).cpu()))
+        self.kv_manager.compact(tables, keep_full, list(torch.stack(scores).cpu()))
         seq.captured_q = seq.captured_out = None
 
     def _prompt_logprobs(self, r, hidden: torch.Tensor) -> None:
@@ -248,8 +253,8 @@ class LLMEngine:
                 seq.prompt_logprobs.append(token_logprob(lps[i], seq.prompt_token_ids[nxt], k))
 
     def _append_token(self, seq: Sequence, token: int, logprobs: torch.Tensor, now: float) -> None:
-        if seq.kv is not None:
-            seq.decode_peak_blocks = max(seq.decode_peak_blocks, seq.kv.num_blocks_held)
+        if seq.tables is not None:
+            seq.decode_peak_blocks = max(seq.decode_peak_blocks, seq.tables.num_blocks_held)
         seq.output_token_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -280,23 +285,23 @@ class LLMEngine:
         """K/V bytes the full cache would have held for this request beyond its peak."""
         mc = self.model_config
         written = seq.num_tokens - 1  # the last sampled token is never fed back
-        full = mc.num_layers * mc.num_kv_heads * -(-written // self.kv.block_size)
-        self.kv_bytes_saved += max(0, full - seq.peak_blocks) * self.kv.block_bytes
+        full = mc.num_layers * mc.num_kv_heads * -(-written // self.kv_manager.block_size)
+        self.kv_bytes_saved += max(0, full - seq.peak_blocks) * self.kv_manager.block_bytes
 
     def _output(self, seq: Sequence) -> RequestOutput:
         if seq.finished:
             self._seqs.pop(seq.request_id, None)
-        peak = max(seq.peak_blocks, seq.kv.peak_blocks if seq.kv is not None else 0)
+        peak = max(seq.peak_blocks, seq.tables.peak_blocks if seq.tables is not None else 0)
         return RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
             token_ids=list(seq.output_token_ids), text=seq.text, finished=seq.finished,
-            finish_reason=seq.finish_reason, kv_bytes=peak * self.kv.block_bytes, plan=seq.plan.name,
+            finish_reason=seq.finish_reason, kv_bytes=peak * self.kv_manager.block_bytes, plan=seq.plan.name,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
             arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time, finished_time=seq.finished_time,
             num_preemptions=seq.num_preemptions, stop_reason=seq.stop_reason,
-            kv_bytes_decode=seq.decode_peak_blocks * self.kv.block_bytes)
+            kv_bytes_decode=seq.decode_peak_blocks * self.kv_manager.block_bytes)
 
     # -- convenience -----------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

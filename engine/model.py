@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headwise.engine.attention import AttentionMetadata, KVPool, paged_attention
+from headwise.engine.attention import AttentionMetadata, paged_attention
+from headwise.kvcache.buffers import KVBuffers
 from headwise.engine.errors import ModelLoadError
 from headwise.engine.loader import ModelConfig
 
@@ -83,11 +84,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
         self.scale = self.d ** -0.5
 
-    def forward(self, x, positions, rotary: Rotary, meta: AttentionMetadata, pool: KVPool):
+    def forward(self, x, positions, rotary: Rotary, meta: AttentionMetadata, buffers: KVBuffers):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q, k = rotary(positions, q.view(t, self.hq, self.d), k.view(t, self.hkv, self.d))
-        o = paged_attention(self.layer, q, k, v.view(t, self.hkv, self.d), meta, pool, self.scale)
+        o = paged_attention(self.layer, q, k, v.view(t, self.hkv, self.d), meta, buffers, self.scale)
         return self.o_proj(o.reshape(t, self.hq * self.d))
 
 
@@ -110,8 +111,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rotary, meta, pool):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta, pool)
+    def forward(self, x, positions, rotary, meta, buffers):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta, buffers)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -126,11 +127,11 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, pool: KVPool) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, buffers: KVBuffers) -> torch.Tensor:
         """Final hidden states `[T, hidden]` (call `logits` on the rows that need them)."""
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, meta.positions, self.rotary, meta, pool)
+            x = layer(x, meta.positions, self.rotary, meta, buffers)
         return self.norm(x)
 
     @torch.inference_mode()

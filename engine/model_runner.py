@@ -8,7 +8,7 @@ import torch
 
 from headwise.engine.attention import AttentionMetadata, CaptureMeta, DecodeMeta, PrefillMeta
 from headwise.engine.model import LlamaModel
-from headwise.kernels.reference import UNBOUNDED
+from headwise.kernels.layout import UNBOUNDED
 from headwise.engine.sequence import Sequence
 from headwise.kvcache.manager import KVCacheManager
 
@@ -23,14 +23,14 @@ class StepRows:
 
 def _stack_tables(seqs: list[Sequence]) -> torch.Tensor:
     """Block tables `[L, S, Hkv, nb]` trimmed to the longest head list in the batch."""
-    nb = max(1, max(int(s.kv.nblocks.max()) for s in seqs))
-    return torch.stack([s.kv.table[:, :, :nb] for s in seqs], dim=1)
+    nb = max(1, max(int(s.tables.nblocks.max()) for s in seqs))
+    return torch.stack([s.tables.table[:, :, :nb] for s in seqs], dim=1)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCacheManager, device: str = "cpu"):
+    def __init__(self, model: LlamaModel, kv_manager: KVCacheManager, device: str = "cpu"):
         self.model = model
-        self.kv = kv
+        self.kv_manager = kv_manager
         self.device = device
 
     def execute(self, scheduled: list[tuple[Sequence, int]], capture_window: dict[str, int]):
@@ -42,7 +42,7 @@ class ModelRunner:
         positions, slots, rows, cap_rows = [], [], [], []
         pf_len, pf_args = [], []
         for seq, n in prefill + decode:
-            kv = seq.kv
+            tables = seq.tables
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             rows.append(StepRows(seq, start, end, len(ids)))
             w = capture_window.get(seq.request_id)
@@ -51,13 +51,13 @@ class ModelRunner:
                 cap_rows.extend(range(len(ids) + lo - start, len(ids) + min(end, seq.num_prompt_tokens) - start))
             ids.extend(seq.all_token_ids[start:end])
             positions.append(torch.arange(start, end))
-            r, new_lengths = kv.slots_for(start, end)
-            slots.append(kv.flat_slots(r))
+            r, new_lengths = tables.slots_for(start, end)
+            slots.append(tables.flat_slots(r))
             if n > 1:
-                pf_len.append(kv.lengths.clone())
-                pf_args.append(kv.mask_args())
-            kv.lengths = new_lengths
-            kv.num_tokens = end
+                pf_len.append(tables.lengths.clone())
+                pf_args.append(tables.mask_args())
+            tables.lengths = new_lengths
+            tables.num_tokens = end
         pos = torch.cat(positions)
         meta = AttentionMetadata(positions=pos, slot_mapping=torch.cat(slots, dim=1), prefill=None, decode=None)
         if prefill:
@@ -76,12 +76,12 @@ class ModelRunner:
         if decode:
             seqs = [s for s, _ in decode]
             meta.decode = DecodeMeta(num_tokens=len(seqs), block_tables=_stack_tables(seqs),
-                                     lengths=torch.stack([s.kv.lengths for s in seqs], dim=1))
+                                     lengths=torch.stack([s.tables.lengths for s in seqs], dim=1))
         if cap_rows:
             meta.capture = CaptureMeta(rows=torch.tensor(cap_rows))
         if torch.device(self.device).type != "cpu":
             _to_device(meta, self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device), meta, self.kv.kv)
+        hidden = self.model(torch.tensor(ids, device=self.device), meta, self.kv_manager.buffers)
         return hidden, rows, meta.capture
 
 

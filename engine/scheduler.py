@@ -2,7 +2,7 @@
 
 Each step fills a token budget: running sequences first (decode tokens, then prefill
 chunks), then new admissions. A sequence is admitted when the pool holds its prefill
-peak (DESIGN.md section 3); when a running sequence cannot grow, the newest running
+peak (docs/design.md, "KV cache"); when a running sequence cannot grow, the newest running
 sequence is preempted (its blocks freed, recomputed later). No admission in a step
 that preempted.
 """
@@ -28,11 +28,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, budget_fn):
-        self.kv = kv
+    def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, budget_fn):
+        self.kv_manager = kv_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.budget_fn = budget_fn  # Sequence -> (budgets, pending) for a new SeqKV
+        self.budget_fn = budget_fn  # Sequence -> (budgets, pending) for a new HeadTables
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -52,14 +52,14 @@ class Scheduler:
             if seq.status != Status.RUNNING or budget == 0:
                 continue
             n = self._chunk(seq, budget)
-            while self.kv.blocks_needed(seq.kv, seq.num_computed_tokens + n) > self.kv.num_free:
+            while self.kv_manager.blocks_needed(seq.tables, seq.num_computed_tokens + n) > self.kv_manager.num_free:
                 victim = max((s for s in self.running if s.status == Status.RUNNING), key=lambda s: s.arrival_time)
                 budget += self._preempt(victim, out)
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:
                 continue
-            self.kv.grow(seq.kv, seq.num_computed_tokens + n)
+            self.kv_manager.grow(seq.tables, seq.num_computed_tokens + n)
             out.scheduled.append((seq, n))
             budget -= n
         self.running = [s for s in self.running if s.status == Status.RUNNING]
@@ -71,7 +71,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             n = self._chunk(seq, budget)
-            self.kv.grow(seq.kv, seq.num_computed_tokens + n)
+            self.kv_manager.grow(seq.tables, seq.num_computed_tokens + n)
             self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
@@ -88,12 +88,12 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> bool:
         budgets, pending = self.budget_fn(seq)
-        kv = self.kv.new_seq(budgets, pending, seq.context_len)
+        tables = self.kv_manager.new_seq(budgets, pending, seq.context_len)
         # the prefill peak: bounded heads whole, the others the entire (re)computed prompt
-        if self.kv.blocks_needed(kv, seq.num_tokens) > self.kv.num_free:
+        if self.kv_manager.blocks_needed(tables, seq.num_tokens) > self.kv_manager.num_free:
             return False
-        self.kv.grow(kv, seq.num_tokens)
-        seq.kv = kv
+        self.kv_manager.grow(tables, seq.num_tokens)
+        seq.tables = tables
         seq.status = Status.RUNNING
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.monotonic()
@@ -115,10 +115,10 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         """Give a sequence's blocks back (finish, abort, preemption)."""
-        if seq.kv is not None:
-            seq.peak_blocks = max(seq.peak_blocks, seq.kv.peak_blocks)
-            self.kv.free(seq.kv)
-            seq.kv = None
+        if seq.tables is not None:
+            seq.peak_blocks = max(seq.peak_blocks, seq.tables.peak_blocks)
+            self.kv_manager.free(seq.tables)
+            seq.tables = None
 
     def abort(self, request_id: str) -> Sequence | None:
         for seq in list(self.waiting) + self.running:

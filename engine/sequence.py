@@ -11,7 +11,7 @@ import torch
 from headwise.engine.outputs import TokenLogprob
 from headwise.engine.sampling_params import SamplingParams
 from headwise.kvcache.plans import Plan
-from headwise.kvcache.seq_kv import SeqKV
+from headwise.kvcache.head_tables import HeadTables
 
 
 class Status(enum.Enum):
@@ -31,7 +31,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # positions whose K/V are in the cache
-    kv: SeqKV | None = None
+    tables: HeadTables | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     text: str = ""
@@ -76,4 +76,4 @@ class Sequence:
         return self.status == Status.FINISHED
 
     def needs_selection(self) -> bool:
-        return self.kv is not None and bool(self.kv.pending.any())
+        return self.tables is not None and bool(self.tables.pending.any())

@@ -73,7 +73,7 @@ def causal_prefill(q, k, v, cu_seqlens, scale):
 def prefill_attention(q, k, v, positions, seq_index, cu_seqlens, k_cache, v_cache, pos_cache, block_tables,
                       lengths, keep, sink, recent, scale, has_cache: bool):
     """Chunk queries over their sequence's cached slots and the chunk itself, with the
-    DESIGN.md position mask; returns `[T, Hq, D]`.
+    docs/design.md position mask; returns `[T, Hq, D]`.
 
     Triton: paged_prefix + sink_window_prefill + merge_states. Reference (CPU): one
     masked fused SDPA per sequence (`reference.masked_prefill`), same mask, same output.

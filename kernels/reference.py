@@ -1,6 +1,6 @@
 """Torch reference of every attention op: defines what is correct, runs anywhere.
 
-Cache layout (DESIGN.md section 3): one pool shared by all layers and KV heads,
+Cache layout (docs/design.md, "KV cache"): one pool shared by all layers and KV heads,
 `k_cache` / `v_cache` `[num_blocks, block_size, head_dim]` and `pos_cache`
 `[num_blocks, block_size]` (int32, the token position stored in each slot).
 A (sequence, KV head) owns a list of blocks: `block_tables[s, h, i]` is its i-th
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-UNBOUNDED = 1 << 30  # `recent` of a full head
 
 
 def kv_write(

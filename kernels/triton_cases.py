@@ -1,7 +1,7 @@
 """Paged-cache cases for checking and benchmarking the kernels against their references.
 
 Builds what the engine builds, in miniature: per-(sequence, KV head) block tables over a
-shared pool, sink + recent-ring slot mappings (DESIGN.md section 3) and the lengths / keep
+shared pool, sink + recent-ring slot mappings (docs/design.md, "KV cache") and the lengths / keep
 vectors the ops take. Used by the kernel tests and by `headwise.kernels.bench`.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headwise.kernels.reference import UNBOUNDED
+from headwise.kernels.layout import UNBOUNDED
 
 
 @dataclass
@@ -125,7 +125,7 @@ def prefill_in_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill prompts (rows of q / k / v grouped by sequence) `chunk` tokens at a time.
 
-    Each step is what the engine does (DESIGN.md section 3): attention of the chunk over
+    Each step is what the engine does (docs/design.md, "KV cache"): attention of the chunk over
     the cached slots (paged_prefix) merged with causal attention inside the chunk
     (sink_window_prefill), then the chunk's kept K/V are written. `ops` is
     `headwise.kernels.reference` or `headwise.kernels.triton_ops`. Returns out and lse

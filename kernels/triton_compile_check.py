@@ -30,7 +30,7 @@ from headwise.kernels import (  # noqa: E402
     triton_prefill,
     triton_prefix,
 )
-from headwise.kernels.reference import UNBOUNDED  # noqa: E402
+from headwise.kernels.layout import UNBOUNDED  # noqa: E402
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 # opt-in shared memory per block by compute capability; a kernel over it fails to load

@@ -102,7 +102,7 @@ def rethreshold(plan: Plan, ratio: float, name: str | None = None) -> Plan:
                             "headwise); run `headwise profile moa --density ...` again")
         if not 0 < ratio <= 1:
             raise PlanError(f"ratio: a moa plan's density bound must be in (0, 1], got {ratio!r}")
-        from headwise.kvcache.profile.moa import plan_for_density
+        from headwise.kvcache.moa_rules import plan_for_density
 
         return plan_for_density(plan.model, params, ratio, name)[0]
     if plan.dynamic is not None:

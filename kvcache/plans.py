@@ -1,4 +1,5 @@
-"""Compression plans: a budget kind for every (layer, kv_head) of one model (DESIGN.md s.4)."""
+"""Compression plans: a budget kind for every (layer, kv_head) of one model
+(docs/design.md, "Plans")."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ logger = logging.getLogger(__name__)
 
 
 def plan_to_dict(plan: Plan) -> dict:
-    """The JSON object of DESIGN.md s.4; a dynamic plan stores `dynamic` instead of `heads`."""
+    """The JSON object of docs/design.md "Plans"; a dynamic plan stores `dynamic` instead of `heads`."""
     m = plan.model
     d: dict = {"format": FORMAT, "name": plan.name,
                "model": {"layers": m.layers, "kv_heads": m.kv_heads, "heads": m.heads,

@@ -1,5 +1,5 @@
 """Brute-force reference for head budgets: the engine's weights run densely over the whole
-sequence with the DESIGN.md mask materialised per (layer, kv_head, query, key).
+sequence with the docs/design.md mask materialised per (layer, kv_head, query, key).
 
 Mask of a bounded head: key j visible to query i iff j <= i and (j < sink or
 i - recent < j or j is selected). select / dynamic heads see everything while the prompt

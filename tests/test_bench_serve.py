@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from headwise.clients.bench_serve import RequestResult, format_report, summarize
+from headwise.clients.bench.serve import RequestResult, format_report, summarize
 from headwise.clients.cli import main
 from headwise.engine.config import EngineConfig
 from headwise.engine.llm_engine import LLMEngine

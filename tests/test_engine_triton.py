@@ -38,7 +38,7 @@ def test_engine_on_triton_kernels_equals_the_references(tmp_path, monkeypatch):
         monkeypatch.setenv("HEADWISE_KERNELS", kernels)
         eng = LLMEngine(EngineConfig(model=model_dir, plans=plans, kv_cache_mb=16, max_num_batched_tokens=64))
         outs[kernels] = eng.generate(prompts, params, PLANS)
-        assert eng.kv.num_free == eng.kv.num_blocks
+        assert eng.kv_manager.num_free == eng.kv_manager.num_blocks
     for plan, ref, tri in zip(PLANS, outs["reference"], outs["triton"]):
         assert tri.token_ids == ref.token_ids, plan
         torch.testing.assert_close(torch.tensor([lp.logprob for lp in tri.logprobs]),

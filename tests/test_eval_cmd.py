@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from headwise.clients.eval_cmd import Row, evaluate, format_table, parse_lengths, parse_tasks, summarize
+from headwise.clients.commands.eval import parse_lengths, parse_tasks
+from headwise.clients.eval.harness import Row, evaluate, format_table, summarize
 from headwise.engine.loader import load_tokenizer, resolve_model_dir
 from headwise.engine.outputs import RequestOutput, TokenLogprob
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from headwise.clients.eval_score import (corpus_perplexity, greedy_agreement, mean_nll, perplexity,
+from headwise.clients.eval.score import (corpus_perplexity, greedy_agreement, mean_nll, perplexity,
                                          string_match_all, top1_agreement)
 
 

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from headwise.clients.eval_data import corpus_ids, prose_sentences
-from headwise.clients.eval_tasks import MAX_TOKENS, TASKS, build_samples
+from headwise.synthetic.text import corpus_ids, prose_sentences
+from headwise.synthetic.tasks import MAX_TOKENS, TASKS, build_samples
 from headwise.engine.loader import load_tokenizer, resolve_model_dir
 
 GEN_TASKS = [t for t in TASKS if t != "ppl"]

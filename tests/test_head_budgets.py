@@ -1,4 +1,4 @@
-"""Per-head budgets: the paged engine equals dense attention with the DESIGN.md mask for
+"""Per-head budgets: the paged engine equals dense attention with the docs/design.md mask for
 window, elastic, select and dynamic plans, in prefill, chunked prefill and 100+ decode
 steps (ring wrap-around, GQA 9:3), whatever the chunk size."""
 

@@ -1,4 +1,4 @@
-"""The torch references against plain dense attention with the DESIGN.md mask.
+"""The torch references against plain dense attention with the docs/design.md mask.
 
 The oracle materialises, per sequence and KV head, the mask "key j is visible to query i
 iff j <= i and (j < sink or j > i - recent)" over the full, unpaged K/V history, in
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headwise.kernels import reference as ref
-from headwise.kernels.reference import UNBOUNDED
+from headwise.kernels.layout import UNBOUNDED
 from headwise.kernels.triton_cases import allocate, head_capacity, keep_of, prefill_in_chunks, slot_mapping
 
 ATOL = RTOL = 1e-5

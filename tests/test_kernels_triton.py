@@ -24,7 +24,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from headwise.kernels import reference as ref  # noqa: E402
 from headwise.kernels import triton_common, triton_decode  # noqa: E402
 from headwise.kernels import triton_ops as tri  # noqa: E402
-from headwise.kernels.reference import UNBOUNDED  # noqa: E402
+from headwise.kernels.layout import UNBOUNDED  # noqa: E402
 from headwise.kernels.triton_cases import (  # noqa: E402
     allocate,
     head_capacity,
@@ -120,7 +120,7 @@ def test_paged_decode_matches_reference_over_ragged_split_heads(dtype, head_dim,
 
 
 def test_kv_write_and_decode_on_one_pool_holding_k_and_v():
-    """DESIGN.md's `[num_blocks, 2, block_size, head_dim]` pool: K and V are strided views."""
+    """docs/design.md's `[num_blocks, 2, block_size, head_dim]` pool: K and V are strided views."""
     gen = torch.Generator().manual_seed(5)
     pool = torch.zeros(8, 2, 16, 64)
     pos_cache = torch.zeros(8, 16, dtype=torch.int32)

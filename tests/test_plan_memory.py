@@ -64,7 +64,7 @@ def test_window_blocks_follow_the_formula(make_engine, plan_paths, tok):
     seq = eng._seqs["w"]
 
     def check(step):
-        if seq.kv is None:
+        if seq.tables is None:
             return
         held = eng.kv_blocks_in_use("w")
         # admission reserves the whole prompt in full heads (the prefill peak, so chunked
@@ -76,7 +76,7 @@ def test_window_blocks_follow_the_formula(make_engine, plan_paths, tok):
     _run_collecting(eng, ["w"], check)
     # the last step writes position P + max_tokens - 2 and frees the request in the same step
     assert seen[0] == 64 and seen[-1] == len(prompt) + max_tokens - 2
-    out_bytes = seq.peak_blocks * eng.kv.block_bytes
+    out_bytes = seq.peak_blocks * eng.kv_manager.block_bytes
     expect_peak = n_full * _cdiv(len(prompt) + max_tokens - 1, BS) + n_win * win_blocks
     assert seq.peak_blocks == expect_peak
     assert out_bytes == expect_peak * BS * 64 * 2 * 4
@@ -91,7 +91,7 @@ def test_select_heads_shrink_to_their_budget_after_prefill(make_engine, plan_pat
     n_full, n_sel = 30, 60
     assert eng.kv_blocks_in_use("s") == n_full * _cdiv(200, BS) + n_sel * _cdiv(4 + 12 + 20, BS)
     # the prefill peak held the whole prompt in every head
-    assert eng._seqs["s"].kv.peak_blocks == 90 * _cdiv(200, BS)
+    assert eng._seqs["s"].tables.peak_blocks == 90 * _cdiv(200, BS)
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.stats().num_free_blocks == eng.stats().num_blocks
@@ -161,7 +161,7 @@ def test_request_blocks_formula_equals_what_the_engine_holds(make_engine, plan_p
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     names = ["full", *plan_paths]
     outs = eng.generate([prompt] * len(names), params, names)
-    block = eng.kv.block_bytes
+    block = eng.kv_manager.block_bytes
     for name, out in zip(names, outs):
         plan = eng.plans[name]
         peak, end = request_blocks(plan, prompt_len, max_tokens)

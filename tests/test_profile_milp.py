@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from headwise.kvcache.profile.milp import InfeasibleRules, band_density, solve_rules
+from headwise.kvcache.milp import InfeasibleRules, band_density, solve_rules
 
 
 def brute_force(cost, density, layer_of, bound, max_rules):

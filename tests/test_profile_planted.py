@@ -10,8 +10,8 @@ from headwise.engine.loader import ModelConfig
 from headwise.engine.model import LlamaModel
 from headwise.kvcache.plan_build import plan_from_scores, reduce_query_scores
 from headwise.kvcache.plans import HeadSpec, load_plan, save_plan
-from headwise.kvcache.profile import dense_forward as D
-from headwise.kvcache.profile.retrieval import NeedleTest, copy_paste, retrieval_scores
+from headwise.profilers import dense_forward as D
+from headwise.profilers.retrieval import NeedleTest, copy_paste, retrieval_scores
 
 VOCAB, HIDDEN, D_HEAD = 64, 64, 16
 MARKER = 7  # the needle token and, through lm_head, the token the model always generates
@@ -131,8 +131,8 @@ def test_copy_paste_counts_only_needle_positions():
 
 
 def test_moa_gives_the_planted_head_the_long_span():
-    from headwise.kvcache.profile.milp import band_density, solve_rules
-    from headwise.kvcache.profile.moa import influence, rule_costs
+    from headwise.kvcache.milp import band_density, solve_rules
+    from headwise.profilers.moa import influence, rule_costs
 
     model = planted_model()
     test = needle_test(length=128, needle=(8, 12))
@@ -149,7 +149,7 @@ def test_moa_gives_the_planted_head_the_long_span():
 
 
 def test_duo_keeps_the_planted_head_gate_high():
-    from headwise.kvcache.profile.duo import train_gates
+    from headwise.profilers.duo import train_gates
 
     model = planted_model()
     data = []
@@ -164,7 +164,7 @@ def test_duo_keeps_the_planted_head_gate_high():
 
 
 def test_taskkv_finds_the_head_pointing_away_from_its_layer():
-    from headwise.kvcache.profile.taskkv import profile_taskkv
+    from headwise.profilers.taskkv import profile_taskkv
 
     torch.manual_seed(0)
     cfg = tiny_config().__class__(**{**tiny_config().__dict__, "num_heads": 4, "num_kv_heads": 4})

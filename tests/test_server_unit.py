@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from headwise.clients.cli import build_parser
-from headwise.clients.serve_cmd import settings_from_args
+from headwise.clients.commands.serve import settings_from_args
 from headwise.engine.errors import PromptTooLong, UnknownPlan
 from headwise.engine.outputs import RequestOutput, TokenLogprob
 from headwise.engine.sampling_params import InvalidRequest

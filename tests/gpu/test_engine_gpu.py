@@ -61,7 +61,7 @@ def test_cuda_engine_matches_cpu_for_every_plan_kind(model_dir, plan_paths, chun
         torch.testing.assert_close(torch.tensor([lp.logprob for lp in g.prompt_logprobs[1:]]),
                                    torch.tensor([lp.logprob for lp in w.prompt_logprobs[1:]]), atol=ATOL, rtol=0)
         assert g.kv_bytes == w.kv_bytes and g.kv_bytes_decode == w.kv_bytes_decode, plan
-    assert gpu.kv.num_free == gpu.kv.num_blocks
+    assert gpu.kv_manager.num_free == gpu.kv_manager.num_blocks
 
 
 def test_cuda_sampling_and_preemption_match_cpu(model_dir, plan_paths):
@@ -76,7 +76,7 @@ def test_cuda_sampling_and_preemption_match_cpu(model_dir, plan_paths):
     got = small.generate(prompts, params, plans)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert small.scheduler.num_preemptions > 0
-    assert small.kv.num_free == small.kv.num_blocks
+    assert small.kv_manager.num_free == small.kv_manager.num_blocks
 
 
 def test_bfloat16_on_cuda_runs_every_plan_without_leaking(model_dir, plan_paths):
@@ -93,4 +93,4 @@ def test_bfloat16_on_cuda_runs_every_plan_without_leaking(model_dir, plan_paths)
         # CPU with these wide logits, std ~20; a broken bf16 path is off by several nats)
         diff = torch.tensor([a.logprob - b.logprob for a, b in zip(o.prompt_logprobs[1:], r.prompt_logprobs[1:])])
         assert diff.abs().mean() < 0.5
-    assert eng.kv.num_free == eng.kv.num_blocks
+    assert eng.kv_manager.num_free == eng.kv_manager.num_blocks

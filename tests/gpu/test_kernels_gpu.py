@@ -22,7 +22,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from headwise.kernels import reference as ref  # noqa: E402
 from headwise.kernels import triton_decode  # noqa: E402
 from headwise.kernels import triton_ops as tri  # noqa: E402
-from headwise.kernels.reference import UNBOUNDED  # noqa: E402
+from headwise.kernels.layout import UNBOUNDED  # noqa: E402
 from headwise.kernels.triton_cases import (  # noqa: E402
     allocate,
     head_capacity,

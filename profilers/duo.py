@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from headwise.kvcache.plan_build import plan_from_scores, plan_source, ratio_plan_name
 from headwise.kvcache.plans import HeadSpec, Plan
-from headwise.kvcache.profile.dense_forward import attention, forward, streaming_mask
+from headwise.profilers.dense_forward import attention, forward, streaming_mask
 
 DEFAULT_STEPS = 40
 DEFAULT_LENGTH = 768
@@ -37,8 +37,8 @@ def passkey_prompt(tokenizer, length: int, index: int, seed: int) -> tuple[list[
     """Passkeys of random words at sorted depths in real prose, then every question with its
     answer; returns the ids and the positions whose hidden states are supervised (the
     answers' tokens, each as predicted from the position before it)."""
-    from headwise.clients.eval_data import ADJECTIVES, NOUNS, encode
-    from headwise.clients.eval_prompt import Needle, build_prompt
+    from headwise.synthetic.text import ADJECTIVES, NOUNS, encode
+    from headwise.synthetic.prompts import Needle, build_prompt
 
     rng = random.Random(f"headwise-profile-duo:{seed}:{length}:{index}")
     words = ADJECTIVES + NOUNS

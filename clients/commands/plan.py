@@ -9,7 +9,7 @@ from typing import Callable
 
 from headwise.clients.cli import CliError
 from headwise.kvcache import plan_import
-from headwise.kvcache.plan_build import (dynamic_full_count, dynamic_plan, full_head_count, select_plan,
+from headwise.kvcache.plan_build import (dynamic_full_count, dynamic_plan, select_plan,
                                          head_capacities, kv_ratio, layer_kv_bytes,
                                          ratio_plan_name, rethreshold, static_heads, streaming_plan)
 from headwise.kvcache.plans import ModelShape, Plan, full_plan, load_plan, save_plan

@@ -117,7 +117,7 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 def _load(args: argparse.Namespace):
     import torch
 
-    from headwise.kvcache.profile.dense_forward import load_model
+    from headwise.profilers.dense_forward import load_model
 
     if args.threads is not None:
         if args.threads < 1:
@@ -136,7 +136,7 @@ def _eos(cfg, tokenizer) -> set[int]:
 
 def _retrieval(args: argparse.Namespace) -> int:
     from headwise.kvcache.plan_build import plan_from_scores, plan_source, ratio_plan_name, reduce_query_scores
-    from headwise.kvcache.profile.retrieval import build_tests, retrieval_scores
+    from headwise.profilers.retrieval import build_tests, retrieval_scores
 
     _check_ratio(args)
     _positive(args, "samples")
@@ -159,7 +159,7 @@ def _retrieval(args: argparse.Namespace) -> int:
 
 
 def _moa(args: argparse.Namespace) -> int:
-    from headwise.kvcache.profile.moa import profile_moa
+    from headwise.profilers.moa import profile_moa
 
     _positive(args, "samples", "generate", "profile_length", "rules_per_layer")
     if not 0 < args.density <= 1:
@@ -175,7 +175,7 @@ def _moa(args: argparse.Namespace) -> int:
 
 
 def _taskkv(args: argparse.Namespace) -> int:
-    from headwise.kvcache.profile.taskkv import profile_taskkv, read_task
+    from headwise.profilers.taskkv import profile_taskkv, read_task
 
     _check_ratio(args)
     _positive(args, "samples", "max_tokens")
@@ -188,7 +188,7 @@ def _taskkv(args: argparse.Namespace) -> int:
 
 
 def _duo(args: argparse.Namespace) -> int:
-    from headwise.kvcache.profile import duo
+    from headwise.profilers import duo
 
     _check_ratio(args)
     _positive(args, "steps", "length")

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from headwise.kvcache.profile.dense_forward import greedy
+from headwise.profilers.dense_forward import greedy
 
 DEFAULT_LENGTHS = (1024, 2048)
 DEFAULT_SAMPLES = 8  # per length; depths spread evenly over 0-100%
@@ -34,9 +34,9 @@ def build_tests(tokenizer, lengths: list[int], samples: int, seed: int) -> list[
     """Needle sentences with random values at evenly spread depths in real prose (the pydoc
     topics, as `headwise eval` uses). The seed namespace differs from eval's, so profiling
     never sees an evaluation prompt. Even samples hide a magic number, odd ones a pass key."""
-    from headwise.clients.eval_data import distinct_numbers, encode, word_keys
-    from headwise.clients.eval_prompt import Needle, build_prompt
-    from headwise.clients.eval_tasks import NIAH_INSTRUCTION, PASSKEY_INSTRUCTION, sample_depth
+    from headwise.synthetic.text import distinct_numbers, encode, word_keys
+    from headwise.synthetic.prompts import Needle, build_prompt
+    from headwise.synthetic.tasks import NIAH_INSTRUCTION, PASSKEY_INSTRUCTION, sample_depth
 
     tests = []
     for length in lengths:

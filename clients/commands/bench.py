@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 
 _BENCHES = [
-    "headwise.clients.bench_offline",
-    "headwise.clients.bench_serve",
-    "headwise.clients.bench_capacity",
+    "headwise.clients.bench.offline",
+    "headwise.clients.bench.serve",
+    "headwise.clients.bench.capacity",
     "headwise.kernels.bench",
 ]
 

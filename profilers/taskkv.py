@@ -24,15 +24,15 @@ from tqdm import tqdm
 
 from headwise.kvcache.plan_build import plan_from_scores, plan_source, ratio_plan_name
 from headwise.kvcache.plans import HeadSpec, Plan
-from headwise.kvcache.profile.dense_forward import attention, forward
+from headwise.profilers.dense_forward import attention, forward
 from headwise.kvcache.selection import query_head_distances
 
 
 def read_task(path: str | Path, tokenizer, samples: int, max_tokens: int) -> list[list[int]]:
     """Up to `samples` prompts of a JSONL file, each cut to its last `max_tokens` tokens.
     A line holds {"prompt": TEXT} or {"prompt_ids": [ints]}; other fields are ignored."""
-    from headwise.clients.eval_data import encode
-    from headwise.clients.eval_prompt import encode_specials
+    from headwise.synthetic.text import encode
+    from headwise.synthetic.prompts import encode_specials
 
     prompts = []
     with open(path) as f:

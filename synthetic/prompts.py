@@ -12,7 +12,7 @@ import bisect
 import random
 from dataclasses import dataclass
 
-from headwise.clients.eval_data import encode, filler
+from headwise.synthetic.text import encode, filler
 
 FORMATS = ("plain", "chat")
 _SENTINEL = "\x00HEADWISE\x00"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from headwise.clients.eval_data import corpus_ids, distinct_numbers, uuid_keys, word_keys
-from headwise.clients.eval_prompt import Needle, build_prompt
+from headwise.synthetic.text import corpus_ids, distinct_numbers, uuid_keys, word_keys
+from headwise.synthetic.prompts import Needle, build_prompt
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "ppl")
 KEY_KINDS = ("words", "uuids")

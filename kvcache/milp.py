@@ -59,7 +59,7 @@ def solve_rules(cost: np.ndarray, density: np.ndarray, layer_of: list[int], boun
 
 def band_density(sink: int, span: float, n: int) -> float:
     """Fraction of the n(n+1)/2 causal entries a sink + band(span) mask keeps: query i sees
-    j < sink or i - span < j <= i (DESIGN.md s.3)."""
+    j < sink or i - span < j <= i (docs/design.md, "KV cache")."""
     s = int(min(max(span, 0), n))
     i = np.arange(n)
     recent = np.minimum(s, i + 1)

@@ -19,10 +19,9 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def load_model(model: str):
     """(ModelConfig, LlamaModel, tokenizer) in fp32 on CPU, shared with engines in this process."""
-    from headwise.engine.llm_engine import _load
-    from headwise.engine.loader import model_id, resolve_model_dir
+    from headwise.engine.llm_engine import load_model as load
 
-    return _load(str(resolve_model_dir(model)), model_id(model), "float32", "cpu")
+    return load(model, "float32", "cpu")
 
 
 def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
@@ -49,7 +48,7 @@ def causal_mask(t: int, s: int) -> torch.Tensor:
 
 
 def streaming_mask(t: int, sink: int, recent: int) -> torch.Tensor:
-    """`[t, t]` bool, DESIGN.md s.3 mask semantics: j < sink or i - recent < j <= i."""
+    """`[t, t]` bool, docs/design.md "KV cache" mask semantics: j < sink or i - recent < j <= i."""
     i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
     return (j <= i) & ((j < sink) | (j > i - recent))
 

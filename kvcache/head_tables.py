@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from headwise.kernels.reference import UNBOUNDED
+from headwise.kernels.layout import UNBOUNDED
 from headwise.kvcache.budget import HeadBudget
 
 
-class SeqKV:
+class HeadTables:
     def __init__(self, budgets: list[list[HeadBudget]], pending: torch.Tensor, block_size: int,
                  max_blocks: int, context_len: int):
         self.budgets = budgets

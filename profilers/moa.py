@@ -24,25 +24,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from headwise.kvcache.plan_build import plan_source
-from headwise.kvcache.plans import FULL, HeadSpec, Plan, PlanError
-from headwise.kvcache.profile.dense_forward import attention, expand_kv, greedy
-from headwise.kvcache.profile.milp import band_density, solve_rules
+from headwise.kvcache.moa_rules import plan_for_density, rules
+from headwise.kvcache.plans import Plan
+from headwise.profilers.dense_forward import attention, expand_kv, greedy
 
 BIN = 16  # distance resolution of the influence histogram, in tokens
-ALPHAS = (0, 64, 128, 256, 512, 1024)
-BETAS = tuple(k / 8 for k in range(9))  # multiples of 0.125, as MoA's grid
 MAX_PROFILE_LENGTH = 2048  # longer --lengths reuse the longest profiled one, scaled (see rule_costs)
-
-
-def rules() -> list[tuple[float, float]]:
-    return [(a, b) for a in ALPHAS for b in BETAS if a + b > 0]
 
 
 def calibration_ids(tokenizer, model, length: int, generate: int, index: int, seed: int) -> tuple[list[int], int]:
     """A window of real text of `length - generate` tokens continued greedily by the model;
     returns the ids and where the model's own tokens start."""
-    from headwise.clients.eval_data import corpus_ids
+    from headwise.synthetic.text import corpus_ids
 
     corpus = corpus_ids(tokenizer)
     rng = random.Random(f"headwise-profile-moa:{seed}:{length}:{index}")
@@ -60,7 +53,7 @@ def needle_calibration(tokenizer, model, length: int, samples: int, seed: int) -
     with the model's own greedy answer appended: the loss is on the answer, so the influence
     lands on the needle for the heads that retrieve it. Per prompt: the ids and where the
     answer starts."""
-    from headwise.kvcache.profile.retrieval import ANSWER_SLACK, build_tests
+    from headwise.profilers.retrieval import ANSWER_SLACK, build_tests
 
     out = []
     for test in build_tests(tokenizer, [length], samples, seed):
@@ -72,7 +65,7 @@ def needle_calibration(tokenizer, model, length: int, samples: int, seed: int) -
 def influence(model, ids: list[int], loss_from: int, sink: int) -> torch.Tensor:
     """|E| binned by distance `[L, Hkv, ceil(T / BIN)]` for one calibration sequence; the loss
     is the mean NLL of tokens loss_from.. (the model's own continuation)."""
-    from headwise.kvcache.profile.dense_forward import forward
+    from headwise.profilers.dense_forward import forward
 
     cfg = model.cfg
     t = len(ids)
@@ -163,36 +156,3 @@ def profile_moa(model, tokenizer, lengths: list[int], density: float, profile_le
               # one row per KV head, one column per rules() entry: what `plan ratio` re-solves
               "rule_costs": [[float(f"{c:.6g}") for c in row] for row in cost]}
     return plan_for_density(cfg.shape, params, density, name or f"moa-{density * 100:g}")
-
-
-def plan_for_density(shape, params: dict, density: float, name: str) -> tuple[Plan, str]:
-    """Solve the MILP of a profile (`params`: lengths, sink, rules_per_layer, rule_costs) for
-    one density bound: `profile moa` and `plan ratio` on a moa plan both end here."""
-    lengths, sink, max_rules = params["lengths"], params["sink"], params["rules_per_layer"]
-    rule_list = rules()
-    cost = np.array(params["rule_costs"], dtype=np.float64)
-    if cost.shape != (shape.layers * shape.kv_heads, len(rule_list)):
-        raise PlanError(f"moa rule_costs: expected {shape.layers * shape.kv_heads} x {len(rule_list)}, "
-                        f"got {' x '.join(map(str, cost.shape))}")
-    dens = np.array([[band_density(sink, a + b * n, n) for n in lengths] for a, b in rule_list])
-    layer_of = [l for l in range(shape.layers) for _ in range(shape.kv_heads)]
-    choice = solve_rules(cost, dens, layer_of, density, max_rules)
-    heads = []
-    for l in range(shape.layers):
-        row = []
-        for j in range(shape.kv_heads):
-            alpha, beta = rule_list[choice[l * shape.kv_heads + j]]
-            row.append(FULL if beta >= 1 else HeadSpec("elastic", sink=sink, alpha=float(alpha), beta=float(beta)))
-        heads.append(row)
-    # a head's score: the share of its influence a sink + 256 band would drop, mean over lengths
-    ref = rule_list.index((256, 0.0))
-    scores = [[round(float(cost[l * shape.kv_heads + j, ref]), 6) for j in range(shape.kv_heads)]
-              for l in range(shape.layers)]
-    mean_density = [float(np.mean([dens[choice[i], c] for i in range(len(choice))])) for c in range(len(lengths))]
-    params = {**params, "density": density, "alphas": list(ALPHAS), "betas": list(BETAS),
-              "mean_density": [round(d, 4) for d in mean_density],
-              "cost": round(float(sum(cost[i, choice[i]] for i in range(len(choice)))), 6)}
-    plan = Plan(name, shape, heads, scores, plan_source("moa", params))
-    note = ("mean density " + ", ".join(f"{d:.3f}@{n}" for d, n in zip(mean_density, lengths))
-            + f", {len(set(choice))} distinct rules")
-    return plan, note
