@@ -20,6 +20,14 @@ def env_default(flag: str, default=None, cast=str):
         raise SystemExit(f"headwise: error: environment {name}={value!r}: {e}")
 
 
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def parse_plan_arg(value: str) -> tuple[str, str]:
     name, sep, path = value.partition("=")
     if not sep or not name or not path:
@@ -46,6 +54,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--plan", action="append", type=parse_plan_arg, default=env_plans or None,
                    metavar="NAME=PATH", help="load a compression plan (repeatable); 'full' always exists")
     g.add_argument("--default-plan", default=env_default("--default-plan", "full"))
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=env_default("--enable-prefix-caching", True, _flag),
+                   help="reuse the KV of shared prompt prefixes, per head (default on)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -53,4 +64,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
                         kv_cache_mb=args.kv_cache_mb, num_blocks=args.num_blocks,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_model_len=args.max_model_len, plans=plans, default_plan=args.default_plan)
+                        max_model_len=args.max_model_len, plans=plans, default_plan=args.default_plan,
+                        enable_prefix_caching=args.enable_prefix_caching)

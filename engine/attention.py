@@ -1,10 +1,12 @@
 """Paged attention of one layer over a flat batch: prefill chunks first, then decode tokens.
 
-The model runner fills an `AttentionMetadata` once per step; every layer reads its own
-slice (index 0 of the per-layer tensors). Order inside a layer (docs/design.md, "KV cache"):
-chunk queries attend to the cached slots (position mask) merged by log-sum-exp with
-causal attention inside the chunk, then the chunk's K/V are written; decode tokens are
-written first and then attend to every valid slot of their heads.
+The model runner fills an `AttentionMetadata` once per step, on the device; every layer
+reads its own slice (index 0 of the per-layer tensors). Block tables are the persistent
+`[L, R, Hkv, W]` tables of the running requests; `rows` name each sequence's row. Order
+inside a layer (docs/design.md, "KV cache"): chunk queries attend to the cached slots
+(position mask) merged by log-sum-exp with causal attention inside the chunk, then the
+chunk's K/V are written; decode tokens are written first and then attend to the visible
+slots of their heads.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from headwise.kvcache.buffers import KVBuffers
 @dataclass
 class PrefillMeta:
     num_tokens: int
+    max_seqlen: int  # longest chunk (host int: no sync to size a kernel)
     positions: torch.Tensor  # [Tp]
     seq_index: torch.Tensor  # [Tp] index of the chunk's sequence in [0, Sp)
-    cu_seqlens: torch.Tensor  # [Sp + 1]
+    cu_seqlens: torch.Tensor  # [Sp + 1] int32
     has_cache: bool  # any chunk with cached slots before it
     all_full: bool  # every head of every chunk unbounded: plain causal attention
-    block_tables: torch.Tensor  # [L, Sp, Hkv, nb]
+    rows: torch.Tensor  # [Sp] table row of each chunk's sequence
     lengths: torch.Tensor  # [L, Sp, Hkv] cached slots before the chunk
     keep: torch.Tensor  # [L, Sp, Hkv]
     sink: torch.Tensor  # [L, Sp, Hkv]
@@ -35,8 +38,11 @@ class PrefillMeta:
 @dataclass
 class DecodeMeta:
     num_tokens: int
-    block_tables: torch.Tensor  # [L, Sd, Hkv, nb]
+    rows: torch.Tensor  # [Sd] table row of each sequence
+    positions: torch.Tensor  # [Sd] the new token's position
     lengths: torch.Tensor  # [L, Sd, Hkv] valid slots after the new token is written
+    keep: torch.Tensor  # [L, Sd, Hkv]
+    recent: torch.Tensor  # [L, Sd, Hkv]
 
 
 @dataclass
@@ -52,6 +58,7 @@ class CaptureMeta:
 class AttentionMetadata:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [L, T, Hkv] flat slot or -1
+    block_tables: torch.Tensor  # [L, R, Hkv, W] (W may be trimmed to the batch's widest row)
     prefill: PrefillMeta | None
     decode: DecodeMeta | None
     capture: CaptureMeta | None = None
@@ -70,11 +77,12 @@ def paged_attention(
     elif p:
         out[:tp] = ops.prefill_attention(
             q[:tp], k[:tp], v[:tp], p.positions, p.seq_index, p.cu_seqlens, buffers.k, buffers.v, buffers.pos,
-            p.block_tables[layer], p.lengths[layer], p.keep[layer], p.sink[layer], p.recent[layer], scale,
+            meta.block_tables[layer], p.rows, p.lengths[layer], p.keep[layer], p.sink[layer], p.recent[layer], scale,
             p.has_cache)
     ops.kv_write(k, v, meta.positions, meta.slot_mapping[layer], buffers.k, buffers.v, buffers.pos)
     if d:
-        o, _ = ops.paged_decode(q[tp:], buffers.k, buffers.v, d.block_tables[layer], d.lengths[layer], scale)
+        o, _ = ops.paged_decode(q[tp:], buffers.k, buffers.v, buffers.pos, meta.block_tables[layer], d.rows,
+                                d.lengths[layer], d.keep[layer], d.recent[layer], d.positions, scale)
         out[tp:] = o
     if meta.capture is not None:
         meta.capture.q.append(q[meta.capture.rows])

@@ -21,6 +21,7 @@ class EngineConfig:
     plans: dict[str, str] = field(default_factory=dict)  # name -> plan file
     default_plan: str = "full"
     seed: int = 0
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

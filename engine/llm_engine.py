@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from headwise.engine.config import DEFAULT_KV_CACHE_MB, EngineConfig
@@ -24,6 +25,8 @@ from headwise.engine.scheduler import Scheduler
 from headwise.engine.sequence import Sequence, Status
 from headwise.kvcache.budget import resolve_budget
 from headwise.kvcache.manager import KVCacheManager
+from headwise.kvcache.plan_build import request_blocks
+from headwise.kvcache.prefix_cache import chain_hashes, seed_hash
 from headwise.kvcache.plans import Plan, load_plans
 from headwise.kvcache.selection import farthest_heads, head_distances, middle_scores
 
@@ -40,6 +43,9 @@ class EngineStats:
     num_preemptions: int
     kv_bytes_saved: int  # cumulative K/V bytes plans kept out of the pool vs the full cache
     block_bytes: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which served from it
+    num_cached_blocks: int = 0  # evictable blocks (counted as free)
 
 
 def load_model(model: str, dtype: str = "float32", device: str = "cpu") -> tuple[ModelConfig, LlamaModel, object]:
@@ -68,14 +74,16 @@ class LLMEngine:
         per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)
         num_blocks = config.num_blocks or int((config.kv_cache_mb or DEFAULT_KV_CACHE_MB) * 2**20 // per_block)
         self.kv_manager = KVCacheManager(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
-                                 num_blocks, self.max_model_len, self.dtype, config.device)
+                                         num_blocks, self.max_model_len, self.dtype, config.device,
+                                         config.max_num_seqs, config.enable_prefix_caching)
         self.plans: dict[str, Plan] = load_plans(config.plans, mc.shape)
         if config.default_plan not in self.plans:
             raise ValueError(f"default plan {config.default_plan!r} is not loaded (loaded: {', '.join(self.plans)})")
         self.default_plan = config.default_plan
         self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
-        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, self._budgets)
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, self._budgets,
+                                   self._prefix_hashes if config.enable_prefix_caching else None)
         self.runner = ModelRunner(self.model, self.kv_manager, config.device)
         self.detok = Detokenizer(self.tokenizer)
         self._seqs: dict[str, Sequence] = {}
@@ -105,10 +113,11 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
         seq = Sequence(request_id, list(prompt_token_ids), params, self.plans[name],
                        torch.Generator().manual_seed(seed))
+        seq.hash_seed = self._hash_seed(seq)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
-        worst = self.kv_manager.new_seq(*self._budgets(seq, at_end=True), seq.context_len)
-        need = self.kv_manager.blocks_needed(worst, max(seq.context_len, seq.num_prompt_tokens))
+        need = request_blocks(seq.plan, seq.num_prompt_tokens, params.max_tokens, self.kv_manager.block_size,
+                              self.config.max_num_batched_tokens, self.config.enable_prefix_caching)[0]
         if need > self.kv_manager.num_blocks:
             raise PromptTooLong(f"the request needs {need} KV blocks but the pool has {self.kv_manager.num_blocks}; "
                                 "shorten the prompt or max_tokens, or start with a larger --kv-cache-mb", "prompt")
@@ -130,11 +139,19 @@ class LLMEngine:
         seq = self._seqs.get(request_id)
         return seq.tables.num_blocks_held if seq is not None and seq.tables is not None else 0
 
+    def block_census(self) -> dict[str, int]:
+        """Held / evictable / free block counts, checked against every live request's
+        tables (an AssertionError names what leaked)."""
+        return self.kv_manager.census([s.tables for s in self._seqs.values() if s.tables is not None])
+
     def stats(self) -> EngineStats:
         total = self.kv_manager.num_blocks
+        cache = self.kv_manager.prefix_cache
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_manager.num_free, total,
                            1 - self.kv_manager.num_free / total, self.scheduler.num_preemptions,
-                           self.kv_bytes_saved, self.kv_manager.block_bytes)
+                           self.kv_bytes_saved, self.kv_manager.block_bytes,
+                           cache.queries if cache else 0, cache.hits if cache else 0,
+                           self.kv_manager.pool.num_evictable)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if not messages:
@@ -147,7 +164,7 @@ class LLMEngine:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     # -- budgets ---------------------------------------------------------------------
-    def _budgets(self, seq: Sequence, at_end: bool = False):
+    def _budgets(self, seq: Sequence):
         """Head budgets of `seq` and the heads that decide at the end of the prompt."""
         plan = seq.plan
         p, ctx = seq.num_prompt_tokens, seq.context_len
@@ -155,11 +172,57 @@ class LLMEngine:
         if plan.dynamic is not None:
             rest = resolve_budget(plan.dynamic.rest, p, ctx)
             budgets = [[rest] * mc.num_kv_heads for _ in range(mc.num_layers)]
-            pending = torch.ones(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
+            pending = np.ones((mc.num_layers, mc.num_kv_heads), dtype=bool)
         else:
             budgets = [[resolve_budget(s, p, ctx) for s in row] for row in plan.heads]
-            pending = torch.tensor([[s.kind == "select" for s in row] for row in plan.heads])
+            pending = np.array([[s.kind == "select" for s in row] for row in plan.heads])
         return budgets, pending
+
+    # -- prefix caching --------------------------------------------------------------
+    def _hash_seed(self, seq: Sequence) -> int:
+        """The root of a request's block names: what, besides its tokens, decides the K/V its
+        prompt leaves in the cache. While the prompt is computed, full, select and dynamic
+        heads all see everything, so those plans share cached blocks with the full plan;
+        window and elastic heads name their resolved (sink, recent)."""
+        budgets, pending = self._budgets(seq)
+        seen = tuple(tuple(None if b.full or p else (b.sink, b.recent) for b, p in zip(row, prow))
+                     for row, prow in zip(budgets, pending))
+        return seed_hash(self.model_id, self.config.dtype, self.kv_manager.block_size, seen)
+
+    def _prefix_hashes(self, seq: Sequence) -> list[int]:
+        """Names of the blocks a prefix-cache hit may cover: whole blocks before the last token
+        (the step must compute one to have logits), and for plans that select at the end of
+        the prompt none of the positions whose queries the selection needs."""
+        if seq.params.prompt_logprobs is not None:
+            return []
+        limit = (seq.num_tokens - 1) // self.kv_manager.block_size
+        window = self._capture_window(seq)
+        if window:
+            limit = min(limit, max(0, seq.num_prompt_tokens - window) // self.kv_manager.block_size)
+        return self._block_hashes(seq, limit)
+
+    def _block_hashes(self, seq: Sequence, n: int) -> list[int]:
+        if len(seq.block_hashes) < n:
+            bs = self.kv_manager.block_size
+            have = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if have else seq.hash_seed
+            seq.block_hashes += chain_hashes(parent, seq.all_token_ids[have * bs:n * bs], bs)
+        return seq.block_hashes[:n]
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Name the blocks this step completed, while the request's K/V is what a fresh
+        prefill of its tokens would compute (before any select head compacts)."""
+        done = seq.num_computed_tokens // self.kv_manager.block_size
+        if self.kv_manager.prefix_cache is None or not seq.cacheable or done <= seq.num_registered:
+            return
+        first = seq.num_registered
+        self.kv_manager.register(seq.tables, self._block_hashes(seq, done)[first:], first)
+        seq.num_registered = done
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block no request holds (vLLM's reset_prefix_cache)."""
+        if self.kv_manager.prefix_cache is not None:
+            self.kv_manager.prefix_cache.reset()
 
     # -- the step --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -177,8 +240,11 @@ class LLMEngine:
         for r in rows:
             seq = r.seq
             seq.num_computed_tokens = r.end
+            self._register_blocks(seq)
+            self.kv_manager.finish_step(seq.tables, r.end)
             if seq.needs_selection() and r.end >= seq.num_prompt_tokens:
                 self._select(seq)
+                seq.cacheable = False  # later K/V depends on what the select heads kept
             if seq.params.prompt_logprobs is not None and r.start < seq.num_prompt_tokens:
                 lp_rows.append(r)
             if r.end == seq.num_tokens:
@@ -227,7 +293,8 @@ class LLMEngine:
             for layer in range(mc.num_layers):
                 keep_full[layer] = farthest_heads(dists[layer], seq.plan.dynamic.ratio)
         nb = -(-p // self.kv_manager.block_size)
-        ids = tables.table[:, :, :nb].to(device=device, dtype=torch.long)  # [L, Hkv, nb]
+        # pending heads are positional: their first nb entries are the prompt's blocks
+        ids = torch.from_numpy(self.kv_manager.tables.table[:, tables.row, :, :nb].astype(np.int64)).to(device)
         scores = []
         for layer in range(mc.num_layers):
             k = self.kv_manager.buffers.k[ids[layer]].reshape(mc.num_kv_heads, nb * self.kv_manager.block_size,
@@ -301,7 +368,8 @@ class LLMEngine:
             arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time, finished_time=seq.finished_time,
             num_preemptions=seq.num_preemptions, stop_reason=seq.stop_reason,
-            kv_bytes_decode=seq.decode_peak_blocks * self.kv_manager.block_bytes)
+            kv_bytes_decode=seq.decode_peak_blocks * self.kv_manager.block_bytes,
+            num_cached_tokens=seq.num_cached_tokens or 0)
 
     # -- convenience -----------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

@@ -34,3 +34,4 @@ class RequestOutput:
     # decodes, after select / dynamic heads shrank to their budgets (kv_bytes includes the
     # prefill peak, when those heads still hold the whole prompt)
     kv_bytes_decode: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

@@ -1,10 +1,13 @@
 """Continuous batching at token granularity with chunked prefill, FCFS.
 
 Each step fills a token budget: running sequences first (decode tokens, then prefill
-chunks), then new admissions. A sequence is admitted when the pool holds its prefill
-peak (docs/design.md, "KV cache"); when a running sequence cannot grow, the newest running
-sequence is preempted (its blocks freed, recomputed later). No admission in a step
-that preempted.
+chunks), then new admissions. Every sequence allocates the blocks its step writes; when a
+running sequence cannot grow, the newest running sequence is preempted (its blocks freed,
+recomputed later). A new sequence is admitted when the pool holds its prefill (what its
+heads keep once the prompt is written, beyond any cached prefix it reuses) and a table row
+is free. No admission in a step that preempted. Once growth is done, prefill chunks of
+window heads may take transient blocks for the prefix cache (docs/design.md, "Prefix
+caching").
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from headwise.engine.sequence import Sequence, Status
 from headwise.kvcache.manager import KVCacheManager
@@ -28,11 +33,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, budget_fn):
+    def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, budget_fn,
+                 prefix_fn=None):
         self.kv_manager = kv_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.budget_fn = budget_fn  # Sequence -> (budgets, pending) for a new HeadTables
+        self.budget_fn = budget_fn  # Sequence -> (budgets, pending) for new tables
+        self.prefix_fn = prefix_fn  # Sequence -> the block hashes a cache hit may cover
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -52,29 +59,31 @@ class Scheduler:
             if seq.status != Status.RUNNING or budget == 0:
                 continue
             n = self._chunk(seq, budget)
-            while self.kv_manager.blocks_needed(seq.tables, seq.num_computed_tokens + n) > self.kv_manager.num_free:
+            while not self.kv_manager.can_grow(seq.tables, seq.num_computed_tokens + n, self._compaction(seq, n)):
                 victim = max((s for s in self.running if s.status == Status.RUNNING), key=lambda s: s.arrival_time)
                 budget += self._preempt(victim, out)
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:
                 continue
-            self.kv_manager.grow(seq.tables, seq.num_computed_tokens + n)
+            self._grow(seq, n)
             out.scheduled.append((seq, n))
             budget -= n
         self.running = [s for s in self.running if s.status == Status.RUNNING]
-        if out.preempted:
-            return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self._admit(seq):
-                break
-            self.waiting.popleft()
-            n = self._chunk(seq, budget)
-            self.kv_manager.grow(seq.tables, seq.num_computed_tokens + n)
-            self.running.append(seq)
-            out.scheduled.append((seq, n))
-            budget -= n
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                n = self._admit(seq, budget)
+                if not n:
+                    break
+                self.waiting.popleft()
+                self._grow(seq, n)
+                self.running.append(seq)
+                out.scheduled.append((seq, n))
+                budget -= n
+        for seq, n in out.scheduled:
+            if n > 1:
+                self.kv_manager.fill_placeholders(seq.tables)
         return out
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
@@ -86,18 +95,43 @@ class Scheduler:
                 n = min(n, left)
         return n
 
-    def _admit(self, seq: Sequence) -> bool:
+    def _compaction(self, seq: Sequence, n: int) -> int:
+        """Blocks the step that ends the prompt sets aside for the select heads' compaction."""
+        if seq.needs_selection() and seq.num_computed_tokens + n == seq.num_prompt_tokens:
+            return self.kv_manager.compaction_blocks(seq.tables, seq.num_prompt_tokens)
+        return 0
+
+    def _grow(self, seq: Sequence, n: int) -> None:
+        self.kv_manager.grow(seq.tables, seq.num_computed_tokens + n, self._compaction(seq, n))
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Admit `seq` if it fits; returns its first chunk's token count (0: not admitted)."""
         budgets, pending = self.budget_fn(seq)
-        tables = self.kv_manager.new_seq(budgets, pending, seq.context_len)
-        # the prefill peak: bounded heads whole, the others the entire (re)computed prompt
-        if self.kv_manager.blocks_needed(tables, seq.num_tokens) > self.kv_manager.num_free:
-            return False
-        self.kv_manager.grow(tables, seq.num_tokens)
+        tables = self.kv_manager.new_tables(budgets, pending, seq.context_len)
+        if tables is None:
+            return 0
+        hashes = self.prefix_fn(seq) if self.prefix_fn is not None else []
+        k, cached = self.kv_manager.match_prefix(tables, hashes)
+        taken = tables.adopt_prefix(k, cached) if k else np.zeros(0, dtype=np.int32)
         seq.tables = tables
+        seq.num_computed_tokens = k * self.kv_manager.block_size
+        n = self._chunk(seq, budget)
+        if not self.kv_manager.can_admit(tables, seq.num_tokens, seq.num_computed_tokens + n, taken,
+                                         self._compaction(seq, n)):
+            self.kv_manager.tables.free_row(tables.row)
+            seq.tables = None
+            seq.num_computed_tokens = 0
+            return 0
+        self.kv_manager.admit(tables, taken)
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = seq.num_computed_tokens
+            if self.kv_manager.prefix_cache is not None:
+                self.kv_manager.prefix_cache.queries += seq.num_prompt_tokens
+                self.kv_manager.prefix_cache.hits += seq.num_computed_tokens
         seq.status = Status.RUNNING
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.monotonic()
-        return True
+        return n
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
         """Preempt `seq`; returns the tokens it had been given this step (refunded)."""
@@ -107,6 +141,8 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_computed_tokens = 0
         seq.captured_q = seq.captured_out = None
+        seq.num_registered = 0  # the recomputed prompt is reproducible again
+        seq.cacheable = True
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -46,6 +46,13 @@ class Sequence:
     # incremental detokenization offsets (vLLM's scheme)
     prefix_offset: int = 0
     read_offset: int = 0
+    # prefix caching: the chain root, names of the whole blocks so far, how many are
+    # registered, whether new blocks are cacheable, and the prompt tokens a hit served
+    hash_seed: int = 0
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered: int = 0
+    cacheable: bool = True
+    num_cached_tokens: int | None = None
     # queries / outputs of the last prompt positions, per layer, for selection
     captured_q: list[torch.Tensor] | None = None
     captured_out: list[torch.Tensor] | None = None

@@ -131,6 +131,29 @@ def _plan_lengths(shape: Shape, batch: int, context: int, window_frac: float, de
     return lengths.to(device)
 
 
+def _window_mask(cache, shape: Shape, context: int, windows: int):
+    """(keep, recent, q_pos) of the engine's decode: window heads keep their sinks and the
+    last `window` positions (their slots get those positions, so the position mask runs and
+    passes), full heads see everything."""
+    from headwise.kernels.layout import UNBOUNDED
+
+    batch = cache.lengths.shape[0]
+    keep = torch.zeros_like(cache.lengths)
+    recent = torch.full_like(cache.lengths, UNBOUNDED)
+    if windows:
+        n = int(cache.lengths[0, 0])
+        keep[:, :windows] = shape.sink
+        recent[:, :windows] = shape.window
+        slot = torch.arange(n, device=cache.pos_cache.device)
+        pos = torch.where(slot < shape.sink, slot, context - n + slot).int()
+        bs = cache.block_size
+        tables = cache.block_tables[:, :windows, : -(-n // bs)].long()  # [B, windows, nb]
+        flat = (tables[..., slot // bs] * bs + slot % bs).reshape(-1)
+        cache.pos_cache.view(-1)[flat] = pos.repeat(batch * windows)
+    q_pos = torch.full((batch,), context - 1, dtype=torch.int32, device=cache.lengths.device)
+    return keep, recent, q_pos
+
+
 def _dense_cell(shape: Shape, batch: int, context: int, q: torch.Tensor, timer, rep_ms: int) -> tuple[float, float]:
     """Time SDPA (and flash-attn if installed) on one unpaged [B, ctx, Hkv, D] cache."""
     g = shape.q_heads // shape.kv_heads
@@ -157,7 +180,7 @@ def _paged_cell(
     shape: Shape, row: Row, q: torch.Tensor, window_frac: float, check_seqs: int, timer, rep_ms: int
 ) -> None:
     from headwise.kernels import reference, triton_ops
-    from headwise.kernels.triton_cases import allocate
+    from headwise.kernels.triton_cases import allocate, rows_of
 
     lengths = _plan_lengths(shape, row.batch, row.context, window_frac, q.device)
     cache = allocate(lengths.cpu(), shape.block_size, shape.head_dim, shape.dtype, q.device,
@@ -165,16 +188,18 @@ def _paged_cell(
     cache.k_cache.normal_()
     cache.v_cache.normal_()
     cache.lengths.copy_(lengths)
+    windows = round(window_frac * shape.kv_heads)
+    keep, recent, q_pos = _window_mask(cache, shape, row.context, windows)
     scale = shape.head_dim**-0.5
-    args = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, scale)
+    args = (q, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables, rows_of(cache), cache.lengths,
+            keep, recent, q_pos, scale)
     row.paged_ms = timer(lambda: triton_ops.paged_decode(*args), rep_ms)
     elt = cache.k_cache.element_size()
     read = int(lengths.sum()) * shape.head_dim * 2 * elt + q.numel() * q.element_size()
     row.gbps = read / (row.paged_ms * 1e-3) / 1e9
     n = min(check_seqs, row.batch)
     out, lse = triton_ops.paged_decode(*args)
-    ref_out, ref_lse = reference.paged_decode(q[:n], cache.k_cache, cache.v_cache, cache.block_tables[:n],
-                                              cache.lengths[:n], scale)
+    ref_out, ref_lse = reference.paged_decode(q[:n], *args[1:5], args[5][:n], *(a[:n] for a in args[6:10]), scale)
     row.max_err = float((out[:n].float() - ref_out.float()).abs().max())
     if row.max_err > 2e-2 or float((lse[:n] - ref_lse).abs().max()) > 1e-3:
         row.note = "MISMATCH"

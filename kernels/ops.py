@@ -38,13 +38,14 @@ def kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache) -> None
     backend_for(k).kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache)
 
 
-def paged_decode(q, k_cache, v_cache, block_tables, lengths, scale):
-    return backend_for(q).paged_decode(q, k_cache, v_cache, block_tables, lengths, scale)
+def paged_decode(q, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, q_pos, scale):
+    return backend_for(q).paged_decode(q, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent,
+                                       q_pos, scale)
 
 
-def paged_prefix(q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, lengths, keep, recent, scale):
+def paged_prefix(q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, scale):
     return backend_for(q).paged_prefix(
-        q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, lengths, keep, recent, scale
+        q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, scale
     )
 
 
@@ -70,7 +71,7 @@ def causal_prefill(q, k, v, cu_seqlens, scale):
     return reference.causal_prefill(q, k, v, cu_seqlens, scale)
 
 
-def prefill_attention(q, k, v, positions, seq_index, cu_seqlens, k_cache, v_cache, pos_cache, block_tables,
+def prefill_attention(q, k, v, positions, seq_index, cu_seqlens, k_cache, v_cache, pos_cache, block_tables, rows,
                       lengths, keep, sink, recent, scale, has_cache: bool):
     """Chunk queries over their sequence's cached slots and the chunk itself, with the
     docs/design.md position mask; returns `[T, Hq, D]`.
@@ -81,10 +82,10 @@ def prefill_attention(q, k, v, positions, seq_index, cu_seqlens, k_cache, v_cach
     be = backend_for(q)
     if be is reference and bool((recent >= 1).all()):
         return reference.masked_prefill(q, k, v, positions, cu_seqlens, k_cache, v_cache, pos_cache,
-                                        block_tables, lengths, keep, sink, recent, scale)
+                                        block_tables, rows, lengths, keep, sink, recent, scale)
     o, lse = be.sink_window_prefill(q, k, v, positions, cu_seqlens, sink, recent, scale)
     if has_cache:
-        oc, lsec = be.paged_prefix(q, positions, seq_index, k_cache, v_cache, pos_cache, block_tables, lengths,
-                                   keep, recent, scale)
+        oc, lsec = be.paged_prefix(q, positions, seq_index, k_cache, v_cache, pos_cache, block_tables, rows,
+                                   lengths, keep, recent, scale)
         o, _ = be.merge_states(o, lse, oc, lsec)
     return o

@@ -3,8 +3,10 @@
 Cache layout (docs/design.md, "KV cache"): one pool shared by all layers and KV heads,
 `k_cache` / `v_cache` `[num_blocks, block_size, head_dim]` and `pos_cache`
 `[num_blocks, block_size]` (int32, the token position stored in each slot).
-A (sequence, KV head) owns a list of blocks: `block_tables[s, h, i]` is its i-th
-block, `lengths[s, h]` its number of valid slots (slot r lives in block r // bs).
+A (sequence, KV head) owns a list of blocks: `block_tables[rows[s], h, i]` is its i-th
+block, `lengths[s, h]` its number of valid slots (slot r lives in block r // bs). Block
+tables are the engine's persistent per-layer tables `[R, Hkv, W]` (one row per running
+request); `rows [S]` names the row of each sequence of the call.
 
 Mask of a bounded head with `(keep, recent)` over cached slots: slot r is visible to
 a query at position p iff `r < keep` (sinks and selected tokens, always kept) or
@@ -58,7 +60,7 @@ def _softmax_av(scores: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype):
 
 
 def _cached_keys(k_cache, v_cache, pos_cache, table, lengths, keep, recent, q_pos, dtype):
-    """One sequence's cached slots and which of them each query may see.
+    """One sequence's cached slots and which of them each query may see (the paged mask).
 
     table `[1, Hkv, max_blocks]`, lengths / keep / recent `[Hkv]`, q_pos `[n]`. Returns
     k, v `[Hkv, N, D]` in `dtype` and visible `[Hkv, n, N]`: slot r is visible iff it is
@@ -91,28 +93,37 @@ def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    rows: torch.Tensor,
     lengths: torch.Tensor,
+    keep: torch.Tensor,
+    recent: torch.Tensor,
+    q_pos: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query per sequence, `q [B, Hq, D]`, over all valid slots of each KV head.
+    """One query per sequence, `q [B, Hq, D]` at positions `q_pos [B]`, over the valid
+    slots of each KV head with the (keep, recent) mask of `paged_prefix`: a window head's
+    oldest block may still hold positions that left its window.
 
-    The cache of a bounded head holds exactly what the newest token may see (it is
-    written before this call), so no position mask is needed here.
-    Returns out `[B, Hq, D]` and lse `[B, Hq]`.
+    block_tables `[R, Hkv, W]`, rows `[B]`, lengths / keep / recent `[B, Hkv]` (the new
+    token is written before this call). Returns out `[B, Hq, D]` and lse `[B, Hq]`.
     """
     b, hq, d = q.shape
     hkv = block_tables.shape[1]
     bs = k_cache.shape[1]
     max_len = int(lengths.max()) if lengths.numel() else 0
     nblocks = max(1, -(-max_len // bs))
-    k = _gather(k_cache, block_tables, nblocks).float()  # [B, Hkv, N, D]
-    v = _gather(v_cache, block_tables, nblocks).float()
+    tables = block_tables[rows.long()]
+    k = _gather(k_cache, tables, nblocks).float()  # [B, Hkv, N, D]
+    v = _gather(v_cache, tables, nblocks).float()
+    kpos = _gather(pos_cache, tables, nblocks).long()  # [B, Hkv, N]
     qg = q.float().view(b, hkv, hq // hkv, d)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
-    n = torch.arange(nblocks * bs, device=q.device)
-    invalid = n[None, None, :] >= lengths[:, :, None]
-    scores.masked_fill_(invalid[:, :, None, :], float("-inf"))
+    n = torch.arange(nblocks * bs, device=q.device)[None, None, :]
+    visible = (n < lengths[:, :, None]) & (
+        (n < keep[:, :, None]) | (kpos > (q_pos.long()[:, None] - recent.long())[:, :, None]))
+    scores.masked_fill_(~visible[:, :, None, :], float("-inf"))
     out, lse = _softmax_av(scores, v, q.dtype)
     return out.reshape(b, hq, d), lse.reshape(b, hq)
 
@@ -125,6 +136,7 @@ def paged_prefix(
     v_cache: torch.Tensor,
     pos_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    rows: torch.Tensor,
     lengths: torch.Tensor,
     keep: torch.Tensor,
     recent: torch.Tensor,
@@ -133,27 +145,29 @@ def paged_prefix(
     """Chunk queries `q [T, Hq, D]` (positions `q_pos`, sequence `q_seq` in [0, S))
     against the cached slots of their sequence, with the (keep, recent) mask.
 
-    block_tables `[S, Hkv, max_blocks]`, lengths / keep / recent `[S, Hkv]`.
+    block_tables `[R, Hkv, W]`, rows `[S]`, lengths / keep / recent `[S, Hkv]`.
     Returns out `[T, Hq, D]` and lse `[T, Hq]`.
     """
     t, hq, d = q.shape
     hkv = block_tables.shape[1]
     out = torch.zeros_like(q)
     lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    table_rows = rows.tolist()
     # one gather per sequence, shared by all of its query tokens
     for s in torch.unique(q_seq).tolist():
-        rows = (q_seq == s).nonzero().flatten()
-        cached = _cached_keys(k_cache, v_cache, pos_cache, block_tables[s:s + 1], lengths[s], keep[s], recent[s],
-                              q_pos[rows], torch.float32)
+        tokens = (q_seq == s).nonzero().flatten()
+        row = table_rows[s]
+        cached = _cached_keys(k_cache, v_cache, pos_cache, block_tables[row:row + 1], lengths[s], keep[s],
+                              recent[s], q_pos[tokens], torch.float32)
         if cached is None:
             continue
         k, v, visible = cached
-        qg = q[rows].float().view(-1, hkv, hq // hkv, d).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
+        qg = q[tokens].float().view(-1, hkv, hq // hkv, d).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
         scores = torch.matmul(qg, k[:, None].transpose(-1, -2)) * scale  # [Hkv, G, n, N]
         scores.masked_fill_(~visible[:, None], float("-inf"))
         o, l = _softmax_av(scores, v[:, None], q.dtype)
-        out[rows] = o.permute(2, 0, 1, 3).reshape(-1, hq, d)
-        lse[rows] = l.permute(2, 0, 1).reshape(-1, hq)
+        out[tokens] = o.permute(2, 0, 1, 3).reshape(-1, hq, d)
+        lse[tokens] = l.permute(2, 0, 1).reshape(-1, hq)
     return out, lse
 
 
@@ -217,6 +231,7 @@ def masked_prefill(
     v_cache: torch.Tensor,
     pos_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    rows: torch.Tensor,
     lengths: torch.Tensor,
     keep: torch.Tensor,
     sink: torch.Tensor,
@@ -228,14 +243,16 @@ def masked_prefill(
 
     Keys are the sequence's cached slots followed by the chunk's own K/V; the mask is the
     union of both ops' masks, so the output equals theirs. Arguments as in those two ops
-    (block_tables / lengths / keep / sink / recent `[S, Hkv]` for sequence s = rows
-    cu[s]:cu[s+1]). Every query must see at least itself: recent >= 1. Returns `[T, Hq, D]`.
+    (lengths / keep / sink / recent `[S, Hkv]` for sequence s = tokens cu[s]:cu[s+1], whose
+    table is `block_tables[rows[s]]`). Every query must see at least itself: recent >= 1.
+    Returns `[T, Hq, D]`.
     """
     t, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
+    table_rows = rows.tolist()
     for s in range(len(bounds) - 1):
         a, b = bounds[s], bounds[s + 1]
         if a == b:
@@ -243,8 +260,9 @@ def masked_prefill(
         n = b - a
         visible = _chunk_visible(positions[a:b], sink[s], recent[s])  # [Hkv, n, n]
         ks, vs = k[a:b].permute(1, 0, 2), v[a:b].permute(1, 0, 2)  # [Hkv, n, D]
-        cached = _cached_keys(k_cache, v_cache, pos_cache, block_tables[s:s + 1], lengths[s], keep[s], recent[s],
-                              positions[a:b], q.dtype)
+        row = table_rows[s]
+        cached = _cached_keys(k_cache, v_cache, pos_cache, block_tables[row:row + 1], lengths[s], keep[s],
+                              recent[s], positions[a:b], q.dtype)
         if cached is not None:
             kc, vc, vis_cache = cached
             ks, vs = torch.cat([kc, ks], 1), torch.cat([vc, vs], 1)

@@ -111,6 +111,18 @@ def keep_of(cache: PagedCache, sink: torch.Tensor) -> torch.Tensor:
     return torch.minimum(sink.to(cache.lengths), cache.lengths)
 
 
+def rows_of(cache: PagedCache) -> torch.Tensor:
+    """Table rows of the cache's sequences: sequence s owns row s."""
+    return torch.arange(cache.block_tables.shape[0], dtype=torch.int32, device=cache.block_tables.device)
+
+
+def decode_args(cache: PagedCache, q: torch.Tensor, q_pos: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor,
+                scale: float) -> tuple:
+    """paged_decode's arguments for one newest token per sequence at `q_pos [S]`."""
+    return (q, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables, rows_of(cache), cache.lengths,
+            keep_of(cache, sink), recent.to(cache.lengths), q_pos.to(cache.lengths), scale)
+
+
 def prefill_in_chunks(
     ops,
     cache: PagedCache,
@@ -152,10 +164,60 @@ def prefill_in_chunks(
         qc = q[idx]
         o1, l1 = ops.paged_prefix(
             qc, pos_t, seq_t, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables,
-            cache.lengths, keep_of(cache, sink), recent, scale,
+            rows_of(cache), cache.lengths, keep_of(cache, sink), recent, scale,
         )
         o2, l2 = ops.sink_window_prefill(qc, k[idx], v[idx], pos_t, cu_t, sink, recent, scale)
         out[idx], lse[idx] = ops.merge_states(o1, l1, o2, l2)
         slots = slot_mapping(cache, pos_t, seq_t, sink, recent)
         ops.kv_write(k[idx], v[idx], pos_t, slots, cache.k_cache, cache.v_cache, cache.pos_cache)
     return out, lse
+
+
+def position_aligned_cache(
+    newest: list[int], sink: torch.Tensor, recent: torch.Tensor, block_size: int, head_dim: int,
+    dtype: torch.dtype, device: torch.device | str, generator: torch.Generator,
+) -> tuple[PagedCache, torch.Tensor, torch.Tensor]:
+    """The engine's layout: each (sequence, head) keeps its sink blocks, then the blocks that
+    overlap its window (newest - recent, newest]; blocks in between were freed. The oldest
+    window block may still hold positions that left the window (the kernels mask them).
+
+    Returns the cache (every position of a kept block written, lengths set) and the K and V
+    of every position `[S, max(newest) + 1, Hkv, D]` (fp32) for a dense check.
+    """
+    s_count, hkv = sink.shape
+    n_pos = max(newest) + 1
+    k_all = torch.randn(s_count, n_pos, hkv, head_dim, generator=generator)
+    v_all = torch.randn(s_count, n_pos, hkv, head_dim, generator=generator)
+    kept: list[list[list[int]]] = []
+    for s, p in enumerate(newest):
+        row = []
+        for h in range(hkv):
+            last = p // block_size
+            if recent[s, h] >= UNBOUNDED:
+                row.append(list(range(last + 1)))
+                continue
+            ns = -(-int(sink[s, h]) // block_size)
+            first = max(ns, max(0, p - int(recent[s, h]) + 1) // block_size)
+            row.append(sorted(set(range(min(ns, last + 1))) | set(range(first, last + 1))))
+        kept.append(row)
+    width = max(len(lb) for row in kept for lb in row)
+    num_blocks = sum(len(lb) for row in kept for lb in row) + 1
+    order = torch.randperm(num_blocks, generator=generator)[: num_blocks - 1].tolist()
+    tables = torch.zeros(s_count, hkv, width, dtype=torch.int32)
+    lengths = torch.zeros(s_count, hkv, dtype=torch.int32)
+    k_cache = torch.zeros(num_blocks, block_size, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    pos_cache = torch.full((num_blocks, block_size), -1, dtype=torch.int32)
+    for s, p in enumerate(newest):
+        for h in range(hkv):
+            for i, lb in enumerate(kept[s][h]):
+                blk = order.pop()
+                tables[s, h, i] = blk
+                for j in range(lb * block_size, min((lb + 1) * block_size, p + 1)):
+                    k_cache[blk, j % block_size] = k_all[s, j, h]
+                    v_cache[blk, j % block_size] = v_all[s, j, h]
+                    pos_cache[blk, j % block_size] = j
+            lengths[s, h] = (len(kept[s][h]) - 1) * block_size + p % block_size + 1
+    cache = PagedCache(k_cache.to(device=device, dtype=dtype), v_cache.to(device=device, dtype=dtype),
+                       pos_cache.to(device), tables.to(device), lengths.to(device))
+    return cache, k_all, v_all

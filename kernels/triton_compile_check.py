@@ -93,16 +93,18 @@ def _drive_ops(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -
     tables = torch.zeros(s, hkv, 16, dtype=torch.int32)
     lengths = torch.full((s, hkv), 40, dtype=torch.int32)
     q = torch.zeros(s, hkv * group, head_dim, dtype=dtype)
+    rows = torch.arange(s, dtype=torch.int32)
+    recent = torch.full((s, hkv), UNBOUNDED, dtype=torch.int32)
+    recent[0, 0] = 8  # a bounded head: the position-mask branch
     saved = triton_decode.MIN_SPLIT_TOKENS
     for min_split in (triton_decode.TILE_TOKENS, 1 << 20):  # several splits + reduce, then one split
         triton_decode.MIN_SPLIT_TOKENS = min_split
-        triton_ops.paged_decode(q, kc, vc, tables, lengths, 0.1)
+        triton_ops.paged_decode(q, kc, vc, pc, tables, rows, lengths, lengths, recent, rows + 40, 0.1)
     triton_decode.MIN_SPLIT_TOKENS = saved
     qt = torch.zeros(t, hkv * group, head_dim, dtype=dtype)
     pos = torch.arange(t)
     seq = torch.zeros(t, dtype=torch.int64)
-    recent = torch.full((s, hkv), UNBOUNDED, dtype=torch.int32)
-    triton_ops.paged_prefix(qt, pos, seq, kc, vc, pc, tables, lengths, lengths, recent, 0.1)
+    triton_ops.paged_prefix(qt, pos, seq, kc, vc, pc, tables, rows, lengths, lengths, recent, 0.1)
     k = torch.zeros(t, hkv, head_dim, dtype=dtype)
     triton_ops.sink_window_prefill(qt, k, k, pos, torch.tensor([0, t]), lengths[:1], recent[:1], 0.1)
     triton_ops.kv_write(k, k, pos, torch.zeros(t, hkv, dtype=torch.int32), kc, vc, pc)

@@ -10,6 +10,12 @@ kernel merges the partial states of a head by log-sum-exp.
 The grid is sized from shapes known on the host (batch, heads, block-table width), never
 from `lengths`, so a decode step costs no device-to-host sync and can be captured in a
 CUDA graph; programs past the end of their head's length exit at once.
+
+Block tables are the engine's persistent per-layer tables `[R, Hkv, W]`; `rows[b]` names
+sequence b's row. Bounded heads apply the (keep, recent) position mask: a window head's
+table starts with its sink blocks and then the blocks of its window, whose oldest block
+may still hold positions that left the window. Full heads (recent >= UNBOUNDED) skip the
+position loads.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from headwise.kernels.layout import UNBOUNDED
 from headwise.kernels.triton_common import (
     LOG2E,
     LOG2E_C,
@@ -61,16 +68,16 @@ def plan_splits(batch: int, kv_heads: int, table_tokens: int, device: torch.devi
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, table_ptr, rows_ptr, len_ptr, keep_ptr, recent_ptr, qpos_ptr, o_ptr, lse_ptr,
     qk_scale, split_tokens, num_kv_heads,
     s_qb, s_qh,
-    s_kb, s_ks, s_vb, s_vs,
+    s_kb, s_ks, s_vb, s_vs, s_pb,
     s_tb, s_th,
-    s_lb, s_lh,
+    s_lb, s_lh, s_keb, s_keh, s_rb, s_rh,
     s_ob, s_oh, s_os, s_og,
     s_eb, s_eh, s_es, s_eg,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BS: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BS: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, UNBOUNDED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -92,7 +99,12 @@ def _decode_split_kernel(
         mask=g_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    table = table_ptr + b * s_tb + h * s_th
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    table = table_ptr + row * s_tb + h * s_th
+    keep = tl.load(keep_ptr + b * s_keb + h * s_keh)
+    recent = tl.load(recent_ptr + b * s_rb + h * s_rh)
+    horizon = tl.load(qpos_ptr + b) - recent  # a slot past `keep` is visible iff its position > horizon
+    bounded = recent < UNBOUNDED
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -106,7 +118,11 @@ def _decode_split_kernel(
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + blk[:, None] * s_kb + slot[:, None] * s_ks + d[None, :], mask=kv_mask, other=0.0)
         s = dot_f32(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
+        visible = ok
+        if bounded:
+            kpos = tl.load(pos_ptr + blk * s_pb + slot, mask=ok, other=0)
+            visible = ok & ((tok < keep) | (kpos > horizon))
+        s = tl.where(visible[None, :], s, float("-inf"))
         v = tl.load(v_ptr + blk[:, None] * s_vb + slot[:, None] * s_vs + d[None, :], mask=kv_mask, other=0.0)
         m, l, acc = online_softmax_step(m, l, acc, s, v, UPCAST, IEEE)
     out, lse = finish_softmax(m, l, acc)
@@ -161,8 +177,13 @@ def launch_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    rows: torch.Tensor,
     lengths: torch.Tensor,
+    keep: torch.Tensor,
+    recent: torch.Tensor,
+    q_pos: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked inputs in, (out [B, Hq, D], lse [B, Hq]) out; see triton_ops.paged_decode."""
@@ -178,7 +199,7 @@ def launch_decode(
     upcast, ieee = dot_flags(k_cache.dtype)
     consts = dict(
         G=g, G_PAD=next_pow2(g, 16), D=d, D_PAD=next_pow2(d, 16), BS=bs, TILE=TILE_TOKENS,
-        UPCAST=upcast, IEEE=ieee, num_warps=4, num_stages=3,
+        UPCAST=upcast, IEEE=ieee, UNBOUNDED=UNBOUNDED, num_warps=4, num_stages=3,
     )
     if max_splits == 1:
         # one split per head: write the final state directly and skip the reduce launch
@@ -191,12 +212,12 @@ def launch_decode(
         o_strides = po.stride()[:4]
         e_strides = plse.stride()
     _decode_split_kernel[(b * hkv, max_splits)](
-        q, k_cache, v_cache, block_tables, lengths, po, plse,
+        q, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, q_pos, po, plse,
         scale * LOG2E, per_split, hkv,
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), pos_cache.stride(0),
         block_tables.stride(0), block_tables.stride(1),
-        lengths.stride(0), lengths.stride(1),
+        lengths.stride(0), lengths.stride(1), keep.stride(0), keep.stride(1), recent.stride(0), recent.stride(1),
         *o_strides, *e_strides,
         **consts,
     )

@@ -88,21 +88,32 @@ def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    rows: torch.Tensor,
     lengths: torch.Tensor,
+    keep: torch.Tensor,
+    recent: torch.Tensor,
+    q_pos: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query per sequence, `q [B, Hq, D]`, over all valid slots of each KV head.
+    """One query per sequence, `q [B, Hq, D]` at `q_pos [B]`, over the valid slots of its
+    row `rows[b]` of `block_tables [R, Hkv, W]` with the (keep, recent) mask.
 
     Returns out `[B, Hq, D]` and lse `[B, Hq]` (fp32, natural log).
     """
     _check_paged(q, k_cache, v_cache, block_tables)
-    require(
-        block_tables.shape[0] == q.shape[0], f"block_tables has {block_tables.shape[0]} sequences, q has {q.shape[0]}"
-    )
-    check_int("lengths", lengths, tuple(block_tables.shape[:2]))
-    check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, lengths=lengths)
-    return launch_decode(_rows_contiguous(q), k_cache, v_cache, block_tables.contiguous(), lengths, float(scale))
+    b = q.shape[0]
+    heads = (b, block_tables.shape[1])
+    check_int("rows", rows, (b,))
+    check_int("q_pos", q_pos, (b,))
+    check_int("pos_cache", pos_cache, tuple(k_cache.shape[:2]))
+    for name, x in (("lengths", lengths), ("keep", keep), ("recent", recent)):
+        check_int(name, x, heads)
+    require(block_tables.stride(-1) == 1, "block_tables must have a unit stride along its blocks")
+    check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, rows=rows, lengths=lengths, q_pos=q_pos)
+    return launch_decode(_rows_contiguous(q), k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent,
+                         q_pos, float(scale))
 
 
 def paged_prefix(
@@ -113,27 +124,31 @@ def paged_prefix(
     v_cache: torch.Tensor,
     pos_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    rows: torch.Tensor,
     lengths: torch.Tensor,
     keep: torch.Tensor,
     recent: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunk queries `q [T, Hq, D]` against the cached slots of their sequence.
+    """Chunk queries `q [T, Hq, D]` against the cached slots of their sequence q_seq in
+    [0, S), whose table is row `rows[s]` of `block_tables [R, Hkv, W]`.
 
     Returns out `[T, Hq, D]` and lse `[T, Hq]`.
     """
     _check_paged(q, k_cache, v_cache, block_tables)
     t = q.shape[0]
-    heads = tuple(block_tables.shape[:2])
+    heads = (rows.shape[0], block_tables.shape[1])
+    check_int("rows", rows, tuple(rows.shape))
     check_int("q_pos", q_pos, (t,))
     check_int("q_seq", q_seq, (t,))
     check_int("pos_cache", pos_cache, tuple(k_cache.shape[:2]))
     for name, x in (("lengths", lengths), ("keep", keep), ("recent", recent)):
         check_int(name, x, heads)
     check_same_device(q=q, q_pos=q_pos, q_seq=q_seq, k_cache=k_cache, block_tables=block_tables, lengths=lengths)
+    require(block_tables.stride(-1) == 1, "block_tables must have a unit stride along its blocks")
     return launch_prefix(
         _rows_contiguous(q), q_pos.contiguous(), q_seq.contiguous(), k_cache, v_cache, pos_cache,
-        block_tables.contiguous(), lengths, keep, recent, float(scale),
+        block_tables, rows.contiguous(), lengths, keep, recent, float(scale),
     )
 
 

@@ -4,8 +4,9 @@ A program takes TOKENS consecutive query tokens x one KV head; its rows are the
 (token, query head of the group) pairs, so each cached K/V tile is loaded once for the
 whole GQA group and the chunk tile. Tokens may belong to any sequences in any order
 (`q_seq` per token): the program walks the distinct sequences present in its tile, which
-is one for a contiguous chunk, without a host sync. A bounded head caches at most
-sink + recent (+ select) slots, so its cost is O(chunk x capacity) by construction.
+is one for a contiguous chunk, without a host sync; its block-table row is `rows[seq]`.
+A bounded head caches about sink + recent (+ select) slots (whole blocks), so its cost is
+O(chunk x capacity) by construction.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _NO_SEQ = 2**31 - 1
 
 @triton.jit
 def _paged_prefix_kernel(
-    q_ptr, qpos_ptr, qseq_ptr, k_ptr, v_ptr, pos_ptr, table_ptr, len_ptr, keep_ptr, recent_ptr,
+    q_ptr, qpos_ptr, qseq_ptr, k_ptr, v_ptr, pos_ptr, table_ptr, rows_ptr, len_ptr, keep_ptr, recent_ptr,
     o_ptr, lse_ptr,
     qk_scale, num_tokens,
     s_qt, s_qh, s_kb, s_ks, s_vb, s_vs, s_pb, s_ps, s_tb, s_th,
@@ -51,7 +52,7 @@ def _paged_prefix_kernel(
         keep = tl.load(keep_ptr + cur * s_keb + h * s_keh)
         recent = tl.load(recent_ptr + cur * s_rb + h * s_rh)
         horizon = qpos - recent  # slot visible iff it is a kept slot or its position > horizon
-        table = table_ptr + cur * s_tb + h * s_th
+        table = table_ptr + tl.load(rows_ptr + cur).to(tl.int64) * s_tb + h * s_th
         m = tl.full([TOKENS * G_PAD], float("-inf"), tl.float32)
         l = tl.zeros([TOKENS * G_PAD], tl.float32)
         acc = tl.zeros([TOKENS * G_PAD, D_PAD], tl.float32)
@@ -84,6 +85,7 @@ def launch_prefix(
     v_cache: torch.Tensor,
     pos_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    rows: torch.Tensor,
     lengths: torch.Tensor,
     keep: torch.Tensor,
     recent: torch.Tensor,
@@ -102,7 +104,7 @@ def launch_prefix(
     tile = TILE_KEYS if q.element_size() <= 2 else TILE_KEYS // 2
     upcast, ieee = dot_flags(k_cache.dtype)
     _paged_prefix_kernel[(triton.cdiv(t, tokens), hkv)](
-        q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, lengths, keep, recent, out, lse,
+        q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, out, lse,
         scale * LOG2E, t,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         pos_cache.stride(0), pos_cache.stride(1), block_tables.stride(0), block_tables.stride(1),

@@ -43,6 +43,28 @@ def compacted_capacity(b: HeadBudget, prompt_len: int, context_len: int) -> int:
     return b.sink + select_range(b, prompt_len)[2] + min(ring, max(0, context_len - b.sink))
 
 
+def window_first_block(sink_blocks, recent, end, block_size: int):
+    """First logical block a window head keeps beyond its sink blocks once positions up to
+    `end` are written: the block of position end - recent (numpy-friendly)."""
+    import numpy as np
+
+    return np.maximum(sink_blocks, np.maximum(np.asarray(end) - recent, 0) // block_size)
+
+
+def window_blocks(sink: int, recent: int, prev_end: int, end: int, block_size: int) -> int:
+    """Blocks a window head holds during a step that writes positions [prev_end, end): its
+    sink blocks, the window blocks it kept after `prev_end`, and the new blocks its window
+    keeps after `end` (blocks the step skips are not held). With prev_end == end: what it
+    holds between steps."""
+    ns = -(-sink // block_size)
+    held_to, lays_to = -(-prev_end // block_size), -(-end // block_size)
+    kept_from = int(window_first_block(ns, recent, prev_end, block_size))
+    keeps_from = int(window_first_block(ns, recent, end, block_size))
+    old = min(ns, held_to) + max(0, held_to - kept_from)
+    new = max(0, min(ns, lays_to) - held_to) + max(0, lays_to - max(held_to, keeps_from))
+    return old + new
+
+
 def resolve_budget(spec: HeadSpec, prompt_len: int, context_len: int) -> HeadBudget:
     """The budget a head spec gives a request with this prompt and context length."""
     if spec.kind == "full":

@@ -1,93 +1,235 @@
-"""Per-sequence, per-(layer, kv_head) cache state: block lists, lengths, budgets.
+"""One request's cache layout: every (layer, KV head)'s blocks, in its row of `BlockTables`.
 
-Slot layout of a head (slot r lives in block r // block_size of the head's list):
-- unbounded (full, or select/dynamic before prefill ends): slot = position;
-- bounded: positions < sink at slot = position; slots [sink, ring_base) hold the selected
-  middle tokens; later positions j go to the ring, slot ring_base + (j - sink) % ring,
-  overwriting the oldest.
+Three layouts (docs/design.md, "KV cache"):
+- positional (full heads, and select / dynamic heads until their prompt ends): the block
+  of position j is logical block j // block_size; the row lists blocks in position order;
+- positional window (window and elastic heads): the row holds the sink blocks, then the
+  blocks that overlap the recent window; blocks that leave the window are released after
+  the step that pushed them out (to the prefix cache when they carry a hash) and the row
+  shifts, so slot(j) = j - gap * block_size. Shared (cached) blocks are never written;
+- ring (a select head after compaction): private blocks, slots [0, sink) hold the sinks,
+  [sink, keep) the selected middle tokens and [keep, keep + ring) a ring of recent tokens.
+
+During a step whose chunk is longer than a window, the logical blocks the window skips
+are placeholders (entry 0, their positions dropped) or, when the prefix cache wants them
+and the pool has room, transient blocks: written, hashed, and released after the step.
+All per-head state is numpy `[L, Hkv]`; nothing loops over heads per step.
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from headwise.kernels.layout import UNBOUNDED
-from headwise.kvcache.budget import HeadBudget
+from headwise.kvcache.block_tables import BlockTables
+from headwise.kvcache.budget import HeadBudget, window_first_block
+
+PLACEHOLDER = -1  # a row entry for a logical block a window head skipped: its positions are dropped
 
 
 class HeadTables:
-    def __init__(self, budgets: list[list[HeadBudget]], pending: torch.Tensor, block_size: int,
-                 max_blocks: int, context_len: int):
+    def __init__(self, budgets: list[list[HeadBudget]], pending: np.ndarray, block_size: int, context_len: int,
+                 tables: BlockTables, row: int):
         self.budgets = budgets
-        layers, heads = len(budgets), len(budgets[0])
         self.block_size = block_size
         self.context_len = context_len
-        self.blocks: list[list[int]] = [[] for _ in range(layers * heads)]
-        self.table = torch.zeros(layers, heads, max_blocks, dtype=torch.int32)
-        self.nblocks = torch.zeros(layers, heads, dtype=torch.int64)
-        self.lengths = torch.zeros(layers, heads, dtype=torch.int32)
+        self.tables = tables
+        self.row = row
+        full = np.array([[b.full for b in r] for r in budgets])
+        self.pending = np.asarray(pending, dtype=bool).copy()
+        self.window = ~full & ~self.pending  # positional heads that drop blocks
+        self.ring_mode = np.zeros_like(self.pending)
+        self.sink = np.array([[b.sink for b in r] for r in budgets], dtype=np.int64)
+        recent = np.array([[b.recent if b.recent is not None else UNBOUNDED for b in r] for r in budgets],
+                          dtype=np.int64)
+        self.recent = np.where(self.window, recent, UNBOUNDED)
+        self.ns = np.where(self.window, -(-self.sink // block_size), 0)  # sink blocks
+        shape = self.pending.shape
+        self.ring = np.zeros(shape, dtype=np.int64)  # ring-mode heads: ring size and keep (sink + selected)
+        self.ring_keep = np.zeros(shape, dtype=np.int64)
+        self.gap = np.zeros(shape, dtype=np.int64)
+        self.nent = np.zeros(shape, dtype=np.int64)  # row entries (placeholders included)
+        self.held = np.zeros(shape, dtype=np.int64)  # blocks in the row (no placeholders, no transient)
+        self.lb_end = 0  # positional heads: logical blocks [0, lb_end) are laid out
         self.num_tokens = 0  # positions written so far
         self.peak_blocks = 0
-        # heads that hold everything until prefill ends, then get their select budget
-        self.pending = pending.clone()
-        bounded = torch.tensor([[not b.full for b in row] for row in budgets]) & ~self.pending
-        self.bounded = bounded
-        self.sink = torch.tensor([[b.sink for b in row] for row in budgets], dtype=torch.int64)
-        self.ring = torch.tensor([[b.recent or 0 for b in row] for row in budgets], dtype=torch.int64)
-        self.ring_base = self.sink.clone()  # grows by the number of selected tokens
-        self.sink = torch.where(bounded, self.sink, torch.zeros_like(self.sink))
-        self.capacity = torch.tensor([[b.capacity(context_len) for b in row] for row in budgets],
-                                     dtype=torch.int64)
+        self.transient = np.zeros(0, dtype=np.int32)  # this step's transient blocks (not in `held`)
+        self._placeholders = (np.zeros(0, dtype=np.int64),) * 3  # (layer, head, index) of the last grow
+        self.reserve = np.zeros(0, dtype=np.int32)  # blocks set aside for compaction
+        sink_w = np.where(self.window, self.sink, 0)
+        tables.set_params(row, gap=self.gap, ring=np.full(shape, -1), sink=sink_w, keep=sink_w, recent=self.recent)
+
+    # -- queries ---------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.pending.shape[0]
 
     @property
     def num_blocks_held(self) -> int:
-        return int(self.nblocks.sum())
+        return int(self.held.sum())
 
-    # -- kernel arguments (per head) -------------------------------------------------
-    def mask_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keep, sink, recent) `[L, Hkv]` int32 for the attention ops."""
-        unbounded = torch.full_like(self.ring, UNBOUNDED)
-        recent = torch.where(self.bounded, self.ring, unbounded)
-        keep = torch.where(self.bounded, self.ring_base, torch.zeros_like(self.ring))
-        sink = torch.where(self.bounded, self.sink, torch.zeros_like(self.sink))
-        return keep.int(), sink.int(), recent.int()
+    @property
+    def positional(self) -> np.ndarray:
+        return ~self.ring_mode
 
-    # -- slots -----------------------------------------------------------------------
-    def slots_for(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head slot index `[L, n, Hkv]` (-1 = not kept) for positions [start, end),
-        and the lengths after writing them."""
-        j = torch.arange(start, end, dtype=torch.int64)[None, :, None]  # [1, n, 1]
-        b = self.bounded[:, None, :]
-        sink = self.sink[:, None, :]
-        ring = self.ring[:, None, :]
-        base = self.ring_base[:, None, :]
-        in_ring = b & (j >= sink)
-        r = torch.where(in_ring, base + (j - sink) % ring.clamp(min=1), j)
-        # a later token of the same chunk overwrites this ring slot, or the ring is empty
-        dropped = in_ring & ((j < end - ring) | (ring == 0))
-        r = torch.where(dropped, torch.full_like(r, -1), r)
-        e = torch.tensor(end, dtype=torch.int64)
-        bounded_len = torch.where(e <= self.sink, e, self.ring_base + torch.minimum(self.ring, e - self.sink))
-        lengths = torch.where(self.bounded, bounded_len, e.expand_as(self.sink)).int()
-        return r, lengths
+    @property
+    def all_unbounded(self) -> bool:
+        """Every head sees everything cached (plain causal attention in prefill)."""
+        return not (self.window.any() or self.ring_mode.any())
 
-    def flat_slots(self, r: torch.Tensor) -> torch.Tensor:
-        """Head slot indices `[L, n, Hkv]` -> pool slots (-1 stays -1)."""
+    def row_blocks(self, layer: int, head: int) -> np.ndarray:
+        return self.tables.table[layer, self.row, head, :self.nent[layer, head]]
+
+    def kept_from(self, end: int) -> np.ndarray:
+        """First logical block a positional head keeps after `end` positions `[L, Hkv]`."""
+        return np.where(self.window, window_first_block(self.ns, self.recent, end, self.block_size), 0)
+
+    # -- growth ----------------------------------------------------------------------
+    def new_entries(self, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """The logical blocks a step writing up to `end` adds, and `[L, Hkv, m]` which of
+        them each head must hold (the rest are placeholders)."""
+        last = -(-end // self.block_size)
+        lbs = np.arange(self.lb_end, max(self.lb_end, last))
+        if not len(lbs):
+            return lbs, np.zeros((*self.pending.shape, 0), dtype=bool)
+        keep_from = self.kept_from(end)
+        real = (lbs[None, None, :] < self.ns[..., None]) | (lbs[None, None, :] >= keep_from[..., None])
+        return lbs, real & self.positional[..., None]
+
+    def window_max(self) -> np.ndarray:
+        """The most blocks each window head ever holds: its sink blocks, the blocks of its
+        window and one partly expired block (never more than the request's positions)."""
         bs = self.block_size
-        idx = (r.clamp(min=0) // bs).permute(0, 2, 1)  # [L, Hkv, n]
-        block = torch.gather(self.table, 2, idx.int().long()).permute(0, 2, 1).long()
-        return torch.where(r >= 0, block * bs + r % bs, r)
+        return np.minimum(-(-self.context_len // bs), self.ns + -(-self.recent // bs) + 1)
 
-    # -- blocks ----------------------------------------------------------------------
-    def blocks_to_hold(self, num_tokens: int) -> torch.Tensor:
-        """Blocks each head needs once `num_tokens` positions are written `[L, Hkv]`."""
-        bs = self.block_size
-        unbounded_need = torch.full_like(self.capacity, -(-num_tokens // bs))
-        return torch.where(self.bounded, -(-self.capacity // bs), unbounded_need)
+    def promise(self) -> int:
+        """Blocks the window heads may still take without growing past `window_max`: the
+        manager keeps them out of other requests' reach, so a request that was admitted
+        never needs another's blocks for its windows."""
+        return int(np.maximum(self.window_max() - self.held, 0)[self.window].sum())
 
-    def set_blocks(self, head: int, ids: list[int]) -> None:
-        layers, heads = self.table.shape[:2]
-        l, h = divmod(head, heads)
-        self.blocks[head] = ids
-        self.table[l, h, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-        self.nblocks[l, h] = len(ids)
+    def admission_need(self, prompt_end: int) -> int:
+        """Blocks to admit a request with `prompt_end` positions to compute, beyond what it
+        holds: positional heads the whole prompt, window heads their `window_max`."""
+        want = np.where(self.window, self.window_max(), -(-prompt_end // self.block_size))
+        return int(np.maximum(want - self.held, 0)[self.positional].sum())
+
+    def blocks_needed_split(self, end: int) -> tuple[int, int]:
+        """(window heads', other heads') blocks a step writing up to `end` allocates."""
+        real = self.new_entries(end)[1].sum(-1)
+        return int(real[self.window].sum()), int(real[~self.window].sum())
+
+    def blocks_needed(self, end: int) -> int:
+        """Blocks a step writing positions up to `end` must allocate."""
+        return int(self.new_entries(end)[1].sum())
+
+    def grow(self, end: int, ids: np.ndarray) -> None:
+        """Lay out the blocks a step writing up to `end` adds: `ids` for the blocks heads
+        must hold (in (layer, head, logical block) order); the rest are placeholders until
+        `fill_placeholders` gives them transient blocks."""
+        lbs, real = self.new_entries(end)
+        self._placeholders = (np.zeros(0, dtype=np.int64),) * 3
+        if not len(lbs):
+            return
+        pos = np.broadcast_to(self.positional[..., None], real.shape)
+        blocks = np.full(real.shape, PLACEHOLDER, dtype=np.int32)
+        blocks[real] = ids
+        self.held += real.sum(-1)
+        layer, head, k = np.nonzero(pos)
+        index = lbs[k] - self.gap[layer, head]
+        self.tables.set_entries(self.row, layer, head, index, blocks[layer, head, k])
+        hole = ~real[layer, head, k]
+        self._placeholders = (layer[hole], head[hole], index[hole])
+        self.nent += pos.sum(-1)
+        self.lb_end = int(lbs[-1]) + 1
+        self.peak_blocks = max(self.peak_blocks, self.num_blocks_held)
+
+    def fill_placeholders(self, ids: np.ndarray) -> None:
+        """Give this step's placeholders transient blocks (one id each, `num_placeholders`):
+        written and hashed like any block, released after the step. They are the prefix
+        cache's, not the request's, so they do not count toward its peak."""
+        layer, head, index = self._placeholders
+        self.tables.set_entries(self.row, layer, head, index, ids)
+        self.transient = ids
+
+    @property
+    def num_placeholders(self) -> int:
+        """Placeholders the last `grow` laid out."""
+        return len(self._placeholders[0])
+
+    # -- after the step --------------------------------------------------------------
+    def finish_step(self, end: int) -> np.ndarray:
+        """Positions up to `end` are written: window heads drop the blocks that left their
+        window, placeholders and transient blocks included. Returns the blocks to release
+        (logical order per head)."""
+        self.num_tokens = end
+        first = self.ns + self.gap  # logical block of the first window entry
+        shift = np.where(self.window, np.maximum(self.kept_from(end) - first, 0), 0)
+        out = []
+        for layer, head in zip(*np.nonzero(shift)):
+            n, ns, total = int(shift[layer, head]), int(self.ns[layer, head]), int(self.nent[layer, head])
+            row = self.tables.table[layer, self.row, head]
+            gone = row[ns:ns + n]
+            gone = gone[gone != PLACEHOLDER].copy()
+            out.append(gone)
+            self.held[layer, head] -= len(gone) - int(np.isin(gone, self.transient).sum())
+            self.tables.set_row_span(self.row, layer, head, ns, row[ns + n:total].copy())
+            self.nent[layer, head] = total - n
+        if shift.any():
+            self.gap += shift
+            self.tables.set_params(self.row, gap=self.gap)
+        self.transient = np.zeros(0, dtype=np.int32)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+
+    def all_blocks(self) -> np.ndarray:
+        """Every block the request holds, newest logical block first (evicted first)."""
+        width = int(self.nent.max()) if self.nent.size else 0
+        block = self.tables.table[:, self.row, :, :width]
+        inside = (np.arange(width)[None, None, :] < self.nent[..., None]) & (block != PLACEHOLDER)
+        # column order from the last entry back: tails of every head before their heads
+        order = block[:, :, ::-1].transpose(2, 0, 1)
+        keep = inside[:, :, ::-1].transpose(2, 0, 1)
+        return order[keep].astype(np.int32)
+
+    # -- prefix-cache hits and compaction ---------------------------------------------
+    def adopt_prefix(self, num_blocks: int, blocks: np.ndarray) -> np.ndarray:
+        """Start from a cached prefix of `num_blocks` logical blocks: `blocks [k, L, Hkv]`
+        (PLACEHOLDER where a head has none). Positional heads take all of them, window
+        heads their sink blocks and the blocks their window needs at that point. Returns
+        the block ids taken (the caller adds a reference to each)."""
+        k = num_blocks
+        end = k * self.block_size
+        keep_from = self.kept_from(end)
+        lbs = np.arange(k)[None, None, :]
+        need = (lbs < np.where(self.window, self.ns, k)[..., None]) | (lbs >= keep_from[..., None])
+        need &= self.positional[..., None]
+        per_head = blocks.transpose(1, 2, 0)  # [L, Hkv, k]
+        assert (per_head[need] != PLACEHOLDER).all(), "adopt_prefix: a needed block is missing"
+        self.gap = np.where(self.window, np.maximum(keep_from - self.ns, 0), 0)
+        layer, head, j = np.nonzero(need)
+        index = j - np.where(j >= self.ns[layer, head], self.gap[layer, head], 0)
+        ids = per_head[layer, head, j]
+        self.tables.set_entries(self.row, layer, head, index, ids)
+        self.nent = need.sum(-1)
+        self.held = self.nent.copy()
+        self.lb_end = k
+        self.num_tokens = end
+        self.tables.set_params(self.row, gap=self.gap)
+        self.peak_blocks = max(self.peak_blocks, self.num_blocks_held)
+        return ids.astype(np.int32)
+
+    def to_ring(self, layer: int, head: int, blocks: np.ndarray, sink: int, keep: int, ring: int) -> None:
+        """A pending head after compaction: its new private blocks and ring layout."""
+        self.tables.set_row_span(self.row, layer, head, 0, blocks)
+        self.nent[layer, head] = self.held[layer, head] = len(blocks)
+        self.pending[layer, head] = False
+        self.ring_mode[layer, head] = True
+        self.sink[layer, head] = sink
+        self.ring_keep[layer, head] = keep
+        self.ring[layer, head] = ring
+
+    def commit_ring_params(self) -> None:
+        self.tables.set_params(self.row, ring=np.where(self.ring_mode, self.ring, -1),
+                               sink=np.where(self.ring_mode | self.window, self.sink, 0),
+                               keep=np.where(self.ring_mode, self.ring_keep, np.where(self.window, self.sink, 0)),
+                               recent=np.where(self.ring_mode, self.ring, self.recent))

@@ -1,33 +1,44 @@
-"""The KV pool and its accounting: admission, growth, compaction and freeing of blocks.
+"""The KV cache: pool tensors, refcounted blocks, per-head tables of the running requests,
+and the prefix cache. Growth, release, compaction and prefix hits of one request's heads
+(docs/design.md, "KV cache").
 
-Every request's block need is the sum over (layer, kv_head) of its heads' blocks
-(docs/design.md, "KV cache"): bounded heads get their whole capacity once at admission, full
-heads grow a block at a time, select/dynamic heads hold the prompt until prefill ends
-and then shrink to their budget in the same step.
+Every head grows a block at a time as its request's tokens are computed; window heads also
+release the blocks that leave their window; select / dynamic heads hold the prompt until
+it ends and then keep sink + selected + ring in private blocks. A request's block count is
+the sum over (layer, kv_head), so a plan that keeps 25% of the KV admits ~4x the requests.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from headwise.kvcache.block_pool import BlockPool
-from headwise.kvcache.buffers import KVBuffers
+from headwise.kvcache.block_tables import BlockTables
 from headwise.kvcache.budget import HeadBudget, compacted_capacity, select_range
+from headwise.kvcache.buffers import KVBuffers
 from headwise.kvcache.head_tables import HeadTables
+from headwise.kvcache.prefix_cache import PrefixCache
 
 
 class KVCacheManager:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 num_blocks: int, max_model_len: int, dtype: torch.dtype, device: str = "cpu"):
+                 num_blocks: int, max_model_len: int, dtype: torch.dtype, device: str = "cpu",
+                 max_num_seqs: int = 64, enable_prefix_caching: bool = False):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size = block_size
-        self.max_blocks_per_head = -(-max_model_len // block_size)
+        # +1: a request's window head may hold one partly expired block beyond its positions
+        self.max_blocks_per_head = -(-max_model_len // block_size) + 1
         self.pool = BlockPool(num_blocks)
         self.buffers = KVBuffers(
             k=torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device),
             v=torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device),
             pos=torch.zeros(num_blocks, block_size, dtype=torch.int32, device=device),
         )
+        self.tables = BlockTables(num_layers, num_kv_heads, max_num_seqs, self.max_blocks_per_head, device)
+        self.prefix_cache = PrefixCache(self.pool, num_layers, num_kv_heads) if enable_prefix_caching else None
+        # blocks the running requests' window heads may still take (HeadTables.promise)
+        self.promised = 0
         # bytes of K and V in one block (what a request's kv_bytes counts)
         self.block_bytes = 2 * block_size * head_dim * torch.finfo(dtype).bits // 8
 
@@ -42,74 +53,171 @@ class KVCacheManager:
 
     @property
     def num_free(self) -> int:
+        """Blocks an allocation may take: free ones and evictable (cached, unused) ones."""
         return self.pool.num_free
 
-    def new_seq(self, budgets: list[list[HeadBudget]], pending: torch.Tensor, context_len: int) -> HeadTables:
-        return HeadTables(budgets, pending, self.block_size, self.max_blocks_per_head, context_len)
+    @property
+    def available(self) -> int:
+        """Free blocks no running request's windows are promised."""
+        return self.pool.num_free - self.promised
 
-    def blocks_needed(self, tables: HeadTables, num_tokens: int) -> int:
-        """Blocks to add so that `num_tokens` positions fit."""
-        return int((tables.blocks_to_hold(num_tokens) - tables.nblocks).clamp(min=0).sum())
+    # -- requests --------------------------------------------------------------------
+    def new_tables(self, budgets: list[list[HeadBudget]], pending: np.ndarray, context_len: int) -> HeadTables | None:
+        """Tables in a fresh row, or None when every row is taken."""
+        if not self.tables.num_free_rows:
+            return None
+        return HeadTables(budgets, pending, self.block_size, context_len, self.tables, self.tables.allocate_row())
 
-    def grow(self, tables: HeadTables, num_tokens: int) -> None:
-        """Allocate the blocks `num_tokens` positions need (caller checked they are free)."""
-        need = (tables.blocks_to_hold(num_tokens) - tables.nblocks).clamp(min=0).flatten().tolist()
-        for head, n in enumerate(need):
-            if n:
-                tables.set_blocks(head, tables.blocks[head] + self.pool.allocate(n))
-        tables.peak_blocks = max(tables.peak_blocks, tables.num_blocks_held)
+    def can_grow(self, tables: HeadTables, end: int, compaction: int = 0) -> bool:
+        """Whether a step computing positions up to `end` (plus a compaction reserve) can
+        allocate: window heads draw on their own promise, everything else on `available`."""
+        window, other = tables.blocks_needed_split(end)
+        return other + compaction + max(0, window - tables.promise()) <= self.available
+
+    def can_admit(self, tables: HeadTables, prompt_end: int, first_end: int, taken: np.ndarray,
+                  compaction: int = 0) -> bool:
+        """Whether a request (its tables laid out over a cached prefix whose blocks are
+        `taken`) fits: its prompt, its windows' most, the cached blocks it revives, what its
+        first chunk (up to `first_end`) needs beyond its windows' promise, and the compaction
+        reserve when that chunk ends the prompt."""
+        revived = int((self.pool.ref[np.unique(taken)] == 0).sum())
+        window = tables.blocks_needed_split(first_end)[0]
+        over = max(0, window - tables.promise())
+        return tables.admission_need(prompt_end) + revived + over + compaction <= self.available
+
+    def admit(self, tables: HeadTables, taken: np.ndarray) -> None:
+        self.pool.take(taken)
+        self.promised += tables.promise()
+
+    def grow(self, tables: HeadTables, end: int, compaction: int = 0) -> None:
+        """Allocate a step's blocks (the caller checked `can_grow`)."""
+        before = tables.promise()
+        tables.grow(end, self.pool.allocate(tables.blocks_needed(end)))
+        self.promised += tables.promise() - before
+        if compaction:
+            tables.reserve = self.pool.allocate(compaction)
+            tables.peak_blocks = max(tables.peak_blocks, tables.num_blocks_held + compaction)
+
+    def fill_placeholders(self, tables: HeadTables) -> bool:
+        """Once a step's growth is done: give the window heads' skipped blocks transient
+        blocks when the pool has room, so the prefix cache gets every block of a prompt
+        (a later prompt that shares only its beginning can then hit)."""
+        n = tables.num_placeholders
+        if self.prefix_cache is None or not n or n > self.available:
+            return False
+        tables.fill_placeholders(self.pool.allocate(n))
+        return True
+
+    def finish_step(self, tables: HeadTables, end: int) -> None:
+        """Positions up to `end` are written: release what the window heads dropped."""
+        before = tables.promise()
+        self.pool.release(tables.finish_step(end))
+        self.promised += tables.promise() - before
 
     def free(self, tables: HeadTables) -> None:
-        for head, ids in enumerate(tables.blocks):
-            if ids:
-                self.pool.free(ids)
-                tables.set_blocks(head, [])
+        """Give back every block and the row (finish, abort, preemption)."""
+        self.promised -= tables.promise()
+        self.pool.release(tables.all_blocks())
+        self.pool.release(tables.reserve)
+        self.tables.free_row(tables.row)
+
+    def census(self, live: list[HeadTables]) -> dict[str, int]:
+        """Every block is free, evictable (cached, unused) or held: the refcount of each block
+        equals the number of live requests' tables (compaction reserves included) naming it.
+        Raises AssertionError on a leak or a double free; returns the three counts."""
+        named = [t.all_blocks() for t in live] + [t.reserve for t in live]
+        counts = np.bincount(np.concatenate(named or [np.zeros(0, dtype=np.int32)]).astype(np.int64),
+                             minlength=self.num_blocks)
+        assert (counts == self.pool.ref).all(), "block refcounts disagree with the live tables"
+        held = int((self.pool.ref > 0).sum())
+        evictable = self.pool.num_evictable
+        free = self.num_blocks - held - evictable
+        assert free == self.pool.num_free - evictable, "free + evictable + held != num_blocks"
+        assert self.promised == sum(t.promise() for t in live), "window promises drifted"
+        return {"held": held, "evictable": evictable, "free": free}
+
+    # -- prefix cache ----------------------------------------------------------------
+    def match_prefix(self, tables: HeadTables, hashes: list[int]) -> tuple[int, np.ndarray]:
+        """(k, cached blocks `[k, L, Hkv]`): the longest usable cached prefix of `hashes`."""
+        if self.prefix_cache is None or not hashes:
+            return 0, np.zeros((0, self.num_layers, self.num_kv_heads), dtype=np.int32)
+        cached = self.prefix_cache.lookup(hashes)
+        k = self.prefix_cache.longest_hit(tables, cached)
+        return k, cached[:k]
+
+    def register(self, tables: HeadTables, hashes: list[int], first: int) -> None:
+        """Name the logical blocks [first, first + len(hashes)) every head holds now."""
+        if self.prefix_cache is None:
+            return
+        width = tables.lb_end
+        row = self.tables.table[:, tables.row, :, :]
+        for i, h in enumerate(hashes):
+            lb = first + i
+            index = np.where(lb >= tables.ns, lb - tables.gap, lb)
+            ok = tables.positional & (index < tables.nent) & (lb < width)
+            if tables.window.any():
+                ok &= ~tables.window | (lb < tables.ns) | (lb >= tables.ns + tables.gap)
+            blocks = np.take_along_axis(row, np.clip(index, 0, row.shape[-1] - 1)[..., None], -1)[..., 0]
+            self.prefix_cache.register(h, np.where(ok, blocks, -1).astype(np.int32))
+
+    # -- end of prompt ---------------------------------------------------------------
+    def compaction_blocks(self, tables: HeadTables, prompt_len: int) -> int:
+        """Fresh blocks select heads take when the prompt ends (prefix caching keeps their
+        prompt blocks intact for later hits); 0 without a prefix cache (compacted in place)."""
+        if self.prefix_cache is None or not tables.pending.any():
+            return 0
+        total = 0
+        for l, h in zip(*np.nonzero(tables.pending)):
+            b = tables.budgets[l][h]
+            total += -(-compacted_capacity(b, prompt_len, tables.context_len) // self.block_size)
+        return total
 
     def compact(self, tables: HeadTables, keep_full: torch.Tensor, scores: list[torch.Tensor]) -> None:
         """End of prefill: pending heads not in `keep_full` `[L, Hkv]` keep sink + the
-        `select` best-scored middle tokens (`scores[layer] [Hkv, P]`) + the recent ring;
-        their other blocks go back to the pool now."""
+        `select` best-scored middle tokens (`scores[layer] [Hkv, P]`) + the recent ring in
+        private blocks; their prompt blocks go back to the pool (or the prefix cache)."""
         p = tables.num_tokens
         bs = self.block_size
-        moves_src, moves_dst = [], []
-        for l in range(self.num_layers):
-            for h in range(self.num_kv_heads):
-                if not tables.pending[l, h]:
-                    continue
+        moves_src, moves_dst, released = [], [], []
+        reserve = list(tables.reserve)
+        for l, h in zip(*np.nonzero(tables.pending)):
+            if keep_full[l, h]:
                 tables.pending[l, h] = False
-                if keep_full[l, h]:
-                    continue
-                b = tables.budgets[l][h]
-                sink, ring = b.sink, b.recent or 0
-                mid_lo, mid_hi, nsel = select_range(b, p)
-                chosen = torch.empty(0, dtype=torch.int64)
-                if nsel:
-                    chosen = torch.topk(scores[l][h, mid_lo:mid_hi], nsel).indices.sort().values + mid_lo
-                tail = torch.arange(max(mid_hi, min(sink, p)), p)
-                src = torch.cat([torch.arange(min(sink, p)), chosen, tail])
-                base = sink + nsel
-                dst = torch.cat([torch.arange(min(sink, p)), sink + torch.arange(nsel),
-                                 base + (tail - sink) % max(ring, 1)])
-                head = l * self.num_kv_heads + h
-                old = torch.tensor(tables.blocks[head], dtype=torch.int64)
-                moves_src.append(old[src // bs] * bs + src % bs)
-                moves_dst.append(old[dst // bs] * bs + dst % bs)
-                cap = compacted_capacity(b, p, tables.context_len)
-                nkeep = -(-cap // bs)
-                # freed blocks are only reused by a later allocation, after the copy below
-                self.pool.free(tables.blocks[head][nkeep:])
-                tables.set_blocks(head, tables.blocks[head][:nkeep])
-                tables.bounded[l, h] = True
-                tables.sink[l, h] = sink
-                tables.ring[l, h] = ring
-                tables.ring_base[l, h] = base
-                tables.capacity[l, h] = cap
-                tables.lengths[l, h] = len(src) and int(dst.max()) + 1
+                continue
+            b = tables.budgets[l][h]
+            sink, ring = b.sink, b.recent or 0
+            mid_lo, mid_hi, nsel = select_range(b, p)
+            chosen = torch.empty(0, dtype=torch.int64)
+            if nsel:
+                chosen = torch.topk(scores[l][h, mid_lo:mid_hi], nsel).indices.sort().values + mid_lo
+            tail = torch.arange(max(mid_hi, min(sink, p)), p)
+            src = torch.cat([torch.arange(min(sink, p)), chosen, tail])
+            base = sink + nsel
+            dst = torch.cat([torch.arange(min(sink, p)), sink + torch.arange(nsel),
+                             base + (tail - sink) % max(ring, 1)])
+            old = tables.row_blocks(l, h).astype(np.int64)
+            nkeep = -(-compacted_capacity(b, p, tables.context_len) // bs)
+            if reserve:
+                new, reserve = np.array(reserve[:nkeep], dtype=np.int64), reserve[nkeep:]
+                released.append(old)
+            else:  # in place: the prompt's first blocks become the head's private blocks
+                new = old[:nkeep]
+                self.pool.clear_hash(new)
+                released.append(old[nkeep:])
+            old_t, new_t = torch.from_numpy(old), torch.from_numpy(new)
+            moves_src.append(old_t[src // bs] * bs + src % bs)
+            moves_dst.append(new_t[dst // bs] * bs + dst % bs)
+            tables.to_ring(l, h, new.astype(np.int32), sink, base, ring)
         if moves_src:
-            # heads own disjoint blocks, so every head's move is one gather then one scatter
+            # one gather then one scatter for all heads; freed blocks are reused only later
             device = self.buffers.k.device
             src_flat = torch.cat(moves_src).to(device)
             dst_flat = torch.cat(moves_dst).to(device)
             for t in (self.buffers.k, self.buffers.v, self.buffers.pos):
                 flat = t.view(-1, *t.shape[2:])
                 flat[dst_flat] = flat[src_flat]
+        tables.commit_ring_params()
+        tables.reserve = np.zeros(0, dtype=np.int32)
+        self.pool.release(np.array(reserve, dtype=np.int32))
+        for old in released:
+            self.pool.release(old.astype(np.int32))

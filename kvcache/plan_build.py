@@ -6,7 +6,7 @@ import dataclasses
 import math
 from datetime import datetime, timezone
 
-from headwise.kvcache.budget import compacted_capacity, resolve_budget
+from headwise.kvcache.budget import compacted_capacity, resolve_budget, window_blocks
 from headwise.kvcache.plans import (FULL, DynamicSpec, HeadSpec, ModelShape, Plan, PlanError, check_spec, full_plan,
                                     parse_scores)
 
@@ -172,27 +172,41 @@ def kv_ratio(plan: Plan, context_len: int, prompt_len: int | None = None, block_
     return kv_bytes(plan, context_len, prompt_len, 1, block_size) / full if full else 1.0
 
 
-def request_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size: int = 16) -> tuple[int, int]:
-    """KV blocks one request of this plan holds: (prefill peak, end of decode).
+def request_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size: int = 16, chunk: int = 2048,
+                   prefix_caching: bool = True) -> tuple[int, int]:
+    """KV blocks one request of this plan holds alone in the engine: (peak, decode peak).
 
-    The engine's accounting: at admission full heads and select / dynamic heads reserve
-    the whole prompt, window / elastic heads their whole ring; when the prompt ends select
-    heads (and a dynamic plan's non-full heads) shrink to sink + selected + ring; full
-    heads then grow to the prompt_len + max_tokens - 1 positions that are ever written."""
+    The engine's accounting replayed step by step: the prompt in chunks of `chunk` tokens,
+    then one token per step up to the prompt_len + max_tokens - 1 positions ever written.
+    Each step first lays out the blocks it writes (the peak counts that moment), then window
+    heads release the blocks that left their window (the decode peak counts what is held
+    when a token is sampled). Select heads (and a dynamic plan's heads) hold the prompt
+    until it ends, then sink + selected + ring; with prefix caching that step also sets
+    aside their new blocks, so their prompt blocks stay intact for later hits."""
     ctx = prompt_len + max_tokens
-    written = ctx - 1
     cdiv = lambda a: -(-a // block_size)  # noqa: E731
-    peak = end = 0
+    ends = [*range(min(chunk, prompt_len), prompt_len, chunk), prompt_len, *range(prompt_len + 1, ctx)]
+    grown = [0] * len(ends)
+    after = [0] * len(ends)
     for row in static_heads(plan):
         for spec in row:
-            if spec.kind == "full":
-                peak += cdiv(prompt_len)
-                end += cdiv(written)
-            elif spec.kind == "select":
-                peak += cdiv(prompt_len)
-                end += cdiv(compacted_capacity(resolve_budget(spec, prompt_len, ctx), prompt_len, ctx))
-            else:
-                blocks = cdiv(resolve_budget(spec, prompt_len, ctx).capacity(ctx))
-                peak += blocks
-                end += blocks
-    return max(peak, end), end
+            b = resolve_budget(spec, prompt_len, ctx)
+            for i, e in enumerate(ends):
+                if spec.kind == "window" or spec.kind == "elastic":
+                    grown[i] += window_blocks(b.sink, b.recent, ends[i - 1] if i else 0, e, block_size)
+                    after[i] += window_blocks(b.sink, b.recent, e, e, block_size)
+                elif spec.kind == "select" and e >= prompt_len:
+                    n = cdiv(compacted_capacity(b, prompt_len, ctx))
+                    grown[i] += n if e > prompt_len else cdiv(prompt_len)
+                    after[i] += n
+                else:
+                    grown[i] += cdiv(e)
+                    after[i] += cdiv(e)
+    if prefix_caching:
+        # every pending head gets its reserve (a dynamic plan's, too: which stay full is per request)
+        rest = plan.dynamic.rest if plan.dynamic is not None else None
+        grown[ends.index(prompt_len)] += sum(
+            cdiv(compacted_capacity(resolve_budget(rest or spec, prompt_len, ctx), prompt_len, ctx))
+            for row in static_heads(plan) for spec in row if rest is not None or spec.kind == "select")
+    sampled = [a for e, a in zip(ends, after) if e >= prompt_len]
+    return max(grown), max(sampled)

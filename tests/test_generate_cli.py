@@ -33,9 +33,10 @@ def test_prompts_file_json_lines_in_input_order(tmp_path, capsys, engine, tok):
         assert row["token_ids"] == ref.token_ids and row["text"] == ref.text
         assert row["prompt_tokens"] == len(prompt) and row["completion_tokens"] == len(ref.token_ids)
         assert row["finish_reason"] == ref.finish_reason and row["kv_bytes"] == ref.kv_bytes
-    # the third prompt ran with the 4 + 12 streaming plan: every head holds one block
+    # the third prompt ran with the 4 + 12 streaming plan: every head holds its sink block
+    # and the (at most two) blocks its 12-token window overlaps
     assert out[2]["prompt_tokens"] == len(prompts[2])
-    assert out[2]["kv_bytes"] == 30 * 3 * 1 * 16 * 64 * 2 * 4
+    assert out[2]["kv_bytes"] == 30 * 3 * 3 * 16 * 64 * 2 * 4
 
 
 @pytest.mark.parametrize("argv, error", [

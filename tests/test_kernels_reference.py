@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from headwise.kernels import reference as ref
 from headwise.kernels.layout import UNBOUNDED
-from headwise.kernels.triton_cases import allocate, head_capacity, keep_of, prefill_in_chunks, slot_mapping
+from headwise.kernels.triton_cases import (allocate, decode_args, head_capacity, keep_of, position_aligned_cache,
+                                            prefill_in_chunks, rows_of, slot_mapping)
 
 ATOL = RTOL = 1e-5
 D = 16
@@ -101,8 +102,9 @@ def test_decode_over_ring_cache_equals_dense_window_attention(w):
     write_history(cache, k, v, lens, sink, recent)
     b = bounds(lens)
     last = torch.tensor([max(b[s + 1] - 1, 0) for s in range(len(lens))])
-    out, lse = ref.paged_decode(q[last] if len(q) else torch.zeros(len(lens), hkv * g, D),
-                                cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, 0.3)
+    q_pos = torch.tensor([max(n - 1, 0) for n in lens])
+    out, lse = ref.paged_decode(*decode_args(cache, q[last] if len(q) else torch.zeros(len(lens), hkv * g, D),
+                                             q_pos, sink, recent, 0.3))
     for s, n in enumerate(lens):
         if n == 0:
             assert torch.all(out[s] == 0) and torch.all(lse[s] == float("-inf"))
@@ -129,7 +131,7 @@ def test_prefix_over_cache_equals_dense_attention_to_cached_tokens(w, chunk):
     q_pos = torch.cat([torch.arange(n, n + chunk) for n in lens])
     q_seq = torch.arange(len(lens)).repeat_interleave(chunk)
     out, lse = ref.paged_prefix(q[rows], q_pos, q_seq, cache.k_cache, cache.v_cache, cache.pos_cache,
-                                cache.block_tables, cache.lengths, keep_of(cache, sink), recent, 0.3)
+                                cache.block_tables, rows_of(cache), cache.lengths, keep_of(cache, sink), recent, 0.3)
     for s, n in enumerate(lens):
         mine = q_seq == s
         keys = slice(b[s], b[s] + n)
@@ -217,13 +219,34 @@ def test_decode_after_chunked_prefill_equals_dense_attention(w, chunk, steps):
         rows = torch.tensor(b[:-1]) + pos
         ref.kv_write(k[rows], v[rows], pos, slot_mapping(cache, pos, seqs, sink, recent),
                      cache.k_cache, cache.v_cache, cache.pos_cache)
-        out, lse = ref.paged_decode(q[rows], cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, 0.3)
+        out, lse = ref.paged_decode(*decode_args(cache, q[rows], pos, sink, recent, 0.3))
         for s in range(len(lens)):
             keys = slice(b[s], int(rows[s]) + 1)
             o, l = dense_attention(q[rows[s : s + 1]], pos[s : s + 1], k[keys], v[keys],
                                    torch.arange(int(pos[s]) + 1), sink[s], recent[s], 0.3)
             assert_close(out[s], o[0])
             assert_close(lse[s], l[0])
+
+
+@SETTINGS
+@given(workloads(max_len=60), st.sampled_from([4, 8]))
+def test_decode_over_position_aligned_window_blocks_masks_expired_slots(w, block_size):
+    """The engine's window layout (sink blocks, then the blocks overlapping the window, the
+    oldest possibly holding positions that left it) = dense sink + window attention."""
+    lens, g, sink, recent, seed = w
+    newest = [max(n, 1) - 1 for n in lens]
+    gen = torch.Generator().manual_seed(seed)
+    cache, k_all, v_all = position_aligned_cache(newest, sink, recent, block_size, D, torch.float32, "cpu", gen)
+    hkv = sink.shape[1]
+    q = torch.randn(len(lens), hkv * g, D, generator=gen)
+    keep = torch.minimum(sink, cache.lengths)
+    out, lse = ref.paged_decode(q, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables,
+                                rows_of(cache), cache.lengths, keep, recent, torch.tensor(newest), 0.3)
+    for s, p in enumerate(newest):
+        o, l = dense_attention(q[s:s + 1], torch.tensor([p]), k_all[s, :p + 1], v_all[s, :p + 1],
+                               torch.arange(p + 1), sink[s], recent[s], 0.3)
+        assert_close(out[s], o[0])
+        assert_close(lse[s], l[0])
 
 
 def test_full_head_decode_matches_softmax_formula():
@@ -239,7 +262,7 @@ def test_full_head_decode_matches_softmax_formula():
     one = torch.zeros(1, 1, dtype=torch.int32)
     ref.kv_write(k, v, pos, slot_mapping(cache, pos, torch.zeros(2, dtype=torch.long), one, one + UNBOUNDED),
                  cache.k_cache, cache.v_cache, cache.pos_cache)
-    out, lse = ref.paged_decode(q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, 1.0)
+    out, lse = ref.paged_decode(*decode_args(cache, q, torch.tensor([1]), one, one + UNBOUNDED, 1.0))
     assert out[0, 0, 1].item() == pytest.approx(7.0, abs=1e-6)
     assert lse[0, 0].item() == pytest.approx(math.log(4.0), abs=1e-6)
 
@@ -258,13 +281,14 @@ def test_masked_prefill_equals_prefix_merged_with_chunk_attention(w, chunk):
     class Fused:  # prefill_in_chunks' ops, with the chunk attention replaced by masked_prefill
         kv_write = staticmethod(ref.kv_write)
 
-        def paged_prefix(self, qc, pos, seq, kc, vc, pc, tables, lengths, keep, rec, scale):
-            self.args = (pos, kc, vc, pc, tables, lengths, keep)
+        def paged_prefix(self, qc, pos, seq, kc, vc, pc, tables, rows, lengths, keep, rec, scale):
+            self.args = (pos, kc, vc, pc, tables, rows, lengths, keep)
             return torch.zeros_like(qc), torch.zeros(qc.shape[:2])
 
         def sink_window_prefill(self, qc, kk, vv, pos, cu, snk, rec, scale):
-            _, kc, vc, pc, tables, lengths, keep = self.args
-            return ref.masked_prefill(qc, kk, vv, pos, cu, kc, vc, pc, tables, lengths, keep, snk, rec, scale), None
+            _, kc, vc, pc, tables, rows, lengths, keep = self.args
+            return ref.masked_prefill(qc, kk, vv, pos, cu, kc, vc, pc, tables, rows, lengths, keep, snk, rec,
+                                      scale), None
 
         @staticmethod
         def merge_states(o1, l1, o2, l2):

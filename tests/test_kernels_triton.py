@@ -27,9 +27,12 @@ from headwise.kernels import triton_ops as tri  # noqa: E402
 from headwise.kernels.layout import UNBOUNDED  # noqa: E402
 from headwise.kernels.triton_cases import (  # noqa: E402
     allocate,
+    decode_args,
     head_capacity,
     keep_of,
+    position_aligned_cache,
     prefill_in_chunks,
+    rows_of,
     slot_mapping,
 )
 
@@ -79,6 +82,11 @@ def ring_cache(lens, dtype, head_dim, block_size, seed=0, extra=0):
     return cache, sink, recent, gen
 
 
+def newest(lens) -> torch.Tensor:
+    """Position of each sequence's newest token (0 for an empty one)."""
+    return torch.tensor([max(n - 1, 0) for n in lens])
+
+
 @pytest.fixture
 def small_splits(monkeypatch):
     """Splits of 32 tokens in tiles of 16: lengths 37 or 53 end in a partial split."""
@@ -107,16 +115,32 @@ def test_kv_write_matches_reference_with_ring_and_drops(dtype, head_dim, block_s
 def test_paged_decode_matches_reference_over_ragged_split_heads(dtype, head_dim, block_size, group, small_splits):
     """Per-head lengths 0, 1, one block, wrapped rings and 53 (two partial splits)."""
     lens = [0, 1, block_size, 53]
-    cache, _, _, gen = ring_cache(lens, dtype, head_dim, block_size)
+    cache, sink, recent, gen = ring_cache(lens, dtype, head_dim, block_size)
     assert {0, 1, block_size} <= set(cache.lengths.flatten().tolist())
     q = torch.randn(len(lens), HKV * group, head_dim, generator=gen).to(dtype)
-    args = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, SCALE)
+    args = decode_args(cache, q, newest(lens), sink, recent, SCALE)
     table_tokens = cache.block_tables.shape[2] * block_size
     per_split, max_splits = triton_decode.plan_splits(len(lens), HKV, table_tokens, q.device)
     assert max_splits > 1 and 53 % per_split != 0
     out, lse = tri.paged_decode(*args)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
     assert_state_close((out, lse), ref.paged_decode(*args), dtype)
+
+
+@pytest.mark.parametrize("dtype,head_dim,block_size,group", COMBOS[:3], ids=COMBO_IDS[:3])
+def test_paged_decode_masks_expired_slots_of_position_aligned_windows(dtype, head_dim, block_size, group,
+                                                                       small_splits):
+    """Window heads keep sink blocks + the blocks overlapping their window; a table row of
+    a later batch entry (rows permuted) and the expired head of the oldest block masked."""
+    newest = [3, 40, 77, 120]
+    sink, recent = budgets(len(newest))
+    gen = torch.Generator().manual_seed(7)
+    cache, _, _ = position_aligned_cache(newest, sink, recent, block_size, head_dim, dtype, "cpu", gen)
+    order = torch.tensor([2, 0, 3, 1])
+    q = torch.randn(len(newest), HKV * group, head_dim, generator=gen).to(dtype)
+    args = (q, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables, order.int(), cache.lengths[order],
+            torch.minimum(sink, cache.lengths)[order], recent[order], torch.tensor(newest)[order], SCALE)
+    assert_state_close(tri.paged_decode(*args), ref.paged_decode(*args), dtype)
 
 
 def test_kv_write_and_decode_on_one_pool_holding_k_and_v():
@@ -130,16 +154,20 @@ def test_kv_write_and_decode_on_one_pool_holding_k_and_v():
     tri.kv_write(k, v, torch.arange(20), slots, pool[:, 0], pool[:, 1], pos_cache)
     q = torch.randn(1, HKV * 4, 64, generator=gen)
     lengths = torch.tensor([[20, 20]], dtype=torch.int32)
-    out = tri.paged_decode(q, pool[:, 0], pool[:, 1], tables, lengths, SCALE)
+    mask = (torch.zeros(1), lengths * 0, lengths * 0 + UNBOUNDED, torch.tensor([19]), SCALE)
+    out = tri.paged_decode(q, pool[:, 0], pool[:, 1], pos_cache, tables, torch.zeros(1, dtype=torch.int32), lengths,
+                           *mask[1:])
     dense_k, dense_v = pool[:, 0].clone(), pool[:, 1].clone()
-    assert_state_close(out, ref.paged_decode(q, dense_k, dense_v, tables, lengths, SCALE), torch.float32)
+    expected = ref.paged_decode(q, dense_k, dense_v, pos_cache, tables, torch.zeros(1, dtype=torch.int32), lengths,
+                                *mask[1:])
+    assert_state_close(out, expected, torch.float32)
     assert torch.equal(dense_k.view(-1, 64)[slots.long().view(-1)], k.reshape(-1, 64))
 
 
 def test_paged_decode_single_split_writes_output_directly():
-    cache, _, _, gen = ring_cache([0, 5, 30], torch.float32, 64, 16)
+    cache, sink, recent, gen = ring_cache([0, 5, 30], torch.float32, 64, 16)
     q = torch.randn(3, HKV * 4, 64, generator=gen)
-    args = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, SCALE)
+    args = decode_args(cache, q, newest([0, 5, 30]), sink, recent, SCALE)
     assert triton_decode.plan_splits(3, HKV, cache.block_tables.shape[2] * 16, q.device)[1] == 1
     assert_state_close(tri.paged_decode(*args), ref.paged_decode(*args), torch.float32)
 
@@ -155,7 +183,7 @@ def test_paged_prefix_matches_reference_on_wrapped_rings(dtype, head_dim, block_
     order = torch.randperm(len(q_pos), generator=gen)
     q_pos, q_seq = q_pos[order], q_seq[order]
     q = torch.randn(len(q_pos), HKV * group, head_dim, generator=gen).to(dtype)
-    args = (q, q_pos, q_seq, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables,
+    args = (q, q_pos, q_seq, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables, rows_of(cache),
             cache.lengths, keep_of(cache, sink), recent, SCALE)
     out, lse = tri.paged_prefix(*args)
     assert torch.all(lse[q_seq == 0] == float("-inf"))
@@ -216,7 +244,7 @@ def test_chunked_prefill_then_decode_matches_reference_pipeline(dtype, chunk, sm
         results = []
         for ops, c in zip((tri, ref), caches):
             ops.kv_write(kd, kd, pos, slot_mapping(c, pos, seqs, sink, recent), c.k_cache, c.v_cache, c.pos_cache)
-            results.append(ops.paged_decode(qd, c.k_cache, c.v_cache, c.block_tables, c.lengths, SCALE))
+            results.append(ops.paged_decode(*decode_args(c, qd, pos, sink, recent, SCALE)))
         assert_state_close(results[0], results[1], dtype)
 
 
@@ -231,24 +259,23 @@ def test_dispatcher_forced_to_triton_runs_the_kernels(monkeypatch):
     from headwise.kernels import ops
 
     monkeypatch.setenv("HEADWISE_KERNELS", "triton")
-    cache, _, _, gen = ring_cache([0, 20], torch.float32, 64, 16)
+    cache, sink, recent, gen = ring_cache([0, 20], torch.float32, 64, 16)
     q = torch.randn(2, HKV * 3, 64, generator=gen)
-    args = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, SCALE)
+    args = decode_args(cache, q, newest([0, 20]), sink, recent, SCALE)
     assert ops.backend_for(q) is tri
     assert_state_close(ops.paged_decode(*args), ref.paged_decode(*args), torch.float32)
 
 
 def test_bad_inputs_raise_value_error_naming_the_argument():
-    cache, _, _, _ = ring_cache([4], torch.float32, 64, 16)
+    cache, sink, recent, _ = ring_cache([4], torch.float32, 64, 16)
     q = torch.randn(1, 6, 64)
-    good = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, SCALE)
+    good = decode_args(cache, q, newest([4]), sink, recent, SCALE)
     with pytest.raises(ValueError, match="multiple of 4 KV heads"):
-        tri.paged_decode(q, cache.k_cache, cache.v_cache, torch.zeros(1, 4, 2, dtype=torch.int32),
-                         torch.zeros(1, 4, dtype=torch.int32), SCALE)
+        tri.paged_decode(*good[:4], torch.zeros(1, 4, 2, dtype=torch.int32), *good[5:])
     with pytest.raises(ValueError, match="k_cache.dtype"):
         tri.paged_decode(q.half(), *good[1:])
     with pytest.raises(ValueError, match="lengths shape"):
-        tri.paged_decode(q, *good[1:4], cache.lengths[:, :1], SCALE)
+        tri.paged_decode(*good[:6], cache.lengths[:, :1], *good[7:])
     with pytest.raises(ValueError, match="head_dim"):
         tri.paged_decode(torch.randn(1, 6, 32), *good[1:])
     with pytest.raises(ValueError, match="slot_mapping"):

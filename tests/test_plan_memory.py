@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from headwise.engine.sampling_params import SamplingParams
+from headwise.kvcache.budget import window_blocks
 from headwise.kvcache.plan_build import dynamic_plan, request_blocks
 from headwise.kvcache.plans import FULL, HeadSpec, Plan, save_plan
 
@@ -31,8 +32,9 @@ def plan_paths(engine, tmp_path_factory):
     plans = {
         # 30 of 90 heads full, 60 window heads of 8 + 40 slots
         "window": _plan(shape, HeadSpec("window", sink=8, recent=40), full_every=3),
-        # every head a 16 + 48 = 64-slot window: 4 blocks instead of 16 at 256 tokens
-        "quarter": _plan(shape, HeadSpec("window", sink=16, recent=48)),
+        # every head a sink block + a 32-token window: at most 1 + 3 blocks instead of 16 at
+        # 256 tokens (the window's oldest block may be part expired)
+        "quarter": _plan(shape, HeadSpec("window", sink=16, recent=32)),
         "select": _plan(shape, HeadSpec("select", sink=4, recent=20, select=12, window=8), full_every=3),
         "dynamic": dynamic_plan(shape, 0.34, sink=4, recent=20, select=12, window=8),
         "elastic": _plan(shape, HeadSpec("elastic", sink=4, alpha=10, beta=0.1), full_every=2),
@@ -59,7 +61,6 @@ def test_window_blocks_follow_the_formula(make_engine, plan_paths, tok):
     max_tokens = 30
     eng.add_request("w", prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), "window")
     n_full, n_win = 30, 60
-    win_blocks = _cdiv(8 + 40, BS)  # allocated whole at admission, never grows
     seen = []
     seq = eng._seqs["w"]
 
@@ -67,17 +68,22 @@ def test_window_blocks_follow_the_formula(make_engine, plan_paths, tok):
         if seq.tables is None:
             return
         held = eng.kv_blocks_in_use("w")
-        # admission reserves the whole prompt in full heads (the prefill peak, so chunked
-        # prefill never stalls); decode then grows them a block at a time
+        # after a step: full heads hold every written position's block; window heads their
+        # sink block (8 sinks) and the blocks that overlap the last 40 positions
         written = seq.num_computed_tokens
-        assert held == n_full * _cdiv(max(written, len(prompt)), BS) + n_win * win_blocks, f"step {step}"
+        assert held == n_full * _cdiv(written, BS) + n_win * window_blocks(8, 40, written, written, BS), step
         seen.append(written)
 
     _run_collecting(eng, ["w"], check)
     # the last step writes position P + max_tokens - 2 and frees the request in the same step
     assert seen[0] == 64 and seen[-1] == len(prompt) + max_tokens - 2
+    # 150 written positions: sink block 0, then blocks 6..9 (positions 96..159 cover 110..149)
+    assert window_blocks(8, 40, 150, 150, BS) == 1 + 4
     out_bytes = seq.peak_blocks * eng.kv_manager.block_bytes
-    expect_peak = n_full * _cdiv(len(prompt) + max_tokens - 1, BS) + n_win * win_blocks
+    # the peak is the last step: full heads at their longest, window heads at their steady 1 + 4
+    written = len(prompt) + max_tokens - 1
+    expect_peak = n_full * _cdiv(written, BS) + n_win * window_blocks(8, 40, written - 1, written, BS)
+    assert window_blocks(8, 40, written - 1, written, BS) == 1 + 4
     assert seq.peak_blocks == expect_peak
     assert out_bytes == expect_peak * BS * 64 * 2 * 4
     assert eng.stats().num_free_blocks == eng.stats().num_blocks
@@ -90,21 +96,32 @@ def test_select_heads_shrink_to_their_budget_after_prefill(make_engine, plan_pat
     eng.step()  # the whole prompt in one chunk, then selection compacts the select heads
     n_full, n_sel = 30, 60
     assert eng.kv_blocks_in_use("s") == n_full * _cdiv(200, BS) + n_sel * _cdiv(4 + 12 + 20, BS)
-    # the prefill peak held the whole prompt in every head
-    assert eng._seqs["s"].tables.peak_blocks == 90 * _cdiv(200, BS)
+    # the prefill peak held the whole prompt in every head, and (prefix caching keeps the
+    # prompt blocks intact for later hits) the select heads' new blocks
+    assert eng._seqs["s"].tables.peak_blocks == 90 * _cdiv(200, BS) + n_sel * _cdiv(36, BS)
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.stats().num_free_blocks == eng.stats().num_blocks
     # the outputs report both: the prefill peak and what the request held while decoding
     out = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), "select")[0]
     block = BS * 64 * 2 * 4
-    assert out.kv_bytes == 90 * _cdiv(200, BS) * block
+    assert out.kv_bytes == (90 * _cdiv(200, BS) + n_sel * _cdiv(36, BS)) * block
     assert out.kv_bytes_decode == (n_full * _cdiv(200 + 8 - 1, BS) + n_sel * _cdiv(36, BS)) * block
+
+
+def test_select_heads_compact_in_place_without_prefix_caching(make_engine, plan_paths, tok):
+    eng = make_engine(plans=plan_paths, max_num_batched_tokens=4096, enable_prefix_caching=False)
+    prompt = tok("Numbers and letters fill the page. " * 30)["input_ids"][:200]
+    out = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), "select")[0]
+    block = BS * 64 * 2 * 4
+    assert out.kv_bytes == 90 * _cdiv(200, BS) * block
+    assert out.kv_bytes_decode == (30 * _cdiv(200 + 8 - 1, BS) + 60 * _cdiv(36, BS)) * block
+    assert eng.stats().num_free_blocks == eng.stats().num_blocks
 
 
 def test_pool_admits_the_predicted_number_of_requests(make_engine, plan_paths, tok):
     # 240-token prompts + 16 new tokens = 256 positions = 16 blocks per full head; the
-    # quarter plan's heads hold 4 blocks, so the same pool runs 4x the requests at once
+    # quarter plan's heads hold at most 4 blocks, so the same pool runs 4x the requests
     pool = 2 * 90 * 16
     base = tok("The river carries the snow of the mountains down to the sea. " * 30)["input_ids"]
     peaks = {}
@@ -144,26 +161,32 @@ def test_no_leaks_with_mixed_plans_aborts_and_preemption(make_engine, plan_paths
             eng.abort_request("m7")
         if steps == 40:
             eng.abort_request("m4")
-        used = eng.stats().num_blocks - eng.stats().num_free_blocks
-        assert used == sum(eng.kv_blocks_in_use(f"m{i}") for i in range(8))
+        census = eng.block_census()  # refcounts = the live tables' blocks (prefixes shared)
+        assert census["held"] == eng.stats().num_blocks - eng.stats().num_free_blocks
+        assert census["held"] <= sum(eng.kv_blocks_in_use(f"m{i}") for i in range(8))
     assert {k for k, v in reasons.items() if v == "abort"} == {"m1", "m4", "m7"}
     assert set(reasons) == {f"m{i}" for i in range(8)}
     assert eng.stats().num_preemptions > 0
     assert eng.stats().num_free_blocks == eng.stats().num_blocks
+    assert eng.block_census()["held"] == 0
+    assert eng.block_census()["held"] == 0
 
 
+@pytest.mark.parametrize("caching", [True, False])
 @pytest.mark.parametrize("prompt_len, max_tokens", [(200, 9), (37, 40)])
-def test_request_blocks_formula_equals_what_the_engine_holds(make_engine, plan_paths, tok, prompt_len, max_tokens):
+def test_request_blocks_formula_equals_what_the_engine_holds(make_engine, plan_paths, tok, prompt_len, max_tokens,
+                                                             caching):
     """`headwise bench capacity` predicts from request_blocks(); the engine must agree for
-    every plan kind: the prefill peak (kv_bytes) and the decode peak (kv_bytes_decode)."""
-    eng = make_engine(plans=plan_paths, max_num_batched_tokens=64)
+    every plan kind: the peak (kv_bytes) and the decode peak (kv_bytes_decode) of a request
+    alone, prefilled in chunks of 64 tokens."""
+    eng = make_engine(plans=plan_paths, max_num_batched_tokens=64, enable_prefix_caching=caching)
     prompt = tok("Seven swans swim south as the summer sun sets. " * 30)["input_ids"][:prompt_len]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    names = ["full", *plan_paths]
-    outs = eng.generate([prompt] * len(names), params, names)
     block = eng.kv_manager.block_bytes
-    for name, out in zip(names, outs):
-        plan = eng.plans[name]
-        peak, end = request_blocks(plan, prompt_len, max_tokens)
+    for name in ["full", *plan_paths]:
+        eng.reset_prefix_cache()  # no hit from the previous plan's run
+        out = eng.generate([prompt], params, name)[0]
+        peak, end = request_blocks(eng.plans[name], prompt_len, max_tokens, chunk=64, prefix_caching=caching)
         assert (out.kv_bytes // block, out.kv_bytes_decode // block) == (peak, end), name
+        assert out.num_cached_tokens == 0
     assert eng.stats().num_free_blocks == eng.stats().num_blocks

@@ -18,16 +18,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk (the engine's step budget)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="as the engine: select heads' compacted blocks are set aside while the prompt is held")
     p.add_argument("--json", action="store_true", help="print one JSON line per plan")
     p.set_defaults(func=run)
 
 
-def capacity(plan, pool_blocks: int, input_len: int, output_len: int, block_size: int) -> dict:
+def capacity(plan, pool_blocks: int, input_len: int, output_len: int, block_size: int, chunk: int = 2048,
+             prefix_caching: bool = True) -> dict:
     """Blocks per request and the requests that fit: all admitted at once (each holding its
-    prefill peak), and held while decoding with one request prefilling at a time."""
+    peak), and held while decoding with one request prefilling at a time."""
     from headwise.kvcache.plan_build import request_blocks
 
-    peak, end = request_blocks(plan, input_len, output_len, block_size)
+    peak, end = request_blocks(plan, input_len, output_len, block_size, chunk, prefix_caching)
     at_once = pool_blocks // peak
     decoding = 0 if pool_blocks < peak else 1 + (pool_blocks - peak) // end
     return {"plan": plan.name, "blocks_peak": peak, "blocks_decode": end, "pool_blocks": pool_blocks,
@@ -43,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from headwise.kvcache.manager import KVCacheManager
     from headwise.kvcache.plans import load_plans
 
-    if args.input_len < 1 or args.output_len < 1 or args.kv_cache_mb <= 0:
-        raise CliError("--input-len, --output-len and --kv-cache-mb must be positive")
+    if args.input_len < 1 or args.output_len < 1 or args.kv_cache_mb <= 0 or args.max_num_batched_tokens < 1:
+        raise CliError("--input-len, --output-len, --kv-cache-mb and --max-num-batched-tokens must be positive")
     try:
         shape = model_shape(args.model)
     except ModelLoadError as e:
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     plans = list(load_plans(dict(parse_plan_arg(v) for v in args.plan), shape).values())
     per_block = KVCacheManager.bytes_per_block(args.block_size, shape.head_dim, getattr(torch, args.dtype))
     pool = int(args.kv_cache_mb * 2**20 // per_block)
-    rows = [capacity(p, pool, args.input_len, args.output_len, args.block_size) for p in plans]
+    rows = [capacity(p, pool, args.input_len, args.output_len, args.block_size, args.max_num_batched_tokens,
+                     args.enable_prefix_caching) for p in plans]
     if args.json:
         for r in rows:
             print(json.dumps(r))

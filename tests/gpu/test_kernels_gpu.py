@@ -25,9 +25,11 @@ from headwise.kernels import triton_ops as tri  # noqa: E402
 from headwise.kernels.layout import UNBOUNDED  # noqa: E402
 from headwise.kernels.triton_cases import (  # noqa: E402
     allocate,
+    decode_args,
     head_capacity,
     keep_of,
     prefill_in_chunks,
+    rows_of,
     slot_mapping,
 )
 
@@ -99,9 +101,10 @@ def test_paged_decode_matches_reference(dtype, head_dim, block_size, hkv, group,
     elif splits == "single":  # no reduce launch
         monkeypatch.setattr(triton_decode, "MIN_SPLIT_TOKENS", 1 << 30)
     lens = [0, 1, block_size, 333, 9000, 700]
-    cache, _, _ = ring_cache(lens, dtype, head_dim, block_size, hkv)
+    cache, sink, recent = ring_cache(lens, dtype, head_dim, block_size, hkv)
     q = torch.randn(len(lens), hkv * group, head_dim, device=DEV).to(dtype)
-    args = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, SCALE)
+    args = decode_args(cache, q, torch.tensor([max(n - 1, 0) for n in lens], device=DEV), sink.to(DEV),
+                       recent.to(DEV), SCALE)
     out, lse = tri.paged_decode(*args)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
     assert_state_close((out, lse), ref.paged_decode(*args), dtype)
@@ -116,8 +119,8 @@ def test_paged_prefix_matches_reference(dtype, head_dim, block_size, hkv, group,
     q_pos = torch.cat([torch.arange(n, n + chunk) for n in lens]).to(DEV)
     q_seq = torch.arange(len(lens)).repeat_interleave(chunk).to(DEV)
     q = torch.randn(len(q_pos), hkv * group, head_dim, device=DEV).to(dtype)
-    args = (q, q_pos, q_seq, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables,
-            cache.lengths, keep_of(cache, sink), recent, SCALE)
+    args = (q, q_pos, q_seq, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables, rows_of(cache),
+            cache.lengths, keep_of(cache, sink.to(DEV)), recent.to(DEV), SCALE)
     assert_state_close(tri.paged_prefix(*args), ref.paged_prefix(*args), dtype)
 
 
@@ -163,9 +166,9 @@ def test_chunked_prefill_pipeline_matches_reference(chunk):
 
 def test_paged_decode_is_cuda_graph_capturable():
     """No host sync in the decode path: it can be captured and replayed."""
-    cache, _, _ = ring_cache([50, 5000], torch.bfloat16, 128, 16, 8)
+    cache, sink, recent = ring_cache([50, 5000], torch.bfloat16, 128, 16, 8)
     q = torch.randn(2, 32, 128, device=DEV, dtype=torch.bfloat16)
-    args = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.lengths, SCALE)
+    args = decode_args(cache, q, torch.tensor([49, 4999], device=DEV), sink.to(DEV), recent.to(DEV), SCALE)
     expected = tri.paged_decode(*args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
