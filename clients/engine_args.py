@@ -57,6 +57,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=env_default("--enable-prefix-caching", True, _flag),
                    help="reuse the KV of shared prompt prefixes, per head (default on)")
+    g.add_argument("--enforce-eager", action="store_true", default=env_default("--enforce-eager", False, _flag),
+                   help="run decode steps eagerly instead of replaying CUDA graphs")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -65,4 +67,4 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                         kv_cache_mb=args.kv_cache_mb, num_blocks=args.num_blocks,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.max_model_len, plans=plans, default_plan=args.default_plan,
-                        enable_prefix_caching=args.enable_prefix_caching)
+                        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)

@@ -22,6 +22,7 @@ class EngineConfig:
     default_plan: str = "full"
     seed: int = 0
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's flag)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -85,6 +85,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, self._budgets,
                                    self._prefix_hashes if config.enable_prefix_caching else None)
         self.runner = ModelRunner(self.model, self.kv_manager, config.device)
+        if torch.device(config.device).type == "cuda" and not config.enforce_eager:
+            self.runner.capture_decode(config.max_num_seqs)
         self.detok = Detokenizer(self.tokenizer)
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = torch.Generator().manual_seed(config.seed)

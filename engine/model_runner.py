@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from headwise.engine.attention import CaptureMeta
+from headwise.engine.cuda_graphs import DecodeGraphs, StaticDecode
 from headwise.engine.model import LlamaModel
 from headwise.engine.sequence import Sequence
 from headwise.engine.step_inputs import build_metadata
@@ -33,6 +34,13 @@ class ModelRunner:
         self.kv_manager = kv_manager
         self.device = torch.device(device)
         self._pinned = self.device.type == "cuda"
+        self.decode_graphs: StaticDecode | None = None
+
+    def capture_decode(self, max_batch: int, capture: bool = True) -> None:
+        """Serve decode-only steps of up to `max_batch` sequences from padded static buffers,
+        captured as CUDA graphs (`capture=False`: the same padded path, run eagerly)."""
+        cls = DecodeGraphs if capture else StaticDecode
+        self.decode_graphs = cls(self.model, self.kv_manager, max_batch, self.device)
 
     def execute(self, scheduled: list[tuple[Sequence, int]], capture_window: dict[str, int]):
         """Run one step. `capture_window[request_id]` asks for the q / outputs of the
@@ -69,6 +77,8 @@ class ModelRunner:
             packed = packed.pin_memory()
         packed = packed.to(self.device, non_blocking=True)
         t, s = len(ids), len(info[0])
+        if not prefill and not cap_rows and self.decode_graphs is not None and s <= self.decode_graphs.max_batch:
+            return self.decode_graphs.run(packed, s), rows, None
         meta = build_metadata(
             block_tables, self.kv_manager.block_size, packed[t:].view(3, s), num_prefill=len(prefill),
             num_prefill_tokens=sum(n for _, n in prefill), num_tokens=t, width=max(width, 1),
