@@ -1,9 +1,11 @@
 """`headwise bench serve`: load a running server like vLLM's benchmark_serving does.
 
 Prompts are token ids of exactly --input-len tokens (slices of one tokenized random-word
-text), outputs exactly --output-len tokens (ignore_eos), streamed; TTFT is the first chunk
-with text, ITL the gaps between chunks. /metrics is sampled during the run for the peak
-number of running requests (the concurrency the KV pool actually admitted)."""
+text), after a --shared-prefix-len prefix common to all of them (a system prompt: what the
+prefix cache serves), outputs exactly --output-len tokens (ignore_eos), streamed; TTFT is
+the first chunk with text, ITL the gaps between chunks. /metrics is sampled during the run
+for the peak number of running requests (the concurrency the KV pool actually admitted);
+usage.prompt_tokens_details.cached_tokens gives the prompt tokens served from the cache."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0
 
 
 def add_parser(subparsers) -> None:
@@ -44,7 +47,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="Poisson arrival rate in requests/s (default inf: all at once)")
-    p.add_argument("--input-len", type=int, default=512, help="prompt tokens per request")
+    p.add_argument("--input-len", type=int, default=512, help="prompt tokens per request (after the shared prefix)")
+    p.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="tokens every prompt starts with (a common system prompt), before its own --input-len")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
     p.add_argument("--kv-plan", default=None, help="kv_plan sent with every request")
     p.add_argument("--api-key", default=None, help="bearer token, if the server has --api-key")
@@ -57,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("num_prompts", "input_len", "output_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.shared_prefix_len < 0:
+        raise ValueError(f"--shared-prefix-len must be >= 0, got {args.shared_prefix_len}")
     if args.concurrency is not None and args.concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per /metrics sample otherwise
@@ -73,7 +80,8 @@ async def benchmark(args: argparse.Namespace) -> dict:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=args.url.rstrip("/"), headers=headers, timeout=None, limits=limits) as client:
         model = args.model or (await _get_json(client, "GET", "/v1/models"))["data"][0]["id"]
-        prompts = await make_prompts(client, model, args.num_prompts, args.input_len, args.seed)
+        prompts = await make_prompts(client, model, args.num_prompts, args.input_len, args.seed,
+                                     args.shared_prefix_len)
         peaks = {"num_requests_running": 0.0, "kv_cache_usage_perc": 0.0}
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_metrics(client, peaks, stop))
@@ -101,14 +109,18 @@ async def benchmark(args: argparse.Namespace) -> dict:
     return summarize(results, duration, peaks, vars(args) | {"model": model})
 
 
-async def make_prompts(client: httpx.AsyncClient, model: str, count: int, length: int, seed: int) -> list[list[int]]:
-    """`count` distinct prompts of exactly `length` token ids, cut from one tokenized text."""
+async def make_prompts(client: httpx.AsyncClient, model: str, count: int, length: int, seed: int,
+                       shared: int = 0) -> list[list[int]]:
+    """`count` distinct prompts of `shared` common token ids then `length` of their own, cut
+    from one tokenized text (the prefix from its start, the rest from random offsets past it)."""
     rng = random.Random(seed)
-    words = " ".join(rng.choice(_WORDS) for _ in range(length + 64 * count + 256))
+    words = " ".join(rng.choice(_WORDS) for _ in range(shared + length + 64 * count + 256))
     pool = (await _get_json(client, "POST", "/tokenize", json={"model": model, "prompt": words}))["tokens"]
-    while len(pool) < length + count:
+    while len(pool) < shared + length + count:
         pool = pool + pool
-    return [pool[start:start + length] for start in (rng.randrange(len(pool) - length + 1) for _ in range(count))]
+    prefix, rest = pool[:shared], pool[shared:]
+    return [prefix + rest[start:start + length]
+            for start in (rng.randrange(len(rest) - length + 1) for _ in range(count))]
 
 
 async def send_request(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int,
@@ -133,6 +145,8 @@ async def send_request(client: httpx.AsyncClient, model: str, prompt: list[int],
                     return result
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
+                    details = chunk["usage"].get("prompt_tokens_details") or {}
+                    result.cached_tokens = details.get("cached_tokens") or 0
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     now = time.perf_counter()
                     if result.ttft == 0.0:
@@ -163,6 +177,10 @@ def summarize(results: list[RequestResult], duration: float, peaks: dict, config
         "total_token_throughput": (prompt_tokens + output_tokens) / duration,
         "max_concurrency_observed": peaks["num_requests_running"],
         "peak_kv_cache_usage": peaks["kv_cache_usage_perc"],
+        "total_cached_tokens": sum(r.cached_tokens for r in done),
+        # requests after the first (in sending order): with a shared prefix and concurrency 1,
+        # what a warm prefix cache serves
+        "mean_ttft_after_first_ms": float(np.mean([r.ttft for r in done[1:]] or [0.0]) * 1000),
     }
     for name, values in (("ttft", [r.ttft for r in done]), ("tpot", tpot), ("itl", itl),
                          ("e2el", [r.latency for r in done])):
@@ -182,7 +200,9 @@ def format_report(s: dict) -> str:
             ("Output token throughput (tok/s):", f"{s['output_throughput']:.2f}"),
             ("Total Token throughput (tok/s):", f"{s['total_token_throughput']:.2f}"),
             ("Max concurrency observed:", f"{s['max_concurrency_observed']:.0f}"),
-            ("Peak KV cache usage (%):", f"{100 * s['peak_kv_cache_usage']:.1f}")]
+            ("Peak KV cache usage (%):", f"{100 * s['peak_kv_cache_usage']:.1f}"),
+            ("Prompt tokens from cache:", s["total_cached_tokens"]),
+            ("Mean TTFT after the 1st (ms):", f"{s['mean_ttft_after_first_ms']:.2f}")]
     titles = {"ttft": ("Time to First Token", "TTFT"), "tpot": ("Time per Output Token (excl. 1st token)", "TPOT"),
               "itl": ("Inter-token Latency", "ITL"), "e2el": ("End-to-end Latency", "E2EL")}
     for key, (title, short) in titles.items():
