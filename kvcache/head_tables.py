@@ -13,7 +13,9 @@ Three layouts (docs/design.md, "KV cache"):
 During a step whose chunk is longer than a window, the logical blocks the window skips
 are placeholders (entry 0, their positions dropped) or, when the prefix cache wants them
 and the pool has room, transient blocks: written, hashed, and released after the step.
-All per-head state is numpy `[L, Hkv]`; nothing loops over heads per step.
+All per-head state is numpy `[L, Hkv]`; nothing loops over heads per step. With tensor
+parallelism, the columns are rank-major (rank r's heads are [r * k, (r + 1) * k)) and block
+counts are per rank, since each rank's pool holds its own heads' blocks.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ PLACEHOLDER = -1  # a row entry for a logical block a window head skipped: its p
 
 class HeadTables:
     def __init__(self, budgets: list[list[HeadBudget]], pending: np.ndarray, block_size: int, context_len: int,
-                 tables: BlockTables, row: int):
+                 tables: BlockTables, row: int, ranks: int = 1):
         self.budgets = budgets
         self.block_size = block_size
         self.context_len = context_len
         self.tables = tables
         self.row = row
+        self.ranks = ranks
         full = np.array([[b.full for b in r] for r in budgets])
         self.pending = np.asarray(pending, dtype=bool).copy()
         self.window = ~full & ~self.pending  # positional heads that drop blocks
@@ -55,7 +58,7 @@ class HeadTables:
         self.peak_blocks = 0
         self.transient = np.zeros(0, dtype=np.int32)  # this step's transient blocks (not in `held`)
         self._placeholders = (np.zeros(0, dtype=np.int64),) * 3  # (layer, head, index) of the last grow
-        self.reserve = np.zeros(0, dtype=np.int32)  # blocks set aside for compaction
+        self.reserve = [np.zeros(0, dtype=np.int32)] * ranks  # blocks set aside for compaction, per rank
         sink_w = np.where(self.window, self.sink, 0)
         tables.set_params(row, gap=self.gap, ring=np.full(shape, -1), sink=sink_w, keep=sink_w, recent=self.recent)
 
@@ -102,38 +105,52 @@ class HeadTables:
         bs = self.block_size
         return np.minimum(-(-self.context_len // bs), self.ns + -(-self.recent // bs) + 1)
 
-    def promise(self) -> int:
-        """Blocks the window heads may still take without growing past `window_max`: the
-        manager keeps them out of other requests' reach, so a request that was admitted
-        never needs another's blocks for its windows."""
-        return int(np.maximum(self.window_max() - self.held, 0)[self.window].sum())
+    def per_rank(self, x: np.ndarray) -> np.ndarray:
+        """Sum of a per-head `[L, Hkv]` count over each rank's heads: `[ranks]`."""
+        return x.reshape(x.shape[0], self.ranks, -1).sum((0, 2))
 
-    def admission_need(self, prompt_end: int) -> int:
-        """Blocks to admit a request with `prompt_end` positions to compute, beyond what it
-        holds: positional heads the whole prompt, window heads their `window_max`."""
+    def promise(self) -> np.ndarray:
+        """Blocks the window heads may still take without growing past `window_max`, per
+        rank: the manager keeps them out of other requests' reach, so a request that was
+        admitted never needs another's blocks for its windows."""
+        return self.per_rank(np.where(self.window, np.maximum(self.window_max() - self.held, 0), 0))
+
+    def admission_need(self, prompt_end: int) -> np.ndarray:
+        """Blocks per rank to admit a request with `prompt_end` positions to compute, beyond
+        what it holds: positional heads the whole prompt, window heads their `window_max`."""
         want = np.where(self.window, self.window_max(), -(-prompt_end // self.block_size))
-        return int(np.maximum(want - self.held, 0)[self.positional].sum())
+        return self.per_rank(np.where(self.positional, np.maximum(want - self.held, 0), 0))
 
-    def blocks_needed_split(self, end: int) -> tuple[int, int]:
-        """(window heads', other heads') blocks a step writing up to `end` allocates."""
+    def blocks_needed_split(self, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(window heads', other heads') blocks per rank a step writing up to `end` allocates."""
         real = self.new_entries(end)[1].sum(-1)
-        return int(real[self.window].sum()), int(real[~self.window].sum())
+        return self.per_rank(np.where(self.window, real, 0)), self.per_rank(np.where(self.window, 0, real))
 
-    def blocks_needed(self, end: int) -> int:
-        """Blocks a step writing positions up to `end` must allocate."""
-        return int(self.new_entries(end)[1].sum())
+    def blocks_needed(self, end: int) -> np.ndarray:
+        """Blocks per rank a step writing positions up to `end` must allocate."""
+        return self.per_rank(self.new_entries(end)[1].sum(-1))
 
-    def grow(self, end: int, ids: np.ndarray) -> None:
-        """Lay out the blocks a step writing up to `end` adds: `ids` for the blocks heads
-        must hold (in (layer, head, logical block) order); the rest are placeholders until
-        `fill_placeholders` gives them transient blocks."""
+    def _place(self, mask: np.ndarray, ids: list[np.ndarray]) -> np.ndarray:
+        """`[L, Hkv, m]` block ids: each rank's `ids` at its heads' True entries of `mask`
+        (in (layer, head, logical block) order), PLACEHOLDER elsewhere."""
+        blocks = np.full(mask.shape, PLACEHOLDER, dtype=np.int32)
+        per_rank = blocks.reshape(mask.shape[0], self.ranks, -1, mask.shape[2])
+        masks = mask.reshape(per_rank.shape)
+        for r, rank_ids in enumerate(ids):
+            view = per_rank[:, r]
+            view[masks[:, r]] = rank_ids
+        return blocks
+
+    def grow(self, end: int, ids: list[np.ndarray]) -> None:
+        """Lay out the blocks a step writing up to `end` adds: `ids[rank]` for the blocks that
+        rank's heads must hold (in (layer, head, logical block) order); the rest are
+        placeholders until `fill_placeholders` gives them transient blocks."""
         lbs, real = self.new_entries(end)
         self._placeholders = (np.zeros(0, dtype=np.int64),) * 3
         if not len(lbs):
             return
         pos = np.broadcast_to(self.positional[..., None], real.shape)
-        blocks = np.full(real.shape, PLACEHOLDER, dtype=np.int32)
-        blocks[real] = ids
+        blocks = self._place(real, ids)
         self.held += real.sum(-1)
         layer, head, k = np.nonzero(pos)
         index = lbs[k] - self.gap[layer, head]
@@ -144,18 +161,23 @@ class HeadTables:
         self.lb_end = int(lbs[-1]) + 1
         self.peak_blocks = max(self.peak_blocks, self.num_blocks_held)
 
-    def fill_placeholders(self, ids: np.ndarray) -> None:
-        """Give this step's placeholders transient blocks (one id each, `num_placeholders`):
-        written and hashed like any block, released after the step. They are the prefix
-        cache's, not the request's, so they do not count toward its peak."""
+    def fill_placeholders(self, ids: list[np.ndarray]) -> None:
+        """Give this step's placeholders transient blocks (`ids[rank]`, as many as
+        `num_placeholders` says): written and hashed like any block, released after the step.
+        They are the prefix cache's, not the request's, so they do not count toward its peak."""
         layer, head, index = self._placeholders
-        self.tables.set_entries(self.row, layer, head, index, ids)
-        self.transient = ids
+        rank = head // (self.pending.shape[1] // self.ranks)
+        blocks = np.empty(len(layer), dtype=np.int32)
+        for r, rank_ids in enumerate(ids):
+            blocks[rank == r] = rank_ids  # placeholders are listed in (layer, head, block) order
+        self.tables.set_entries(self.row, layer, head, index, blocks)
+        self.transient = blocks
 
     @property
-    def num_placeholders(self) -> int:
-        """Placeholders the last `grow` laid out."""
-        return len(self._placeholders[0])
+    def num_placeholders(self) -> np.ndarray:
+        """Placeholders the last `grow` laid out, per rank."""
+        head = self._placeholders[1]
+        return np.bincount(head // (self.pending.shape[1] // self.ranks), minlength=self.ranks)
 
     # -- after the step --------------------------------------------------------------
     def finish_step(self, end: int) -> np.ndarray:

@@ -6,6 +6,11 @@ Every head grows a block at a time as its request's tokens are computed; window 
 release the blocks that leave their window; select / dynamic heads hold the prompt until
 it ends and then keep sink + selected + ring in private blocks. A request's block count is
 the sum over (layer, kv_head), so a plan that keeps 25% of the KV admits ~4x the requests.
+
+With tensor parallelism (`ranks` > 1) this process holds rank 0's pool tensors and the
+bookkeeping of every rank: `num_blocks` blocks per rank, every count per rank, and a request
+fits when it fits on every rank. Compaction moves of other ranks' heads wait in
+`remote_moves` for their workers.
 """
 
 from __future__ import annotations
@@ -24,21 +29,21 @@ from headwise.kvcache.prefix_cache import PrefixCache
 class KVCacheManager:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                  num_blocks: int, max_model_len: int, dtype: torch.dtype, device: str = "cpu",
-                 max_num_seqs: int = 64, enable_prefix_caching: bool = False):
+                 max_num_seqs: int = 64, enable_prefix_caching: bool = False, ranks: int = 1):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size = block_size
+        self.ranks = ranks
         # +1: a request's window head may hold one partly expired block beyond its positions
         self.max_blocks_per_head = -(-max_model_len // block_size) + 1
-        self.pool = BlockPool(num_blocks)
-        self.buffers = KVBuffers(
-            k=torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device),
-            v=torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device),
-            pos=torch.zeros(num_blocks, block_size, dtype=torch.int32, device=device),
-        )
-        self.tables = BlockTables(num_layers, num_kv_heads, max_num_seqs, self.max_blocks_per_head, device)
+        self.pool = BlockPool(num_blocks, ranks)
+        self.buffers = make_buffers(num_blocks, block_size, head_dim, dtype, device)
+        self.tables = BlockTables(num_layers, num_kv_heads, max_num_seqs, self.max_blocks_per_head, device,
+                                  ranks, num_blocks)
         self.prefix_cache = PrefixCache(self.pool, num_layers, num_kv_heads) if enable_prefix_caching else None
-        # blocks the running requests' window heads may still take (HeadTables.promise)
-        self.promised = 0
+        # blocks per rank the running requests' window heads may still take (HeadTables.promise)
+        self.promised = np.zeros(ranks, dtype=np.int64)
+        # other ranks' compaction moves (rank-local source and destination slots), for their workers
+        self.remote_moves: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(ranks)]
         # bytes of K and V in one block (what a request's kv_bytes counts)
         self.block_bytes = 2 * block_size * head_dim * torch.finfo(dtype).bits // 8
 
@@ -49,63 +54,69 @@ class KVCacheManager:
 
     @property
     def num_blocks(self) -> int:
-        return self.pool.num_blocks
+        """Blocks of one rank's pool (the whole pool with one rank)."""
+        return self.pool.blocks_per_rank
 
     @property
     def num_free(self) -> int:
-        """Blocks an allocation may take: free ones and evictable (cached, unused) ones."""
-        return self.pool.num_free
+        """Blocks an allocation may take on the tightest rank: free and evictable ones."""
+        return int(self.pool.num_free_per_rank.min())
 
     @property
-    def available(self) -> int:
-        """Free blocks no running request's windows are promised."""
-        return self.pool.num_free - self.promised
+    def available(self) -> np.ndarray:
+        """Free blocks per rank that no running request's windows are promised."""
+        return self.pool.num_free_per_rank - self.promised
 
     # -- requests --------------------------------------------------------------------
     def new_tables(self, budgets: list[list[HeadBudget]], pending: np.ndarray, context_len: int) -> HeadTables | None:
         """Tables in a fresh row, or None when every row is taken."""
         if not self.tables.num_free_rows:
             return None
-        return HeadTables(budgets, pending, self.block_size, context_len, self.tables, self.tables.allocate_row())
+        return HeadTables(budgets, pending, self.block_size, context_len, self.tables, self.tables.allocate_row(),
+                          self.ranks)
 
-    def can_grow(self, tables: HeadTables, end: int, compaction: int = 0) -> bool:
+    def can_grow(self, tables: HeadTables, end: int, compaction: np.ndarray | int = 0) -> bool:
         """Whether a step computing positions up to `end` (plus a compaction reserve) can
-        allocate: window heads draw on their own promise, everything else on `available`."""
+        allocate on every rank: window heads draw on their own promise, everything else on
+        `available`."""
         window, other = tables.blocks_needed_split(end)
-        return other + compaction + max(0, window - tables.promise()) <= self.available
+        need = other + compaction + np.maximum(window - tables.promise(), 0)
+        return bool((need <= self.available).all())
 
     def can_admit(self, tables: HeadTables, prompt_end: int, first_end: int, taken: np.ndarray,
-                  compaction: int = 0) -> bool:
+                  compaction: np.ndarray | int = 0) -> bool:
         """Whether a request (its tables laid out over a cached prefix whose blocks are
-        `taken`) fits: its prompt, its windows' most, the cached blocks it revives, what its
-        first chunk (up to `first_end`) needs beyond its windows' promise, and the compaction
-        reserve when that chunk ends the prompt."""
-        revived = int((self.pool.ref[np.unique(taken)] == 0).sum())
+        `taken`) fits on every rank: its prompt, its windows' most, the cached blocks it
+        revives, what its first chunk (up to `first_end`) needs beyond its windows' promise,
+        and the compaction reserve when that chunk ends the prompt."""
+        unique = np.unique(taken)
+        revived = np.bincount(self.pool.rank_of(unique[self.pool.ref[unique] == 0]), minlength=self.ranks)
         window = tables.blocks_needed_split(first_end)[0]
-        over = max(0, window - tables.promise())
-        return tables.admission_need(prompt_end) + revived + over + compaction <= self.available
+        over = np.maximum(window - tables.promise(), 0)
+        need = tables.admission_need(prompt_end) + revived + over + compaction
+        return bool((need <= self.available).all())
 
     def admit(self, tables: HeadTables, taken: np.ndarray) -> None:
         self.pool.take(taken)
         self.promised += tables.promise()
 
-    def grow(self, tables: HeadTables, end: int, compaction: int = 0) -> None:
+    def grow(self, tables: HeadTables, end: int, compaction: np.ndarray | int = 0) -> None:
         """Allocate a step's blocks (the caller checked `can_grow`)."""
         before = tables.promise()
-        tables.grow(end, self.pool.allocate(tables.blocks_needed(end)))
+        tables.grow(end, self.pool.allocate_per_rank(tables.blocks_needed(end)))
         self.promised += tables.promise() - before
-        if compaction:
-            tables.reserve = self.pool.allocate(compaction)
-            tables.peak_blocks = max(tables.peak_blocks, tables.num_blocks_held + compaction)
+        if np.any(compaction):
+            tables.reserve = self.pool.allocate_per_rank(np.broadcast_to(compaction, (self.ranks,)))
+            tables.peak_blocks = max(tables.peak_blocks, tables.num_blocks_held + int(np.sum(compaction)))
 
     def fill_placeholders(self, tables: HeadTables) -> bool:
         """Once a step's growth is done: give the window heads' skipped blocks transient
-        blocks when the pool has room, so the prefix cache gets every block of a prompt
+        blocks when every rank has room, so the prefix cache gets every block of a prompt
         (a later prompt that shares only its beginning can then hit)."""
         n = tables.num_placeholders
-        if self.prefix_cache is None or not n or n > self.available:
+        if self.prefix_cache is None or not n.any() or (n > self.available).any():
             return False
-        tables.fill_placeholders(self.pool.allocate(n))
+        tables.fill_placeholders(self.pool.allocate_per_rank(n))
         return True
 
     def finish_step(self, tables: HeadTables, end: int) -> None:
@@ -118,22 +129,24 @@ class KVCacheManager:
         """Give back every block and the row (finish, abort, preemption)."""
         self.promised -= tables.promise()
         self.pool.release(tables.all_blocks())
-        self.pool.release(tables.reserve)
+        for reserve in tables.reserve:
+            self.pool.release(reserve)
         self.tables.free_row(tables.row)
 
     def census(self, live: list[HeadTables]) -> dict[str, int]:
         """Every block is free, evictable (cached, unused) or held: the refcount of each block
         equals the number of live requests' tables (compaction reserves included) naming it.
         Raises AssertionError on a leak or a double free; returns the three counts."""
-        named = [t.all_blocks() for t in live] + [t.reserve for t in live]
+        named = [t.all_blocks() for t in live] + [r for t in live for r in t.reserve]
         counts = np.bincount(np.concatenate(named or [np.zeros(0, dtype=np.int32)]).astype(np.int64),
-                             minlength=self.num_blocks)
+                             minlength=self.pool.num_blocks)
         assert (counts == self.pool.ref).all(), "block refcounts disagree with the live tables"
         held = int((self.pool.ref > 0).sum())
         evictable = self.pool.num_evictable
-        free = self.num_blocks - held - evictable
+        free = self.pool.num_blocks - held - evictable
         assert free == self.pool.num_free - evictable, "free + evictable + held != num_blocks"
-        assert self.promised == sum(t.promise() for t in live), "window promises drifted"
+        promised = sum((t.promise() for t in live), np.zeros(self.ranks, dtype=np.int64))
+        assert (self.promised == promised).all(), "window promises drifted"
         return {"held": held, "evictable": evictable, "free": free}
 
     # -- prefix cache ----------------------------------------------------------------
@@ -161,16 +174,16 @@ class KVCacheManager:
             self.prefix_cache.register(h, np.where(ok, blocks, -1).astype(np.int32))
 
     # -- end of prompt ---------------------------------------------------------------
-    def compaction_blocks(self, tables: HeadTables, prompt_len: int) -> int:
-        """Fresh blocks select heads take when the prompt ends (prefix caching keeps their
-        prompt blocks intact for later hits); 0 without a prefix cache (compacted in place)."""
+    def compaction_blocks(self, tables: HeadTables, prompt_len: int) -> np.ndarray | int:
+        """Fresh blocks per rank select heads take when the prompt ends (prefix caching keeps
+        their prompt blocks intact for later hits); 0 without a prefix cache (compacted in
+        place)."""
         if self.prefix_cache is None or not tables.pending.any():
             return 0
-        total = 0
+        need = np.zeros(tables.pending.shape, dtype=np.int64)
         for l, h in zip(*np.nonzero(tables.pending)):
-            b = tables.budgets[l][h]
-            total += -(-compacted_capacity(b, prompt_len, tables.context_len) // self.block_size)
-        return total
+            need[l, h] = -(-compacted_capacity(tables.budgets[l][h], prompt_len, tables.context_len) // self.block_size)
+        return tables.per_rank(need)
 
     def compact(self, tables: HeadTables, keep_full: torch.Tensor, scores: list[torch.Tensor]) -> None:
         """End of prefill: pending heads not in `keep_full` `[L, Hkv]` keep sink + the
@@ -178,9 +191,12 @@ class KVCacheManager:
         private blocks; their prompt blocks go back to the pool (or the prefix cache)."""
         p = tables.num_tokens
         bs = self.block_size
-        moves_src, moves_dst, released = [], [], []
-        reserve = list(tables.reserve)
+        moves = [([], []) for _ in range(self.ranks)]  # rank-local (source, destination) slots
+        released = []
+        reserve = [list(r) for r in tables.reserve]
+        heads_per_rank = self.num_kv_heads // self.ranks
         for l, h in zip(*np.nonzero(tables.pending)):
+            rank = h // heads_per_rank
             if keep_full[l, h]:
                 tables.pending[l, h] = False
                 continue
@@ -197,27 +213,47 @@ class KVCacheManager:
                              base + (tail - sink) % max(ring, 1)])
             old = tables.row_blocks(l, h).astype(np.int64)
             nkeep = -(-compacted_capacity(b, p, tables.context_len) // bs)
-            if reserve:
-                new, reserve = np.array(reserve[:nkeep], dtype=np.int64), reserve[nkeep:]
+            if reserve[rank]:
+                new, reserve[rank] = np.array(reserve[rank][:nkeep], dtype=np.int64), reserve[rank][nkeep:]
                 released.append(old)
             else:  # in place: the prompt's first blocks become the head's private blocks
                 new = old[:nkeep]
                 self.pool.clear_hash(new)
                 released.append(old[nkeep:])
-            old_t, new_t = torch.from_numpy(old), torch.from_numpy(new)
-            moves_src.append(old_t[src // bs] * bs + src % bs)
-            moves_dst.append(new_t[dst // bs] * bs + dst % bs)
+            offset = rank * self.pool.blocks_per_rank
+            old_t, new_t = torch.from_numpy(old - offset), torch.from_numpy(new - offset)
+            moves[rank][0].append(old_t[src // bs] * bs + src % bs)
+            moves[rank][1].append(new_t[dst // bs] * bs + dst % bs)
             tables.to_ring(l, h, new.astype(np.int32), sink, base, ring)
-        if moves_src:
-            # one gather then one scatter for all heads; freed blocks are reused only later
-            device = self.buffers.k.device
-            src_flat = torch.cat(moves_src).to(device)
-            dst_flat = torch.cat(moves_dst).to(device)
-            for t in (self.buffers.k, self.buffers.v, self.buffers.pos):
-                flat = t.view(-1, *t.shape[2:])
-                flat[dst_flat] = flat[src_flat]
+        for rank, (src, dst) in enumerate(moves):
+            if src:
+                pair = (torch.cat(src), torch.cat(dst))
+                if rank == 0:
+                    apply_moves(self.buffers, *pair)
+                else:
+                    self.remote_moves[rank].append(pair)
         tables.commit_ring_params()
-        tables.reserve = np.zeros(0, dtype=np.int32)
-        self.pool.release(np.array(reserve, dtype=np.int32))
+        tables.reserve = [np.zeros(0, dtype=np.int32)] * self.ranks
+        for rest in reserve:
+            self.pool.release(np.array(rest, dtype=np.int32))
         for old in released:
             self.pool.release(old.astype(np.int32))
+
+
+def make_buffers(num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device) -> KVBuffers:
+    """One rank's pool tensors."""
+    return KVBuffers(
+        k=torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device),
+        v=torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device),
+        pos=torch.zeros(num_blocks, block_size, dtype=torch.int32, device=device),
+    )
+
+
+def apply_moves(buffers: KVBuffers, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy slots `src` to slots `dst` (flat, this rank's pool) for K, V and positions: one
+    gather then one scatter, so a slot may be read and written in one call."""
+    device = buffers.k.device
+    src, dst = src.to(device), dst.to(device)
+    for t in (buffers.k, buffers.v, buffers.pos):
+        flat = t.view(-1, *t.shape[2:])
+        flat[dst] = flat[src]
