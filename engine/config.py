@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
+# vLLM's names: auto reads the checkpoint, dummy draws random weights from config.json alone
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass
@@ -12,6 +14,7 @@ class EngineConfig:
     model: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "cpu"
+    load_format: str = "auto"
     block_size: int = 16
     kv_cache_mb: float | None = None  # pool size; default: DEFAULT_KV_CACHE_MB
     num_blocks: int | None = None  # overrides kv_cache_mb
@@ -27,6 +30,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format {self.load_format!r} is not supported; "
+                             f"choose one of {', '.join(LOAD_FORMATS)}")
         if self.block_size not in (8, 16, 32, 64):
             raise ValueError(f"block_size must be 8, 16, 32 or 64, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens"):

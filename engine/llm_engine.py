@@ -14,8 +14,7 @@ import torch
 from headwise.engine.config import DEFAULT_KV_CACHE_MB, EngineConfig
 from headwise.engine.detokenizer import Detokenizer
 from headwise.engine.errors import PromptTooLong, UnknownPlan
-from headwise.engine.loader import (ModelConfig, load_state_dict, load_tokenizer, model_id, read_config,
-                                    resolve_model_dir)
+from headwise.engine.loader import ModelConfig, load_tokenizer, model_id, read_config, resolve_model_dir
 from headwise.engine.model import LlamaModel
 from headwise.engine.model_runner import ModelRunner
 from headwise.engine.outputs import RequestOutput
@@ -23,6 +22,7 @@ from headwise.engine.sampler import sample, token_logprob
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
 from headwise.engine.sequence import Sequence, Status
+from headwise.engine.weights import materialize
 from headwise.kvcache.budget import resolve_budget
 from headwise.kvcache.manager import KVCacheManager
 from headwise.kvcache.plan_build import request_blocks
@@ -48,18 +48,22 @@ class EngineStats:
     num_cached_blocks: int = 0  # evictable blocks (counted as free)
 
 
-def load_model(model: str, dtype: str = "float32", device: str = "cpu") -> tuple[ModelConfig, LlamaModel, object]:
+def load_model(model: str, dtype: str = "float32", device: str = "cpu",
+               load_format: str = "auto") -> tuple[ModelConfig, LlamaModel, object]:
     """(config, model, tokenizer) of `--model`; engines and profilers in one process share
-    the read-only weights."""
-    return _load(str(resolve_model_dir(model)), model_id(model), dtype, device)
+    the read-only weights. `load_format` "dummy" reads config.json alone (random weights)."""
+    return _load(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(model_dir: str, name: str, dtype: str, device: str) -> tuple[ModelConfig, LlamaModel, object]:
+def _load(model_dir: str, name: str, dtype: str, device: str,
+          load_format: str = "auto") -> tuple[ModelConfig, LlamaModel, object]:
     cfg = read_config(Path(model_dir), name)
-    model = LlamaModel(cfg)
-    model.load_hf_state_dict(load_state_dict(Path(model_dir)))
-    model.to(device=device, dtype=getattr(torch, dtype)).eval()
+    started = time.perf_counter()
+    model = materialize(cfg, Path(model_dir), getattr(torch, dtype), device, load_format)
+    log.info("%s weights of %s (%.1fM parameters, %s, %s) ready in %.1f s",
+             "random" if load_format == "dummy" else "loaded", name,
+             sum(p.numel() for p in model.parameters()) / 1e6, dtype, device, time.perf_counter() - started)
     return cfg, model, load_tokenizer(Path(model_dir))
 
 
@@ -68,7 +72,8 @@ class LLMEngine:
         self.config = config
         self.model_id = model_id(config.model)
         self.dtype = getattr(torch, config.dtype)
-        self.model_config, self.model, self.tokenizer = load_model(config.model, config.dtype, config.device)
+        self.model_config, self.model, self.tokenizer = load_model(config.model, config.dtype, config.device,
+                                                                   config.load_format)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)

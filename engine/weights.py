@@ -1,0 +1,69 @@
+"""A model's weights, materialised once on the target device in the target dtype.
+
+The model is built on the meta device (no memory, no initialisation), then given empty
+tensors on the target device; a checkpoint is streamed into them tensor by tensor
+(`--load-format auto`) or they are drawn at random from the config alone (`dummy`, vLLM's
+name: benchmarks of shapes whose weights cannot be downloaded). Nothing holds the model
+in fp32 on the host on the way, so the host's peak is about one tensor (plus the page
+cache of the mapped file), not the 4x of building in fp32, concatenating and converting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from headwise.engine.config import LOAD_FORMATS
+from headwise.engine.loader import ModelConfig, read_safetensors
+from headwise.engine.model import LlamaModel
+
+# Hugging Face's default `initializer_range`: activations stay finite through every layer
+DUMMY_STD = 0.02
+# fixed like vLLM's dummy loader, so two runs of a benchmark draw the same weights
+DUMMY_SEED = 1234
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str) -> LlamaModel:
+    """An uninitialised model whose parameters already live on `device` in `dtype`
+    (RoPE frequencies stay fp32)."""
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    # Module.to_empty with the dtype folded in; torch.empty rather than to_empty's
+    # empty_like, whose first call on meta tensors costs ~0.7 s of dispatch setup
+    model._apply(lambda t: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device))
+    if cfg.tie_word_embeddings:
+        model.tie_embeddings()
+    return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: LlamaModel, seed: int = DUMMY_SEED) -> None:
+    """Random weights as Hugging Face initialises a Llama: normal(0, 0.02) matrices and
+    embeddings, zero biases, unit norm scales; drawn on the parameters' device."""
+    generator = None
+    for name, param in model.named_parameters():
+        if param.device.type == "meta":
+            continue
+        if generator is None:
+            generator = torch.Generator(device=param.device).manual_seed(seed)
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, DUMMY_STD, generator=generator)
+
+
+def materialize(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: str,
+                load_format: str = "auto") -> LlamaModel:
+    """The model of `cfg` on `device` in `dtype`, its weights streamed from `model_dir`'s
+    safetensors (`auto`) or random (`dummy`: no checkpoint is read)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load format {load_format!r} is not supported; choose one of {', '.join(LOAD_FORMATS)}")
+    model = build_model(cfg, dtype, device)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        model.load_weights(read_safetensors(model_dir, device))
+    return model
