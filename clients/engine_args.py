@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from headwise.engine.config import DTYPES, EngineConfig
+from headwise.engine.config import DTYPES, LOAD_FORMATS, EngineConfig
 
 
 def env_default(flag: str, default=None, cast=str):
@@ -41,6 +41,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="smollm2-135m, a .gguf file or a Hugging Face model directory")
     g.add_argument("--dtype", choices=DTYPES, default=env_default("--dtype", "float32"))
     g.add_argument("--device", default=env_default("--device", "cpu"))
+    g.add_argument("--load-format", choices=LOAD_FORMATS, default=env_default("--load-format", "auto"),
+                   help="auto: read the checkpoint; dummy: random weights from config.json alone (benchmarks)")
     g.add_argument("--kv-cache-mb", type=float, default=env_default("--kv-cache-mb", None, float),
                    help="KV pool size in MiB (default 1024)")
     g.add_argument("--num-blocks", type=int, default=env_default("--num-blocks", None, int),
@@ -63,8 +65,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     plans = dict(args.plan or [])
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-                        kv_cache_mb=args.kv_cache_mb, num_blocks=args.num_blocks,
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+                        block_size=args.block_size, kv_cache_mb=args.kv_cache_mb, num_blocks=args.num_blocks,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.max_model_len, plans=plans, default_plan=args.default_plan,
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
