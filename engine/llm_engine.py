@@ -22,6 +22,7 @@ from headwise.engine.sampler import sample, token_logprob
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
 from headwise.engine.sequence import Sequence, Status
+from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
 from headwise.engine.weights import materialize
 from headwise.kvcache.budget import resolve_budget
 from headwise.kvcache.manager import KVCacheManager
@@ -97,6 +98,9 @@ class LLMEngine:
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.kv_bytes_saved = 0
         self._aborted: list[Sequence] = []
+        # opt-in per-phase timing of step() (engine/step_timer.py); off, a step pays nothing for it
+        self.record_step_timings = False
+        self.step_timings: dict[str, float] = {}
 
     # -- requests --------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -233,14 +237,27 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if not self.record_step_timings:
+            return self._step(NO_STEP_TIMER)
+        timer = StepTimer(self.config.device)
+        outputs = self._step(timer)
+        timer.mark("postprocess")
+        self.step_timings = timer.timings
+        return outputs
+
+    def _step(self, timer: StepTimer | NoStepTimer) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        timer.mark("schedule")
         outputs = [self._output(s) for s in self._aborted]
         self._aborted = []
         if not sched.scheduled:
             return outputs
+        timer.mark("postprocess")
         now = time.monotonic()
         windows = {s.request_id: self._capture_window(s) for s, _ in sched.scheduled if s.needs_selection()}
-        hidden, rows, capture = self.runner.execute(sched.scheduled, {k: v for k, v in windows.items() if v})
+        with timer.forward_of(self.model):
+            hidden, rows, capture = self.runner.execute(sched.scheduled, {k: v for k, v in windows.items() if v})
+        timer.mark("forward")
         if capture is not None:
             self._stash_capture(rows, capture, windows)
         sample_rows, sample_seqs, lp_rows = [], [], []
@@ -260,8 +277,10 @@ class LLMEngine:
         for r in lp_rows:
             self._prompt_logprobs(r, hidden)
         if sample_seqs:
+            timer.mark("postprocess")
             logits = self.model.logits(hidden[torch.tensor(sample_rows, device=hidden.device)])
             tokens, logprobs = sample(logits, sample_seqs, self.eos_ids)
+            timer.mark("sample")
             for i, (seq, tok) in enumerate(zip(sample_seqs, tokens)):
                 self._append_token(seq, tok, logprobs[i], now)
                 outputs.append(self._output(seq))
