@@ -1,5 +1,5 @@
-"""`headwise bench latency` on the tiny random Llama, and the engine's opt-in per-phase
-step timings it rests on."""
+"""`headwise bench latency` and `bench offline --baseline hf` on the tiny random Llama,
+and the engine's opt-in per-phase step timings they rest on."""
 
 from __future__ import annotations
 
@@ -91,3 +91,15 @@ def test_bench_latency_prints_and_writes_every_figure(tiny_dir, tmp_path, capsys
 def test_bench_latency_refuses_what_it_cannot_measure(tiny_dir, capsys, flags, error):
     assert main(["bench", "latency", "--model", str(tiny_dir), *flags]) == 2
     assert capsys.readouterr().err.startswith(f"headwise bench: error: {error}")
+
+
+def test_bench_offline_hf_baseline_runs_dummy_weights_on_the_engines_device_and_dtype(config_only_dir, capsys):
+    rc = main(["bench", "offline", "--model", str(config_only_dir), "--load-format", "dummy", "--dtype", "bfloat16",
+               "--num-prompts", "3", "--input-len", "8-16", "--output-len", "3", "--max-num-seqs", "2",
+               "--kv-cache-mb", "8", "--baseline", "hf", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["device"] == "cpu" and r["hf_device"] == "cpu"
+    assert r["dtype"] == r["hf_dtype"] == "bfloat16" and r["load_format"] == "dummy"
+    assert r["peak_num_running"] == 2  # --max-num-seqs caps the engine's batch
+    assert r["num_prompts"] == 3 and r["hf_batch_size"] == 2 and r["hf_tok_s"] > 0 and r["engine_tok_s"] > 0
