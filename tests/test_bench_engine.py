@@ -61,7 +61,7 @@ def test_bench_latency_prints_and_writes_every_figure(tiny_dir, tmp_path, capsys
     text = capsys.readouterr().out
     lines = text.splitlines()
     assert lines[0] == (f"bench latency: {tiny_dir.name} on cpu (float32, auto weights), batch 2 x 12 tokens in, "
-                        "4 out; 2 iterations after 1 warm-up")
+                        "4 out; 2 measured iterations after 1 warm-up")
     assert lines[1].split() == ["mean", "p50", "p90"]
     assert [line[:20].strip() for line in lines[2:7]] == ["latency s", "prefill s", "decode ms/step",
                                                           "decode tok/s", "output tok/s"]

@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
 def format_report(r: dict) -> str:
     lines = [f"bench latency: {r['model']} on {r['device']} ({r['dtype']}, {r['load_format']} weights), "
              f"batch {r['batch_size']} x {r['input_len']} tokens in, {r['output_len']} out; "
-             f"{r['num_iters']} iterations after {r['num_iters_warmup']} warm-up",
+             f"{r['num_iters']} measured iteration{'s' * (r['num_iters'] != 1)} after {r['num_iters_warmup']} "
+             "warm-up",
              f"{'':<20}{'mean':>10}{'p50':>10}{'p90':>10}"]
     for label, key, fmt in (("latency s", "latency_s", ".3f"), ("prefill s", "prefill_s", ".3f"),
                             ("decode ms/step", "decode_ms_per_step", ".2f"), ("decode tok/s", "decode_tok_s", ".1f"),
