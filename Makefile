@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup lint test test-slow serve loadtest clean
+.PHONY: setup lint test test-slow serve loadtest gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,20 @@ loadtest: setup
 	done; \
 	$(VENV)/bin/locust -f loadtest/locustfile.py --headless -u $(LOADTEST_USERS) -r 4 -t $(LOADTEST_TIME) \
 		--host http://127.0.0.1:$(LOADTEST_PORT) --scenario $(LOADTEST_SCENARIO) --only-summary
+
+# What scripts/gpu_lease.sh needs on a GPU machine that has no network: wheels of the server's
+# packages its image lacks (Python 3.12, x86-64) and the Llama-3-8B-shaped config, in the ignored
+# folder .gpu that the lease carries (the script's header says how).
+GPU_WHEELS := fastapi==0.163.2 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.3 pydantic-core==2.50.4 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2
+SHAPE_DIR ?= ../shared/models/llama3-8b-shape
+gpu-wheels: setup
+	rm -rf .gpu/wheels .gpu/models && mkdir -p .gpu/wheels .gpu/models
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu/wheels $(GPU_WHEELS)
+	cp -r $(SHAPE_DIR) .gpu/models/llama3-8b-shape && chmod -R u+w .gpu/models
+	du -sh .gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
