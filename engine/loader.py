@@ -102,7 +102,7 @@ def _converted_gguf(gguf: Path) -> Path:
     out = cache_root() / f"{gguf.stem}-{key}"
     if (out / "model.safetensors").is_file():
         return out
-    log.info("converting %s to safetensors in %s (first use only; the default model takes ~30 s on 2 CPU "
+    log.info("converting %s to safetensors in %s (first use only; the default model takes 30-40 s on 2 CPU "
              "cores)", gguf.name, out)
     started = time.perf_counter()
     _check_gguf_arch(gguf)
