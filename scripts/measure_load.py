@@ -4,9 +4,8 @@ checkpoint in Hugging Face names for shapes that have no weights to download.
     python scripts/measure_load.py measure --model smollm2-135m [--dtype float32] [--device cpu]
     python scripts/measure_load.py write-checkpoint --config DIR --out DIR [--shard-gb 4]
 
-`measure` runs in a fresh process per call so `ru_maxrss` (the process's high-water RSS,
-which counts the pages of a memory-mapped checkpoint while they are mapped) belongs to one
-load; the tokenizer is loaded once before the clock starts (transformers' imports take
+`measure` runs in a fresh process per call so its high-water RSS (VmHWM, which counts the
+pages of a memory-mapped checkpoint while they are mapped) belongs to one load; the tokenizer is loaded once before the clock starts (transformers' imports take
 seconds); it calls `headwise.engine.llm_engine.load_model(model, dtype, device)`, whose
 signature predates streaming, so PYTHONPATH pointing at an older install measures that
 version in the same run. `write-checkpoint` writes bf16 normal(0, 0.02) tensors of the
@@ -30,6 +29,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def peak_rss_mb() -> float:
+    """VmHWM, the high-water RSS of this process's memory; not ru_maxrss, which starts from
+    the parent's RSS when the parent (v)forked us."""
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f.read().splitlines())
+    return int(status["VmHWM"].split()[0]) / 1024
+
+
 def measure(args: argparse.Namespace) -> None:
     import torch
     from safetensors import torch as _  # noqa: F401
@@ -48,7 +55,7 @@ def measure(args: argparse.Namespace) -> None:
     if torch.device(args.device).type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     print(json.dumps({"model": args.model, "dtype": args.dtype, "device": args.device, "load_s": round(seconds, 3),
                       "rss_before_mb": round(before), "peak_rss_mb": round(peak),

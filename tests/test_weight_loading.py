@@ -247,7 +247,9 @@ d = Path(sys.argv[1])
 cfg = read_config(d)
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 model = materialize(cfg, d, torch.float32, "cpu")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: the latter keeps the parent's RSS at the (v)fork that started us
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+peak = int(status["VmHWM"].split()[0]) * 1024
 print(json.dumps({"peak_over": peak - before, "weights": sum(p.numel() * 4 for p in model.parameters())}))
 """
 
