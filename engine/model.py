@@ -25,7 +25,7 @@ from headwise.engine.loader import ModelConfig
 class Linear(nn.Linear):
     def reset_parameters(self) -> None:
         # a model built on the meta device is always loaded or drawn afterwards, and torch's
-        # meta-device init imports its Python reference ops the first time (~1-2 s)
+        # init functions on meta tensors run Python decompositions whose first call costs 1-3 s
         if self.weight.device.type != "meta":
             super().reset_parameters()
 
@@ -159,7 +159,7 @@ class LlamaModel(nn.Module):
 
     def tie_embeddings(self) -> None:
         """lm_head shares the embedding matrix (`tie_word_embeddings`); called after the
-        model is materialised, since `to_empty` gives each module its own tensor."""
+        model is materialised, which gives each module a tensor of its own."""
         self.lm_head.weight = self.embed_tokens.weight
 
     def hf_slots(self) -> dict[str, WeightSlot]:

@@ -4,8 +4,9 @@ The model is built on the meta device (no memory, no initialisation), then given
 tensors on the target device; a checkpoint is streamed into them tensor by tensor
 (`--load-format auto`) or they are drawn at random from the config alone (`dummy`, vLLM's
 name: benchmarks of shapes whose weights cannot be downloaded). Nothing holds the model
-in fp32 on the host on the way, so the host's peak is about one tensor (plus the page
-cache of the mapped file), not the 4x of building in fp32, concatenating and converting.
+in fp32 on the host on the way, so beyond the weights themselves the host holds about one
+tensor (plus the mapped file's pages), not the fp32 build, the whole state dict, the
+concatenated q/k/v and gate/up and the conversion of the old loader.
 """
 
 from __future__ import annotations
