@@ -255,8 +255,7 @@ class LLMEngine:
         timer.mark("postprocess")
         now = time.monotonic()
         windows = {s.request_id: self._capture_window(s) for s, _ in sched.scheduled if s.needs_selection()}
-        with timer.forward_of(self.model):
-            hidden, rows, capture = self.runner.execute(sched.scheduled, {k: v for k, v in windows.items() if v})
+        hidden, rows, capture = self.runner.execute(sched.scheduled, {k: v for k, v in windows.items() if v}, timer)
         timer.mark("forward")
         if capture is not None:
             self._stash_capture(rows, capture, windows)

@@ -17,6 +17,7 @@ from headwise.engine.cuda_graphs import DecodeGraphs, StaticDecode
 from headwise.engine.model import LlamaModel
 from headwise.engine.sequence import Sequence
 from headwise.engine.step_inputs import build_metadata
+from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
 from headwise.kvcache.manager import KVCacheManager
 
 
@@ -42,9 +43,11 @@ class ModelRunner:
         cls = DecodeGraphs if capture else StaticDecode
         self.decode_graphs = cls(self.model, self.kv_manager, max_batch, self.device)
 
-    def execute(self, scheduled: list[tuple[Sequence, int]], capture_window: dict[str, int]):
+    def execute(self, scheduled: list[tuple[Sequence, int]], capture_window: dict[str, int],
+                timer: StepTimer | NoStepTimer = NO_STEP_TIMER):
         """Run one step. `capture_window[request_id]` asks for the q / outputs of the
-        last W prompt positions. Returns (hidden `[T, hidden]`, rows, capture)."""
+        last W prompt positions. Returns (hidden `[T, hidden]`, rows, capture); `timer`
+        is marked where the host's preparation ends and the model starts."""
         prefill = [(s, n) for s, n in scheduled if n > 1]
         decode = [(s, n) for s, n in scheduled if n == 1]
         ids: list[int] = []
@@ -78,6 +81,7 @@ class ModelRunner:
         packed = packed.to(self.device, non_blocking=True)
         t, s = len(ids), len(info[0])
         if not prefill and not cap_rows and self.decode_graphs is not None and s <= self.decode_graphs.max_batch:
+            timer.mark("prepare")
             return self.decode_graphs.run(packed, s), rows, None
         meta = build_metadata(
             block_tables, self.kv_manager.block_size, packed[t:].view(3, s), num_prefill=len(prefill),
@@ -85,5 +89,6 @@ class ModelRunner:
             max_seqlen=max_seqlen, has_cache=has_cache, all_full=all_full)
         if cap_rows:
             meta.capture = CaptureMeta(rows=torch.tensor(cap_rows, device=self.device))
+        timer.mark("prepare")
         hidden = self.model(packed[:t], meta, self.kv_manager.buffers)
         return hidden, rows, meta.capture

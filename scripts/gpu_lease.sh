@@ -109,7 +109,8 @@ for f in d.glob("*.safetensors"):  # dummy weights: nothing may read a checkpoin
     f.unlink()
 EOF
   ENGINE=(--model "$MODEL" --load-format dummy --dtype float32 --device cpu)
-  LAT=(--batch-size 1 --input-len 16 --output-len 4 --num-iters-warmup 1 --num-iters 1 --max-model-len 64)
+  LAT=(--batch-size 1 --input-len 16 --output-len 4 --num-iters-warmup 1 --num-iters 1 --max-model-len 64
+       --max-num-seqs 1)
   OFF=(--num-prompts 4 --input-len 16-32 --output-len 4 --max-num-seqs 2 --max-model-len 64 --kv-cache-mb 16)
   CAP_IN=256 CAP_OUT=16 CAP_N=4 CAP_FIT=2 CAP_SINK=4 CAP_RECENT=32
   SRV_N=8 SRV_CONCURRENCY=4 SRV_IN=32 SRV_OUT=8
@@ -119,8 +120,9 @@ else
   MODEL=.gpu/models/llama3-8b-shape
   [[ -f $MODEL/config.json ]] || { echo "$MODEL/config.json is missing: run make gpu-wheels and carry .gpu"; exit 1; }
   ENGINE=(--model "$MODEL" --load-format dummy --dtype bfloat16 --device cuda)
+  # --max-num-seqs 1: only the batch-1 decode graph is captured
   LAT=(--batch-size 1 --input-len 512 --output-len 128 --num-iters-warmup 1 --num-iters 3 --max-model-len 640
-       --kv-cache-mb 2048)
+       --max-num-seqs 1 --kv-cache-mb 2048)
   OFF=(--num-prompts 128 --input-len 512-1024 --output-len 128 --max-num-seqs 64 --hf-batch-size 64
        --max-num-batched-tokens 8192 --max-model-len 1152 --kv-cache-mb 12288)
   CAP_IN=8192 CAP_OUT=512 CAP_N=32 CAP_FIT=8 CAP_SINK=64 CAP_RECENT=256

@@ -47,7 +47,7 @@ def test_step_timings_are_recorded_only_when_asked(tiny_dir):
     wall = time.perf_counter() - t
     assert list(eng.step_timings) == list(PHASES)
     assert all(v >= 0 for v in eng.step_timings.values())
-    assert eng.step_timings["forward"] > 0 and eng.step_timings["sample"] > 0
+    assert min(eng.step_timings[p] for p in ("schedule", "prepare", "forward", "sample")) > 0
     # the phases tile the step: together they are its wall time, less the timer's own start
     assert sum(eng.step_timings.values()) == pytest.approx(wall, rel=0.05, abs=2e-3)
 
