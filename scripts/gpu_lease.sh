@@ -24,7 +24,7 @@
 #   STAGES=latency,capacity bash scripts/gpu_lease.sh    # a subset (pytest,latency,offline,capacity,serve,load)
 #   BUDGET_S=300 bash scripts/gpu_lease.sh               # later stages get what is left of 300 s
 #   bash scripts/gpu_lease.sh --cpu-smoke                # the same stages on the CPU: tiny model, a few
-#                                                        # tokens, ~3 min on 2 cores (not run by make test)
+#                                                        # tokens, 1-3 min on 2 cores (not run by make test)
 set -uo pipefail
 
 SMOKE=0
