@@ -1,0 +1,62 @@
+"""The sampler on the tiny random Llama: seeded draws pinned to the tokens the per-row host
+sampler produced (engine/sampler.py before batching), so a request's seed keeps giving
+the same tokens whatever the implementation."""
+
+from __future__ import annotations
+
+import pytest
+
+from headwise.engine.config import EngineConfig
+from headwise.engine.llm_engine import LLMEngine
+from headwise.engine.sampling_params import SamplingParams as SP
+from tests.tiny_model import random_prompts, write_tiny_llama
+
+# the tiny model's logits have std ~20, so temperatures of 15-40 make every draw matter
+PARAMS = [
+    SP(max_tokens=12, temperature=20.0, top_p=0.9, seed=11, ignore_eos=True),
+    SP(max_tokens=12, temperature=30.0, top_k=20, seed=5, ignore_eos=True),
+    SP(max_tokens=12, temperature=25.0, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5,
+       frequency_penalty=0.7, min_tokens=4, stop_token_ids=[5], seed=7, logprobs=2),
+    SP(max_tokens=12, temperature=15.0, top_k=50, top_p=0.8, min_p=0.01, seed=99, ignore_eos=True),
+    SP(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True),
+    SP(max_tokens=12, temperature=40.0, seed=123, ignore_eos=True),
+]
+PINNED = [
+    [96, 9, 269, 398, 172, 419, 74, 34, 303, 223, 260, 458],
+    [424, 423, 307, 8, 18, 71, 28, 424, 321, 277, 38, 434],
+    [200, 179, 260, 197, 458, 170, 501, 42, 487, 307, 244, 455],
+    [98, 281, 356, 168, 124, 281, 474, 474, 259, 98, 474, 474],
+    [307, 90, 90, 307, 307, 90, 90, 90, 90, 90, 90, 90],
+    [292, 277, 423, 70, 214, 174, 333, 474, 172, 10, 489, 133],
+]
+# row 2's raw log-probabilities (before penalties and temperature) and top-2 alternatives
+PINNED_LOGPROBS = [-58.3947, -46.7299, -41.8992, -44.7182, -68.5476, -36.2929, -58.1826, -65.1717, -38.9953,
+                   -43.54, -44.1123, -7.7268]
+PINNED_TOP = [(232, -0.7374), (108, -0.8939)]
+PINNED_GREEDY_LOGPROBS = [-0.0125, -0.5167, -0.4616, -0.4958, -0.2477, -0.6177, -0.0073, -0.0124, -0.0165,
+                          -0.0136, -0.0074, -0.004]
+LOGPROB_ATOL = 1e-3  # fp32; the pinned values are rounded to 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    return LLMEngine(EngineConfig(model=write_tiny_llama(tmp_path_factory.mktemp("tiny")), kv_cache_mb=16))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(len(PARAMS), 20, step=3)
+
+
+def test_seeded_tokens_equal_the_pinned_host_sampler_tokens(tiny_engine, prompts):
+    outs = tiny_engine.generate(prompts, PARAMS)
+    assert [o.token_ids for o in outs] == PINNED
+    assert [lp.logprob for lp in outs[2].logprobs] == pytest.approx(PINNED_LOGPROBS, abs=LOGPROB_ATOL)
+    assert [(i, pytest.approx(v, abs=LOGPROB_ATOL)) for i, v in outs[2].logprobs[0].top] == PINNED_TOP
+    assert [lp.logprob for lp in outs[4].logprobs] == pytest.approx(PINNED_GREEDY_LOGPROBS, abs=LOGPROB_ATOL)
+    assert outs[0].logprobs is None
+
+
+def test_seeded_request_alone_equals_its_batch_tokens(tiny_engine, prompts):
+    for i in (0, 2, 3):
+        assert tiny_engine.generate([prompts[i]], PARAMS[i])[0].token_ids == PINNED[i]
