@@ -1,4 +1,8 @@
-"""Torch reference of every attention op: defines what is correct, runs anywhere.
+"""Torch reference of every kernel op: defines what is correct, runs anywhere.
+
+Attention ops first, then the per-layer model ops (RMSNorm, RMSNorm with the residual
+add, RoPE), which compute exactly what the unfused model does: normalisation in fp32
+like Hugging Face's LlamaRMSNorm, rotation in fp32 from fp32 cos / sin.
 
 Cache layout (docs/design.md, "KV cache"): one pool shared by all layers and KV heads,
 `k_cache` / `v_cache` `[num_blocks, block_size, head_dim]` and `pos_cache`
@@ -20,7 +24,6 @@ Log-sum-exp values are natural-log, float32; an empty row gives output 0, lse -i
 from __future__ import annotations
 
 import torch
-
 
 
 def kv_write(
@@ -296,3 +299,39 @@ def causal_prefill(
             is_causal=True, scale=scale, enable_gqa=True)
         out[a:b] = o[0].transpose(0, 1)
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * (x / rms(x))` over the last axis: x `[..., H]`, weight `[H]` in x's dtype.
+
+    Normalised in fp32, rounded to x's dtype, then scaled in that dtype (LlamaRMSNorm).
+    """
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm block boundary: `s = x + residual` (in x's dtype), returns
+    `(rms_norm(s), s)`; `s` is the residual stream the next block adds to."""
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (rotate-half layout) of q `[T, Hq, D]` and k `[T, Hkv, D]` by fp32
+    cos / sin `[T, D / 2]` of each token's position; returns new tensors in q's / k's dtype.
+
+    Pair j is (x[j], x[j + D/2]): `(x1 cos - x2 sin, x2 cos + x1 sin)`, computed in fp32.
+    """
+    c, s = cos[:, None, :], sin[:, None, :]
+    return _rotate_half(q, c, s), _rotate_half(k, c, s)
+
+
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

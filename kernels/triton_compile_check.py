@@ -26,9 +26,11 @@ from headwise.kernels import (  # noqa: E402
     triton_decode,
     triton_kv_write,
     triton_merge,
+    triton_norm,
     triton_ops,
     triton_prefill,
     triton_prefix,
+    triton_rope,
 )
 from headwise.kernels.layout import UNBOUNDED  # noqa: E402
 
@@ -42,6 +44,8 @@ _KERNELS = [
     (triton_prefill, "_sink_window_kernel"),
     (triton_kv_write, "_kv_write_kernel"),
     (triton_merge, "_merge_kernel"),
+    (triton_norm, "_rms_norm_kernel"),
+    (triton_rope, "_rope_kernel"),
 ]
 
 
@@ -55,7 +59,7 @@ class _CompileOnLaunch:
         return self._compile
 
     def _compile(self, *args, **meta) -> None:
-        options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+        options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in meta}
         signature, attrs = {}, {}
         for i, (name, a) in enumerate(zip(self.fn.arg_names, args)):
             if isinstance(a, torch.Tensor):
@@ -110,6 +114,15 @@ def _drive_ops(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -
     triton_ops.kv_write(k, k, pos, torch.zeros(t, hkv, dtype=torch.int32), kc, vc, pc)
     lse = torch.zeros(t, hkv * group)
     triton_ops.merge_states(qt, lse, qt, lse)
+    x = torch.zeros(t, 96 * head_dim // 16, dtype=dtype)  # a hidden size that is not a power of two
+    w = torch.ones(x.shape[1], dtype=dtype)
+    triton_ops.rms_norm(x, w, 1e-5)
+    triton_ops.add_rms_norm(x, x, w, 1e-5)
+    qkv = torch.zeros(t, (hkv * group + 2 * hkv) * head_dim, dtype=dtype)  # q and k as views of one projection
+    cos_sin = torch.zeros(t, head_dim)
+    triton_ops.apply_rotary(qkv[:, :hkv * group * head_dim].view(t, hkv * group, head_dim),
+                            qkv[:, hkv * group * head_dim:(hkv * group + hkv) * head_dim].view(t, hkv, head_dim),
+                            cos_sin[:, :head_dim // 2], cos_sin[:, head_dim // 2:])
 
 
 def compile_all(arch: int, configs: list[tuple[torch.dtype, int, int, int]]) -> list[str]:

@@ -1,10 +1,12 @@
-"""Triton implementation of every attention op, with the signatures of `reference`.
+"""Triton implementation of every kernel op, with the signatures of `reference`.
 
 `headwise.kernels.reference` documents shapes, the cache layout and the mask contract;
-these functions check their inputs (ValueError names the bad argument) and launch the
-kernels in `triton_decode`, `triton_prefix`, `triton_prefill`, `triton_kv_write` and
-`triton_merge`. Accumulation is fp32; q / k / v / caches are float16, bfloat16 or float32,
-all of one dtype. Index tensors may be int32 or int64. On CPU this needs TRITON_INTERPRET=1.
+these functions launch the kernels in `triton_decode`, `triton_prefix`, `triton_prefill`,
+`triton_kv_write`, `triton_merge`, `triton_norm` and `triton_rope`. With HEADWISE_DEBUG=1
+(`headwise.kernels.debug`) they first check their inputs (ValueError names the bad
+argument); without it they only launch, since they run once per layer per step.
+Accumulation is fp32; q / k / v / caches are float16, bfloat16 or float32, all of one
+dtype. Index tensors may be int32 or int64. On CPU this needs TRITON_INTERPRET=1.
 
 Preconditions the reference does not need:
 - kv_write: no slot appears twice in one call (a ring that wraps inside a chunk drops the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from headwise.kernels.debug import CHECKS
 from headwise.kernels.triton_common import (
     check_attention_dtype,
     check_cache,
@@ -27,10 +30,13 @@ from headwise.kernels.triton_common import (
 from headwise.kernels.triton_decode import launch_decode
 from headwise.kernels.triton_kv_write import launch_kv_write
 from headwise.kernels.triton_merge import launch_merge
+from headwise.kernels.triton_norm import launch_rms_norm
 from headwise.kernels.triton_prefill import launch_sink_window
 from headwise.kernels.triton_prefix import launch_prefix
+from headwise.kernels.triton_rope import launch_rotary
 
-__all__ = ["kv_write", "paged_decode", "paged_prefix", "sink_window_prefill", "merge_states"]
+__all__ = ["kv_write", "paged_decode", "paged_prefix", "sink_window_prefill", "merge_states", "rms_norm",
+           "add_rms_norm", "apply_rotary"]
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -67,6 +73,14 @@ def kv_write(
     pos_cache: torch.Tensor,
 ) -> None:
     """Write k, v `[T, Hkv, D]` to flat slots `slot_mapping [T, Hkv]` (-1 = drop)."""
+    if CHECKS:
+        _check_kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache)
+    launch_kv_write(
+        _rows_contiguous(k), _rows_contiguous(v), positions.contiguous(), slot_mapping, k_cache, v_cache, pos_cache
+    )
+
+
+def _check_kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache) -> None:
     require(k.dim() == 3, f"k must be [tokens, kv_heads, head_dim], got {tuple(k.shape)}")
     require(v.shape == k.shape, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
     t, hkv, d = k.shape
@@ -79,9 +93,6 @@ def kv_write(
     check_int("slot_mapping", slot_mapping, (t, hkv))
     check_int("pos_cache", pos_cache, tuple(k_cache.shape[:2]))
     check_same_device(k=k, v=v, positions=positions, slot_mapping=slot_mapping, k_cache=k_cache, pos_cache=pos_cache)
-    launch_kv_write(
-        _rows_contiguous(k), _rows_contiguous(v), positions.contiguous(), slot_mapping, k_cache, v_cache, pos_cache
-    )
 
 
 def paged_decode(
@@ -102,16 +113,17 @@ def paged_decode(
 
     Returns out `[B, Hq, D]` and lse `[B, Hq]` (fp32, natural log).
     """
-    _check_paged(q, k_cache, v_cache, block_tables)
-    b = q.shape[0]
-    heads = (b, block_tables.shape[1])
-    check_int("rows", rows, (b,))
-    check_int("q_pos", q_pos, (b,))
-    check_int("pos_cache", pos_cache, tuple(k_cache.shape[:2]))
-    for name, x in (("lengths", lengths), ("keep", keep), ("recent", recent)):
-        check_int(name, x, heads)
-    require(block_tables.stride(-1) == 1, "block_tables must have a unit stride along its blocks")
-    check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, rows=rows, lengths=lengths, q_pos=q_pos)
+    if CHECKS:
+        _check_paged(q, k_cache, v_cache, block_tables)
+        b = q.shape[0]
+        heads = (b, block_tables.shape[1])
+        check_int("rows", rows, (b,))
+        check_int("q_pos", q_pos, (b,))
+        check_int("pos_cache", pos_cache, tuple(k_cache.shape[:2]))
+        for name, x in (("lengths", lengths), ("keep", keep), ("recent", recent)):
+            check_int(name, x, heads)
+        require(block_tables.stride(-1) == 1, "block_tables must have a unit stride along its blocks")
+        check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, rows=rows, lengths=lengths, q_pos=q_pos)
     return launch_decode(_rows_contiguous(q), k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent,
                          q_pos, float(scale))
 
@@ -135,17 +147,18 @@ def paged_prefix(
 
     Returns out `[T, Hq, D]` and lse `[T, Hq]`.
     """
-    _check_paged(q, k_cache, v_cache, block_tables)
-    t = q.shape[0]
-    heads = (rows.shape[0], block_tables.shape[1])
-    check_int("rows", rows, tuple(rows.shape))
-    check_int("q_pos", q_pos, (t,))
-    check_int("q_seq", q_seq, (t,))
-    check_int("pos_cache", pos_cache, tuple(k_cache.shape[:2]))
-    for name, x in (("lengths", lengths), ("keep", keep), ("recent", recent)):
-        check_int(name, x, heads)
-    check_same_device(q=q, q_pos=q_pos, q_seq=q_seq, k_cache=k_cache, block_tables=block_tables, lengths=lengths)
-    require(block_tables.stride(-1) == 1, "block_tables must have a unit stride along its blocks")
+    if CHECKS:
+        _check_paged(q, k_cache, v_cache, block_tables)
+        t = q.shape[0]
+        heads = (rows.shape[0], block_tables.shape[1])
+        check_int("rows", rows, tuple(rows.shape))
+        check_int("q_pos", q_pos, (t,))
+        check_int("q_seq", q_seq, (t,))
+        check_int("pos_cache", pos_cache, tuple(k_cache.shape[:2]))
+        for name, x in (("lengths", lengths), ("keep", keep), ("recent", recent)):
+            check_int(name, x, heads)
+        check_same_device(q=q, q_pos=q_pos, q_seq=q_seq, k_cache=k_cache, block_tables=block_tables, lengths=lengths)
+        require(block_tables.stride(-1) == 1, "block_tables must have a unit stride along its blocks")
     return launch_prefix(
         _rows_contiguous(q), q_pos.contiguous(), q_seq.contiguous(), k_cache, v_cache, pos_cache,
         block_tables, rows.contiguous(), lengths, keep, recent, float(scale),
@@ -166,6 +179,15 @@ def sink_window_prefill(
 
     Returns out `[T, Hq, D]` and lse `[T, Hq]`.
     """
+    if CHECKS:
+        _check_sink_window(q, k, v, positions, cu_seqlens, sink, recent)
+    return launch_sink_window(
+        _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), positions.contiguous(), cu_seqlens.contiguous(),
+        sink, recent, float(scale),
+    )
+
+
+def _check_sink_window(q, k, v, positions, cu_seqlens, sink, recent) -> None:
     require(
         q.dim() == 3 and k.dim() == 3,
         f"q, k must be [tokens, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}",
@@ -187,16 +209,18 @@ def sink_window_prefill(
     check_int("sink", sink, heads)
     check_int("recent", recent, heads)
     check_same_device(q=q, k=k, positions=positions, cu_seqlens=cu_seqlens, sink=sink, recent=recent)
-    return launch_sink_window(
-        _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), positions.contiguous(), cu_seqlens.contiguous(),
-        sink, recent, float(scale),
-    )
 
 
 def merge_states(
     o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two partial softmax states over disjoint key sets: `[..., D]`, `[...]`."""
+    if CHECKS:
+        _check_merge(o1, lse1, o2, lse2)
+    return launch_merge(o1, lse1, o2, lse2)
+
+
+def _check_merge(o1, lse1, o2, lse2) -> None:
     require(o1.shape == o2.shape, f"o1 shape {tuple(o1.shape)} != o2 shape {tuple(o2.shape)}")
     require(o1.dim() >= 1, "o1 must have a head_dim axis")
     require(
@@ -205,4 +229,66 @@ def merge_states(
     )
     check_attention_dtype("o1", o1)
     check_same_device(o1=o1, lse1=lse1, o2=o2, lse2=lse2)
-    return launch_merge(o1, lse1, o2, lse2)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * (x / rms(x))` over the last axis of x `[..., H]`; weight `[H]` in x's dtype."""
+    if CHECKS:
+        _check_norm(x, None, weight)
+    y, _ = launch_rms_norm(_as_rows(x), None, weight, eps)
+    return y.view(x.shape)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`s = x + residual`; returns `(rms_norm(s), s)`."""
+    if CHECKS:
+        _check_norm(x, residual, weight)
+    y, s = launch_rms_norm(_as_rows(x), _as_rows(residual), weight, eps)
+    return y.view(x.shape), s.view(x.shape)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """`[rows, H]` with a unit stride along H (a view when x allows it)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def _check_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> None:
+    require(x.dim() >= 1, "x must have a hidden axis")
+    check_attention_dtype("x", x)
+    require(weight.shape == (x.shape[-1],), f"weight shape {tuple(weight.shape)}: expected ({x.shape[-1]},)")
+    require(weight.dtype == x.dtype, f"weight.dtype={weight.dtype} differs from x.dtype {x.dtype}")
+    require(weight.stride(0) == 1, f"weight must be contiguous (stride {weight.stride(0)})")
+    if residual is not None:
+        require(residual.shape == x.shape, f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        require(residual.dtype == x.dtype, f"residual.dtype={residual.dtype} differs from x.dtype {x.dtype}")
+        check_same_device(x=x, residual=residual, weight=weight)
+    else:
+        check_same_device(x=x, weight=weight)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE of q `[T, Hq, D]` and k `[T, Hkv, D]` by fp32 cos / sin `[T, D / 2]`; new tensors."""
+    if CHECKS:
+        _check_rotary(q, k, cos, sin)
+    c = cos if cos.stride(-1) == 1 else cos.contiguous()
+    s = sin if sin.stride(-1) == 1 else sin.contiguous()
+    return launch_rotary(_rows_contiguous(q), _rows_contiguous(k), c, s)
+
+
+def _check_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    require(q.dim() == 3 and k.dim() == 3,
+            f"q, k must be [tokens, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}")
+    t, _, d = q.shape
+    require(k.shape[0] == t and k.shape[2] == d, f"k shape {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    require(d % 2 == 0, f"head_dim {d} must be even")
+    check_attention_dtype("q", q)
+    check_attention_dtype("k", k, q)
+    for name, x in (("cos", cos), ("sin", sin)):
+        require(x.shape == (t, d // 2), f"{name} shape {tuple(x.shape)}: expected {(t, d // 2)}")
+        require(x.dtype == torch.float32, f"{name}.dtype={x.dtype}: expected torch.float32")
+    check_same_device(q=q, k=k, cos=cos, sin=sin)

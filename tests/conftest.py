@@ -1,11 +1,19 @@
-"""Shared fixtures: engines over the default model (weights loaded once per process)."""
+"""Shared fixtures: engines over the default model (weights loaded once per process).
+
+The suite runs with HEADWISE_DEBUG=1 (read once when headwise.kernels.debug is imported,
+so it is set before any headwise import): every kernel op checks its inputs.
+"""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from headwise.engine.config import EngineConfig
-from headwise.engine.llm_engine import LLMEngine
+os.environ.setdefault("HEADWISE_DEBUG", "1")
+
+import pytest  # noqa: E402
+
+from headwise.engine.config import EngineConfig  # noqa: E402
+from headwise.engine.llm_engine import LLMEngine  # noqa: E402
 
 
 @pytest.fixture(scope="session")

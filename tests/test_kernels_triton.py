@@ -255,15 +255,21 @@ def test_triton_ops_has_the_signatures_of_the_reference():
         ).parameters.keys(), name
 
 
-def test_dispatcher_forced_to_triton_runs_the_kernels(monkeypatch):
+def test_dispatcher_forced_to_triton_runs_the_kernels():
     from headwise.kernels import ops
 
-    monkeypatch.setenv("HEADWISE_KERNELS", "triton")
     cache, sink, recent, gen = ring_cache([0, 20], torch.float32, 64, 16)
     q = torch.randn(2, HKV * 3, 64, generator=gen)
     args = decode_args(cache, q, newest([0, 20]), sink, recent, SCALE)
-    assert ops.backend_for(q) is tri
-    assert_state_close(ops.paged_decode(*args), ref.paged_decode(*args), torch.float32)
+    assert ops.backend_for(q) is ref
+    previous = ops.force_backend("triton")
+    try:
+        assert ops.backend_for(q) is tri
+        assert_state_close(ops.paged_decode(*args), ref.paged_decode(*args), torch.float32)
+    finally:
+        ops.force_backend(previous)
+    with pytest.raises(ValueError, match="HEADWISE_KERNELS='cuda'"):
+        ops.force_backend("cuda")
 
 
 def test_bad_inputs_raise_value_error_naming_the_argument():
@@ -283,10 +289,70 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
                      cache.k_cache, cache.v_cache, cache.pos_cache)
 
 
+# RMSNorm / RoPE: the interpreter rounds fp32 -> bf16 towards zero (a GPU rounds to nearest,
+# as torch does), so bf16 results may differ by one bf16 ulp (2^-7 relative) per rounding;
+# fp16 and fp32 rounding match torch's
+NORM_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [576, 1024])
+def test_rms_norm_and_residual_add_match_reference(dtype, hidden):
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(5, 2 * hidden, generator=gen) * 3).to(dtype)[:, :hidden]  # strided rows
+    residual = torch.randn(5, hidden, generator=gen).to(dtype)
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    tol = NORM_TOL[dtype]
+    torch.testing.assert_close(tri.rms_norm(x, weight, 1e-5), ref.rms_norm(x, weight, 1e-5), atol=tol, rtol=tol)
+    y, s = tri.add_rms_norm(x, residual, weight, 1e-5)
+    y_ref, s_ref = ref.add_rms_norm(x, residual, weight, 1e-5)
+    assert s.dtype == y.dtype == dtype and s.shape == y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(s, s_ref, atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,hq,hkv", [(64, 9, 3), (128, 8, 2)])
+def test_rotary_of_fused_qkv_views_matches_reference(dtype, head_dim, hq, hkv):
+    """q and k are strided views of one qkv projection, as in the model; fp32 / fp16 bit-identical."""
+    gen = torch.Generator().manual_seed(7)
+    t = 6
+    qkv = torch.randn(t, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
+    q = qkv[:, :hq * head_dim].view(t, hq, head_dim)
+    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(t, hkv, head_dim)
+    angles = torch.arange(t, dtype=torch.float32)[:, None] * torch.rand(head_dim // 2, generator=gen)[None, :]
+    table = torch.cat([angles.cos(), angles.sin()], dim=-1)  # the model's cos | sin layout
+    cos, sin = table[:, :head_dim // 2], table[:, head_dim // 2:]
+    (qo, ko), (q_ref, k_ref) = tri.apply_rotary(q, k, cos, sin), ref.apply_rotary(q, k, cos, sin)
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(qo, q_ref, atol=1e-6, rtol=2**-7)
+        torch.testing.assert_close(ko, k_ref, atol=1e-6, rtol=2**-7)
+    else:
+        assert torch.equal(qo, q_ref) and torch.equal(ko, k_ref)
+    assert torch.equal(q, qkv[:, :hq * head_dim].view(t, hq, head_dim)), "the inputs are not overwritten"
+
+
+def test_norm_and_rotary_bad_inputs_name_the_argument():
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="weight shape"):
+        tri.rms_norm(x, torch.ones(32), 1e-5)
+    with pytest.raises(ValueError, match="residual.dtype"):
+        tri.add_rms_norm(x, x.half(), torch.ones(64), 1e-5)
+    q, k = torch.randn(3, 4, 64), torch.randn(3, 2, 64)
+    with pytest.raises(ValueError, match="cos.dtype"):
+        tri.apply_rotary(q, k, torch.ones(3, 32, dtype=torch.float64), torch.ones(3, 32))
+    with pytest.raises(ValueError, match="sin shape"):
+        tri.apply_rotary(q, k, torch.ones(3, 32), torch.ones(3, 64))
+
+
 def test_every_kernel_compiles_for_sm90():
     """The interpreter accepts code the GPU compiler rejects; compile it for an H100 without one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-W", "ignore", "-m", "headwise.kernels.triton_compile_check", "--arch", "90"]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 14 kernel variants for sm_90" in proc.stdout
+    assert "compiled 20 kernel variants for sm_90" in proc.stdout
