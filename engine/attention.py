@@ -33,6 +33,9 @@ class PrefillMeta:
     keep: torch.Tensor  # [L, Sp, Hkv]
     sink: torch.Tensor  # [L, Sp, Hkv]
     recent: torch.Tensor  # [L, Sp, Hkv]
+    # every head's recent window holds the query itself (recent >= 1), a host bool for the
+    # reference path's per-layer choice; None: read from `recent` (a device sync on CUDA)
+    self_visible: bool | None = None
 
 
 @dataclass
@@ -69,21 +72,24 @@ def paged_attention(
     meta: AttentionMetadata, buffers: KVBuffers, scale: float,
 ) -> torch.Tensor:
     """q `[T, Hq, D]`, k / v `[T, Hkv, D]` (RoPE applied) -> output `[T, Hq, D]`."""
-    out = torch.empty_like(q)
     p, d = meta.prefill, meta.decode
     tp = p.num_tokens if p else 0
+    pre = None
     if p and not p.has_cache and p.all_full:
-        out[:tp] = ops.causal_prefill(q[:tp], k[:tp], v[:tp], p.cu_seqlens, scale)
+        pre = ops.causal_prefill(q[:tp], k[:tp], v[:tp], p.cu_seqlens, scale, p.max_seqlen)
     elif p:
-        out[:tp] = ops.prefill_attention(
+        pre = ops.prefill_attention(
             q[:tp], k[:tp], v[:tp], p.positions, p.seq_index, p.cu_seqlens, buffers.k, buffers.v, buffers.pos,
             meta.block_tables[layer], p.rows, p.lengths[layer], p.keep[layer], p.sink[layer], p.recent[layer], scale,
-            p.has_cache)
+            p.has_cache, p.self_visible)
     ops.kv_write(k, v, meta.positions, meta.slot_mapping[layer], buffers.k, buffers.v, buffers.pos)
     if d:
         o, _ = ops.paged_decode(q[tp:], buffers.k, buffers.v, buffers.pos, meta.block_tables[layer], d.rows,
                                 d.lengths[layer], d.keep[layer], d.recent[layer], d.positions, scale)
-        out[tp:] = o
+        # a step of one kind returns its op's output as is: no scratch, no copy
+        out = o if pre is None else torch.cat([pre, o])
+    else:
+        out = pre
     if meta.capture is not None:
         meta.capture.q.append(q[meta.capture.rows])
         meta.capture.out.append(out[meta.capture.rows])

@@ -3,7 +3,10 @@
 Tokens of all sequences in a step are one flat batch `[T, hidden]`; attention goes
 through the paged cache (`engine.attention`). q/k/v and gate/up projections are fused
 parameters so each costs one matmul; `load_weights` writes each Hugging Face tensor into
-its slice of them (`engine/weights.py` builds the model and streams the tensors).
+its slice of them (`engine/weights.py` builds the model and streams the tensors). The
+elementwise work of a layer is two fused RMSNorm launches (each also adding the residual)
+and one RoPE launch for q and k (`kernels.ops`: Triton on CUDA, the torch references on
+the CPU); cos / sin come from a table computed once and gathered once per forward.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from headwise.engine.attention import AttentionMetadata, paged_attention
-from headwise.kvcache.buffers import KVBuffers
 from headwise.engine.errors import ModelLoadError
 from headwise.engine.loader import ModelConfig
+from headwise.kernels import ops
+from headwise.kvcache.buffers import KVBuffers
 
 
 class Linear(nn.Linear):
@@ -37,16 +41,18 @@ class Embedding(nn.Embedding):
 
 
 class RMSNorm(nn.Module):
+    """`norm(x)`, or `norm(x, residual)` -> `(norm(x + residual), x + residual)`: the
+    residual add of the block before fused into the norm (vLLM's fused_add_rms_norm)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 as the reference implementation does
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -69,29 +75,42 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv.float()
 
 
+def rope_table(inv_freq: torch.Tensor, max_positions: int, device: torch.device | str) -> torch.Tensor:
+    """`[max_positions, D]` fp32: cos of every position's angles in the first D/2
+    columns, sin in the last D/2 (the angles as the per-step `positions * inv_freq` was)."""
+    freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq.to(device)[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
 class Rotary(nn.Module):
+    """cos / sin of every position up to the model's context length, computed once in fp32."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self._inv_freq32 = rope_inv_freq(cfg)
-        self.register_buffer("inv_freq", self._inv_freq32.clone(), persistent=False)
+        self.max_positions = cfg.max_position_embeddings
+        # on the default device: free on the meta device, where engine/weights.py builds
+        # the model; `_apply` computes it where the model is materialised
+        table = rope_table(self._inv_freq32, self.max_positions, torch.get_default_device())
+        self.register_buffer("cos_sin", table, persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # `model.to(dtype=bfloat16)` moves the frequencies but must not round them
+        # `model.to(dtype=bfloat16)` and the materialisation move the table but must not
+        # round it: rebuilt in fp32 where it landed (on the device, as the per-step angles
+        # used to be computed)
         super()._apply(fn, recurse)
-        self.inv_freq = self._inv_freq32.to(self.inv_freq.device)
+        self.cos_sin = rope_table(self._inv_freq32, self.max_positions, self.cos_sin.device)
         return self
 
+    def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[T, D/2]` of `positions`: one gather, shared by every layer of a forward."""
+        table = self.cos_sin[positions]
+        half = table.shape[1] // 2
+        return table[:, :half], table[:, half:]
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+        """Rotated q `[T, Hq, D]` and k `[T, Hkv, D]` (for dense forwards outside the engine)."""
+        return ops.apply_rotary(q, k, *self.cos_sin_at(positions))
 
 
 class Attention(nn.Module):
@@ -103,10 +122,10 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.hq * self.d, cfg.hidden_size, bias=False)
         self.scale = self.d ** -0.5
 
-    def forward(self, x, positions, rotary: Rotary, meta: AttentionMetadata, buffers: KVBuffers):
+    def forward(self, x, cos, sin, meta: AttentionMetadata, buffers: KVBuffers):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q, k = rotary(positions, q.view(t, self.hq, self.d), k.view(t, self.hkv, self.d))
+        q, k = ops.apply_rotary(q.view(t, self.hq, self.d), k.view(t, self.hkv, self.d), cos, sin)
         o = paged_attention(self.layer, q, k, v.view(t, self.hkv, self.d), meta, buffers, self.scale)
         return self.o_proj(o.reshape(t, self.hq * self.d))
 
@@ -130,9 +149,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rotary, meta, buffers):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta, buffers)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, meta, buffers):
+        """(block output, residual stream before it): the caller's next norm adds the two."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, meta, buffers)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -149,9 +174,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, buffers: KVBuffers) -> torch.Tensor:
         """Final hidden states `[T, hidden]` (call `logits` on the rows that need them)."""
         x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin_at(meta.positions)
+        residual = None
         for layer in self.layers:
-            x = layer(x, meta.positions, self.rotary, meta, buffers)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, meta, buffers)
+        return self.norm(x, residual)[0]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

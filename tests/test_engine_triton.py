@@ -15,7 +15,7 @@ if torch.cuda.is_available():
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed")
 
-from headwise.kernels import triton_common  # noqa: E402
+from headwise.kernels import ops, triton_common  # noqa: E402
 
 from headwise.engine.config import EngineConfig  # noqa: E402
 from headwise.engine.llm_engine import LLMEngine  # noqa: E402
@@ -28,16 +28,19 @@ if not triton_common.INTERPRET:
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 
-def test_engine_on_triton_kernels_equals_the_references(tmp_path, monkeypatch):
+def test_engine_on_triton_kernels_equals_the_references(tmp_path):
     model_dir = write_tiny_llama(tmp_path / "model")
     plans = write_plans(model_dir, tmp_path)
     prompts = random_prompts(len(PLANS), 120, step=9)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
     outs = {}
     for kernels in ("reference", "triton"):
-        monkeypatch.setenv("HEADWISE_KERNELS", kernels)
-        eng = LLMEngine(EngineConfig(model=model_dir, plans=plans, kv_cache_mb=16, max_num_batched_tokens=64))
-        outs[kernels] = eng.generate(prompts, params, PLANS)
+        previous = ops.force_backend(kernels)
+        try:
+            eng = LLMEngine(EngineConfig(model=model_dir, plans=plans, kv_cache_mb=16, max_num_batched_tokens=64))
+            outs[kernels] = eng.generate(prompts, params, PLANS)
+        finally:
+            ops.force_backend(previous)
         assert eng.kv_manager.num_free == eng.kv_manager.num_blocks
     for plan, ref, tri in zip(PLANS, outs["reference"], outs["triton"]):
         assert tri.token_ids == ref.token_ids, plan
