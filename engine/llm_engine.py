@@ -17,8 +17,8 @@ from headwise.engine.errors import PromptTooLong, UnknownPlan
 from headwise.engine.loader import ModelConfig, load_tokenizer, model_id, read_config, resolve_model_dir
 from headwise.engine.model import LlamaModel
 from headwise.engine.model_runner import ModelRunner
-from headwise.engine.outputs import RequestOutput
-from headwise.engine.sampler import sample, token_logprob
+from headwise.engine.outputs import RequestOutput, TokenLogprob
+from headwise.engine.sampler import Sampler, token_logprob
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
 from headwise.engine.sequence import Sequence, Status
@@ -94,6 +94,7 @@ class LLMEngine:
         if torch.device(config.device).type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode(config.max_num_seqs)
         self.detok = Detokenizer(self.tokenizer)
+        self.sampler = Sampler(mc.vocab_size, self.eos_ids, config.device)
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.kv_bytes_saved = 0
@@ -255,6 +256,7 @@ class LLMEngine:
         timer.mark("postprocess")
         now = time.monotonic()
         windows = {s.request_id: self._capture_window(s) for s, _ in sched.scheduled if s.needs_selection()}
+        self.sampler.prefetch_noise(s for s, _ in sched.scheduled)  # drawn on the host while the forward runs
         hidden, rows, capture = self.runner.execute(sched.scheduled, {k: v for k, v in windows.items() if v}, timer)
         timer.mark("forward")
         if capture is not None:
@@ -277,13 +279,23 @@ class LLMEngine:
             self._prompt_logprobs(r, hidden)
         if sample_seqs:
             timer.mark("postprocess")
-            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=hidden.device)])
-            tokens, logprobs = sample(logits, sample_seqs, self.eos_ids)
+            tokens, logprobs = self.sampler.sample(self.model.logits(self._rows_of(hidden, sample_rows)), sample_seqs)
             timer.mark("sample")
-            for i, (seq, tok) in enumerate(zip(sample_seqs, tokens)):
-                self._append_token(seq, tok, logprobs[i], now)
+            for seq, tok, lp in zip(sample_seqs, tokens, logprobs):
+                self._append_token(seq, tok, lp, now)
                 outputs.append(self._output(seq))
         return outputs
+
+    @staticmethod
+    def _rows_of(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """`hidden[rows]` for increasing `rows`; the index goes to the device pinned and
+        non-blocking, since a blocking copy would wait for the forward to finish."""
+        if len(rows) == hidden.shape[0]:  # every row (a decode-only step): no gather
+            return hidden
+        index = torch.tensor(rows)
+        if hidden.is_cuda:
+            index = index.pin_memory().to(hidden.device, non_blocking=True)
+        return hidden[index]
 
     def _capture_window(self, seq: Sequence) -> int:
         plan = seq.plan
@@ -344,14 +356,14 @@ class LLMEngine:
             if nxt < seq.num_prompt_tokens:
                 seq.prompt_logprobs.append(token_logprob(lps[i], seq.prompt_token_ids[nxt], k))
 
-    def _append_token(self, seq: Sequence, token: int, logprobs: torch.Tensor, now: float) -> None:
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
         if seq.tables is not None:
             seq.decode_peak_blocks = max(seq.decode_peak_blocks, seq.tables.num_blocks_held)
         seq.output_token_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now
-        if seq.params.logprobs is not None:
-            seq.logprobs.append(token_logprob(logprobs, token, seq.params.logprobs))
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         new_chars = self.detok.update(seq)
         p = seq.params
         n_out = len(seq.output_token_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,8 @@ class Sequence:
     num_registered: int = 0
     cacheable: bool = True
     num_cached_tokens: int | None = None
+    # the next exponential draw of a non-greedy request, in flight (engine.sampler)
+    noise: Future | None = None
     # queries / outputs of the last prompt positions, per layer, for selection
     captured_q: list[torch.Tensor] | None = None
     captured_out: list[torch.Tensor] | None = None

@@ -1,14 +1,17 @@
-"""The sampler on the tiny random Llama: seeded draws pinned to the tokens the per-row host
-sampler produced (engine/sampler.py before batching), so a request's seed keeps giving
-the same tokens whatever the implementation."""
+"""The batched sampler. On the tiny random Llama, seeded draws are pinned to the tokens the
+per-row host sampler produced (engine/sampler.py before batching), so a request's seed
+keeps giving the same tokens whatever the implementation; then each knob on small logits."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from headwise.engine.config import EngineConfig
 from headwise.engine.llm_engine import LLMEngine
+from headwise.engine.sampler import Sampler
 from headwise.engine.sampling_params import SamplingParams as SP
+from headwise.engine.sequence import Sequence
 from tests.tiny_model import random_prompts, write_tiny_llama
 
 # the tiny model's logits have std ~20, so temperatures of 15-40 make every draw matter
@@ -60,3 +63,59 @@ def test_seeded_tokens_equal_the_pinned_host_sampler_tokens(tiny_engine, prompts
 def test_seeded_request_alone_equals_its_batch_tokens(tiny_engine, prompts):
     for i in (0, 2, 3):
         assert tiny_engine.generate([prompts[i]], PARAMS[i])[0].token_ids == PINNED[i]
+
+
+def _seq(params: SP, outputs: list[int], seed: int = 0) -> Sequence:
+    return Sequence("r", [3], params, plan=None, generator=torch.Generator().manual_seed(seed),
+                    output_token_ids=list(outputs))
+
+
+def test_min_tokens_suppresses_eos_and_stop_ids_in_greedy_and_drawn_rows():
+    sampler = Sampler(8, eos_ids=(7,), device="cpu")
+    logits = torch.tensor([[0.0, 0, 0, 0, 0, 4, 1, 5]] * 4)
+    seqs = [_seq(SP(temperature=0, min_tokens=2, stop_token_ids=[5]), [1]),  # both suppressed: token 6
+            _seq(SP(temperature=0, min_tokens=2, stop_token_ids=[5]), [1, 1]),  # min_tokens reached: EOS
+            _seq(SP(temperature=0, min_tokens=2, ignore_eos=True), [1]),  # EOS allowed by ignore_eos
+            _seq(SP(temperature=0.01, top_k=3, min_tokens=1, stop_token_ids=[5]), [])]
+    tokens, logprobs = sampler.sample(logits, seqs)
+    assert tokens == [6, 7, 7, 6]
+    assert logprobs == [None] * 4
+
+
+def test_logprobs_are_raw_and_only_for_rows_that_ask():
+    sampler = Sampler(4, eos_ids=(), device="cpu")
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.0]])
+    raw = logits.log_softmax(-1)
+    seqs = [_seq(SP(temperature=0, logprobs=2, repetition_penalty=5.0), [0]),
+            _seq(SP(temperature=0, repetition_penalty=5.0), [1])]
+    tokens, logprobs = sampler.sample(logits.clone(), seqs)
+    assert tokens == [1, 2]  # the penalty on the seen tokens (prompt 3 and the output) moved both
+    lp = logprobs[0]
+    assert lp.token_id == 1 and lp.logprob == pytest.approx(float(raw[0, 1]), abs=1e-6)
+    assert [i for i, _ in lp.top] == [0, 1] and lp.top[0][1] == pytest.approx(float(raw[0, 0]), abs=1e-6)
+    assert logprobs[1] is None
+
+
+def test_next_noise_is_drawn_ahead_except_after_the_last_token():
+    sampler = Sampler(16, eos_ids=(), device="cpu")
+    seqs = [_seq(SP(temperature=1.0, max_tokens=3, seed=1), [4]), _seq(SP(temperature=1.0, max_tokens=2), [4]),
+            _seq(SP(temperature=0, max_tokens=3), [4])]
+    sampler.prefetch_noise(seqs)
+    assert seqs[0].noise is not None and seqs[1].noise is not None and seqs[2].noise is None
+    sampler.sample(torch.zeros(3, 16), seqs)
+    assert seqs[0].noise is not None  # its third token will need one
+    assert seqs[1].noise is None  # this was its last token
+    assert seqs[2].noise is None  # greedy rows draw nothing
+
+
+def test_prefetched_noise_is_the_generators_next_draw():
+    """Drawing ahead changes when, not what: the token equals argmax(probs / E) with E the
+    generator's next exponential draw."""
+    gen = torch.Generator().manual_seed(3)
+    sampler = Sampler(64, eos_ids=(), device="cpu")
+    logits = torch.randn(1, 64, generator=gen)
+    seq = _seq(SP(temperature=0.7, seed=9), [], seed=9)
+    sampler.prefetch_noise([seq])
+    tokens, _ = sampler.sample(logits.clone(), [seq])
+    noise = torch.empty(64).exponential_(generator=torch.Generator().manual_seed(9))
+    assert tokens == [int(((logits[0] / 0.7).softmax(-1) / noise).argmax())]
