@@ -4,25 +4,38 @@ from __future__ import annotations
 
 from headwise.engine.sequence import Sequence
 
+# tokens a decode window may span before it slides forward: a longer window costs a little
+# more per decode, a shorter one an extra decode more often
+WINDOW = 8
+
 
 class Detokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def update(self, seq: Sequence) -> int:
-        """Extend `seq.text` with the newest token. Decodes a small window of tokens so a
-        multi-byte character split over tokens appears once it is complete. Returns the
-        number of characters added."""
+        """Extend `seq.text` with the newest token; returns the number of characters added.
+
+        vLLM's scheme: decode a small window of tokens that starts before the new ones, so
+        a multi-byte character split over tokens appears once it is complete and a token's
+        leading space is kept; the text is what the window adds to its prefix
+        (`ids[prefix_offset:read_offset]`, whose text `seq.prefix_text` is kept from the
+        decode that produced it). One decode per token; every WINDOW tokens one more, when
+        the window restarts at the last emitted token, a character boundary.
+        """
         ids = seq.output_token_ids
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
         full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            new = full[len(prefix):]
-            seq.text += new
+        if len(full) <= len(seq.prefix_text) or full.endswith("\ufffd"):
+            return 0
+        new = full[len(seq.prefix_text):]
+        seq.text += new
+        if len(ids) - seq.prefix_offset > WINDOW:
             seq.prefix_offset = seq.read_offset
-            seq.read_offset = len(ids)
-            return len(new)
-        return 0
+            seq.prefix_text = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        else:
+            seq.prefix_text = full
+        seq.read_offset = len(ids)
+        return len(new)
 
     def find_stop(self, seq: Sequence, new_chars: int) -> str | None:
         """If a stop string ends in the newest `new_chars`, cut the text before it and

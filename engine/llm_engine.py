@@ -17,7 +17,7 @@ from headwise.engine.errors import PromptTooLong, UnknownPlan
 from headwise.engine.loader import ModelConfig, load_tokenizer, model_id, read_config, resolve_model_dir
 from headwise.engine.model import LlamaModel
 from headwise.engine.model_runner import ModelRunner
-from headwise.engine.outputs import RequestOutput, TokenLogprob
+from headwise.engine.outputs import RequestOutput, Snapshot, TokenLogprob
 from headwise.engine.sampler import Sampler, token_logprob
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
@@ -393,15 +393,18 @@ class LLMEngine:
         self.kv_bytes_saved += max(0, full - seq.peak_blocks) * self.kv_manager.block_bytes
 
     def _output(self, seq: Sequence) -> RequestOutput:
+        # running: snapshots of the growing lists, O(1) per step; finished: plain lists,
+        # one copy per request
+        cumulative = list if seq.finished else Snapshot
         if seq.finished:
             self._seqs.pop(seq.request_id, None)
         peak = max(seq.peak_blocks, seq.tables.peak_blocks if seq.tables is not None else 0)
         return RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(seq.output_token_ids), text=seq.text, finished=seq.finished,
+            token_ids=cumulative(seq.output_token_ids), text=seq.text, finished=seq.finished,
             finish_reason=seq.finish_reason, kv_bytes=peak * self.kv_manager.block_bytes, plan=seq.plan.name,
-            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
+            logprobs=cumulative(seq.logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=cumulative(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
             arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time, finished_time=seq.finished_time,
             num_preemptions=seq.num_preemptions, stop_reason=seq.stop_reason,

@@ -47,6 +47,7 @@ class Sequence:
     # incremental detokenization offsets (vLLM's scheme)
     prefix_offset: int = 0
     read_offset: int = 0
+    prefix_text: str = ""  # decoded ids[prefix_offset:read_offset]
     # prefix caching: the chain root, names of the whole blocks so far, how many are
     # registered, whether new blocks are cacheable, and the prompt tokens a hit served
     hash_seed: int = 0
