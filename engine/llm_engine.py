@@ -18,7 +18,7 @@ from headwise.engine.loader import ModelConfig, load_tokenizer, model_id, read_c
 from headwise.engine.model import LlamaModel
 from headwise.engine.model_runner import ModelRunner
 from headwise.engine.outputs import RequestOutput, Snapshot, TokenLogprob
-from headwise.engine.sampler import Sampler, token_logprob
+from headwise.engine.sampler import Sampler
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
 from headwise.engine.sequence import Sequence, Status
@@ -346,15 +346,17 @@ class LLMEngine:
         if not seq.prompt_logprobs:
             seq.prompt_logprobs = [None]
         hi = min(r.end, seq.num_prompt_tokens)
-        if hi - r.start <= 0 or r.start + 1 >= seq.num_prompt_tokens + 1:
+        n = min(hi, seq.num_prompt_tokens - 1) - r.start  # rows whose next token is a prompt token
+        if n <= 0:
             return
-        rows = hidden[r.row: r.row + hi - r.start]
-        lps = self.model.logits(rows).log_softmax(-1)
+        lps = self.model.logits(hidden[r.row: r.row + hi - r.start]).log_softmax(-1)[:n]
+        targets = seq.prompt_token_ids[r.start + 1: r.start + 1 + n]
+        # the chunk's rows at once: a few transfers per chunk, not a few per prompt token
+        chosen = lps.gather(1, torch.tensor(targets, device=lps.device)[:, None])[:, 0].tolist()
         k = seq.params.prompt_logprobs or 0
-        for i in range(lps.shape[0]):
-            nxt = r.start + i + 1
-            if nxt < seq.num_prompt_tokens:
-                seq.prompt_logprobs.append(token_logprob(lps[i], seq.prompt_token_ids[nxt], k))
+        top_vals, top_ids = (t.tolist() for t in lps.topk(k, dim=-1)) if k else ([[]] * n, [[]] * n)
+        seq.prompt_logprobs.extend(TokenLogprob(t, lp, list(zip(ids, vals)))
+                                   for t, lp, ids, vals in zip(targets, chosen, top_ids, top_vals))
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
         if seq.tables is not None:

@@ -205,11 +205,3 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     torch.cuda.current_stream(tensors[0].device).synchronize()
     return copies
 
-
-def token_logprob(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
-    """The chosen token's log-probability and the top-k alternatives of one row."""
-    top: list[tuple[int, float]] = []
-    if k:
-        vals, ids = torch.topk(logprobs, k)
-        top = list(zip(ids.tolist(), vals.tolist()))
-    return TokenLogprob(token_id, float(logprobs[token_id]), top)
