@@ -6,7 +6,8 @@ checkout), in alternating subprocesses so load drift hits both alike:
   (greedy; greedy with 5 logprobs; seeded temperature 0.8 + top-k 50 + top-p 0.9), and for
   a tree with a batched sampler also the time to draw the seeded rows' noise, which that
   sampler does off the critical path;
-- engine: decode ms/step of the default model at batch 1 and 32 (32-token prompts, greedy);
+- engine: decode ms/step of the default model at batch 1 and 32 (32-token prompts, greedy),
+  and at 32 with seeded temperature 0.8 + top-k 50 + top-p 0.9;
 - ops: aten ops and Triton launches in one decode step at batch 1 with
   HEADWISE_KERNELS=triton under TRITON_INTERPRET=1 (what a GPU would launch), per step and
   inside one decoder layer; view / allocation ops that launch nothing are not counted.
@@ -116,7 +117,7 @@ def bench_sampler(reps: int) -> dict:
 
 
 # -- engine ------------------------------------------------------------------------------
-def _decoding_engine(batch: int, steps: int):
+def _decoding_engine(batch: int, steps: int, seeded: bool = False):
     import torch
     from headwise.engine.config import EngineConfig
     from headwise.engine.llm_engine import LLMEngine
@@ -124,7 +125,8 @@ def _decoding_engine(batch: int, steps: int):
 
     engine = LLMEngine(EngineConfig(kv_cache_mb=256, max_num_seqs=max(batch, 1)))
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
+    knobs = dict(temperature=0.8, top_k=50, top_p=0.9, seed=1) if seeded else dict(temperature=0)
+    params = SamplingParams(max_tokens=steps + 4, ignore_eos=True, **knobs)
     for i in range(batch):
         engine.add_request(f"b{i}", torch.randint(100, 20000, (32,), generator=gen).tolist(), params)
     while any(s.is_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
@@ -134,14 +136,14 @@ def _decoding_engine(batch: int, steps: int):
 
 def bench_engine(steps: int) -> dict:
     out = {}
-    for b in (1, 32):
-        engine = _decoding_engine(b, steps)
+    for name, b, seeded in (("B=1", 1, False), ("B=32", 32, False), ("B=32 seeded", 32, True)):
+        engine = _decoding_engine(b, steps, seeded)
         times = []
         for _ in range(steps):
             t = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - t)
-        out[f"B={b}"] = 1e3 * statistics.median(times[2:])
+        out[name] = 1e3 * statistics.median(times[2:])
     return out
 
 
@@ -249,7 +251,7 @@ def main() -> int:
         for cell in r[names[0]][0]:
             vals = [statistics.median(x[cell] for x in r[n]) for n in names]
             ratio = f"  {names[0]}/{names[-1]} {vals[0] / vals[-1]:.2f}x" if len(names) > 1 else ""
-            print(f"{cell:6s} " + "  ".join(f"{n} {v:8.2f}" for n, v in zip(names, vals)) + ratio)
+            print(f"{cell:12s} " + "  ".join(f"{n} {v:8.2f}" for n, v in zip(names, vals)) + ratio)
     if "ops" in results:
         print("ops per decode step at B=1 (aten compute ops + Triton launches)")
         for n in names:
