@@ -121,8 +121,9 @@ def test_forward_makes_no_implicit_host_sync(tiny):
     except ImportError:
         pytest.importorskip("torch.nn.attention.varlen", reason="no varlen attention: full-head prefill syncs")
     model_dir, plans = tiny
+    # eager decode, so decode steps go through forward too (a captured graph cannot sync at all)
     eng = LLMEngine(EngineConfig(model=model_dir, device="cuda", dtype="bfloat16", plans=plans, kv_cache_mb=64,
-                                 max_num_batched_tokens=96))
+                                 max_num_batched_tokens=96, enforce_eager=True))
     forward = eng.model.forward
     calls = []
 
