@@ -216,6 +216,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per measurement")
     ap.add_argument("--reps", type=int, default=5, help="sampler calls per cell")
     ap.add_argument("--only", choices=["sampler", "engine", "ops"], action="append")
+    ap.add_argument("--json-out", help="write every round's numbers here")
     ap.add_argument("--child", nargs=2, metavar=("TREE", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -251,14 +252,17 @@ def main() -> int:
         for cell in r[names[0]][0]:
             vals = [statistics.median(x[cell] for x in r[n]) for n in names]
             ratio = f"  {names[0]}/{names[-1]} {vals[0] / vals[-1]:.2f}x" if len(names) > 1 else ""
-            print(f"{cell:12s} " + "  ".join(f"{n} {v:8.2f}" for n, v in zip(names, vals)) + ratio)
+            rounds = "  rounds: " + "; ".join(f"{n} " + " ".join(f"{x[cell]:.1f}" for x in r[n]) for n in names)
+            print(f"{cell:12s} " + "  ".join(f"{n} {v:8.2f}" for n, v in zip(names, vals)) + ratio + rounds)
     if "ops" in results:
         print("ops per decode step at B=1 (aten compute ops + Triton launches)")
         for n in names:
             o = results["ops"][n][0]
             print(f"{n}: step {o['step_aten']} aten + {o['step_triton']} triton; one layer {o['layer_aten']} aten + "
                   f"{o['layer_triton']} triton: {o['layer_ops']}")
-    print("summary: " + json.dumps({w: {n: v for n, v in r.items()} for w, r in results.items()})[:2000])
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
+    print(f"summary: {len(names)} trees, " + ", ".join(f"{w} x {len(r[names[0]])} rounds" for w, r in results.items()))
     return 0
 
 
