@@ -7,7 +7,8 @@ checkout), in alternating subprocesses so load drift hits both alike:
   a tree with a batched sampler also the time to draw the seeded rows' noise, which that
   sampler does off the critical path;
 - engine: decode ms/step of the default model at batch 1 and 32 (32-token prompts, greedy),
-  and at 32 with seeded temperature 0.8 + top-k 50 + top-p 0.9;
+  and at 32 with seeded temperature 0.8 + top-k 50 + top-p 0.9; wall time and the
+  process's CPU time per step (steadier on a shared machine);
 - ops: aten ops and Triton launches in one decode step at batch 1 with
   HEADWISE_KERNELS=triton under TRITON_INTERPRET=1 (what a GPU would launch), per step and
   inside one decoder layer; view / allocation ops that launch nothing are not counted.
@@ -135,15 +136,19 @@ def _decoding_engine(batch: int, steps: int, seeded: bool = False):
 
 
 def bench_engine(steps: int) -> dict:
+    """Median wall ms and CPU ms (all threads of the process) per decode step; CPU time
+    is what the step costs, and moves less than wall time when other work shares the cores."""
     out = {}
     for name, b, seeded in (("B=1", 1, False), ("B=32", 32, False), ("B=32 seeded", 32, True)):
         engine = _decoding_engine(b, steps, seeded)
-        times = []
+        wall, cpu = [], []
         for _ in range(steps):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             engine.step()
-            times.append(time.perf_counter() - t)
-        out[name] = 1e3 * statistics.median(times[2:])
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        out[name] = 1e3 * statistics.median(wall[2:])
+        out[name + " cpu"] = 1e3 * statistics.median(cpu[2:])
     return out
 
 
