@@ -76,10 +76,16 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_table(inv_freq: torch.Tensor, max_positions: int, device: torch.device | str) -> torch.Tensor:
-    """`[max_positions, D]` fp32: cos of every position's angles in the first D/2
-    columns, sin in the last D/2 (the angles as the per-step `positions * inv_freq` was)."""
-    freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq.to(device)[None, :]
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    """`[2, max_positions, D/2]` fp32: cos, then sin, of every position's angles (computed
+    as the per-step `positions * inv_freq` was), written in place: no `[P, D]` temporaries."""
+    table = torch.empty(2, max_positions, inv_freq.numel(), dtype=torch.float32, device=device)
+    # a meta model holds no values (and a meta cos would import torch's Python decompositions,
+    # ~150 MB of host memory)
+    if table.device.type != "meta":
+        freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq.to(device)[None, :]
+        torch.cos(freqs, out=table[0])
+        torch.sin(freqs, out=table[1])
+    return table
 
 
 class Rotary(nn.Module):
@@ -104,9 +110,8 @@ class Rotary(nn.Module):
 
     def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[T, D/2]` of `positions`: one gather, shared by every layer of a forward."""
-        table = self.cos_sin[positions]
-        half = table.shape[1] // 2
-        return table[:, :half], table[:, half:]
+        cos, sin = self.cos_sin[:, positions]
+        return cos, sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotated q `[T, Hq, D]` and k `[T, Hkv, D]` (for dense forwards outside the engine)."""

@@ -48,7 +48,7 @@ def test_rotary_table_stays_fp32_through_a_bf16_cast_and_holds_the_per_step_angl
     model = LlamaModel(cfg).to(dtype=torch.bfloat16)
     assert model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
     table = model.rotary.cos_sin
-    assert table.dtype == torch.float32 and table.shape == (cfg.max_position_embeddings, cfg.head_dim)
+    assert table.dtype == torch.float32 and table.shape == (2, cfg.max_position_embeddings, cfg.head_dim // 2)
     positions = torch.tensor([0, 1, 17, 4095, cfg.max_position_embeddings - 1])
     cos, sin = model.rotary.cos_sin_at(positions)
     angles = positions.float()[:, None] * engine.model.rotary._inv_freq32[None, :]  # what each layer computed

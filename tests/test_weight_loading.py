@@ -101,7 +101,7 @@ def test_sharded_checkpoint_streams_into_the_same_weights_as_the_whole_state_dic
     cfg = read_config(sharded_dir)
     model = materialize(cfg, sharded_dir, dtype, "cpu")
     _assert_same_weights(model, _whole_state_dict_loader(sharded_dir, cfg, dtype))
-    assert model.rotary.inv_freq.dtype == torch.float32  # RoPE frequencies are never rounded
+    assert model.rotary.cos_sin.dtype == torch.float32  # the RoPE table is never rounded
 
 
 def test_index_json_picks_the_files_and_ignores_stray_safetensors(sharded_dir, tmp_path):
@@ -229,7 +229,7 @@ def test_dummy_format_on_the_meta_device_has_the_llama3_8b_shape(tmp_path):
     assert mlp.down_proj.weight.shape == (4096, 14336)
     assert model.lm_head.weight.shape == model.embed_tokens.weight.shape == (49152, 4096)
     assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in model.parameters())
-    assert model.rotary.inv_freq.dtype == torch.float32
+    assert model.rotary.cos_sin.dtype == torch.float32
 
 
 def test_load_format_is_checked():

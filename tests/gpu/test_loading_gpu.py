@@ -35,7 +35,8 @@ def test_streamed_cuda_weights_equal_the_cpu_load(model_dir, dtype):
     base = torch.cuda.memory_allocated()
     gpu = materialize(cfg, model_dir, dtype, "cuda")
     torch.cuda.synchronize()
-    weights = sum(p.numel() * p.element_size() for p in gpu.parameters())
+    # the parameters and the fp32 RoPE table (cos / sin of every position, built on the device)
+    weights = sum(t.numel() * t.element_size() for t in (*gpu.parameters(), *gpu.buffers()))
     largest = max(p.numel() * 4 for p in cpu.parameters())  # the checkpoint is fp32
     assert torch.cuda.memory_allocated() - base == pytest.approx(weights, rel=0.01)
     # no fp32 copy of the model, no concatenated q/k/v: at most one checkpoint tensor in flight
@@ -44,7 +45,7 @@ def test_streamed_cuda_weights_equal_the_cpu_load(model_dir, dtype):
     for name, tensor in want.items():
         assert got[name].device.type == "cuda" and got[name].dtype == tensor.dtype, name
         assert torch.equal(got[name].cpu(), tensor), name
-    assert gpu.rotary.inv_freq.dtype == torch.float32 and gpu.rotary.inv_freq.device.type == "cuda"
+    assert gpu.rotary.cos_sin.dtype == torch.float32 and gpu.rotary.cos_sin.device.type == "cuda"
 
 
 def test_dummy_weights_are_drawn_on_the_gpu_in_bf16(model_dir, tmp_path):
