@@ -11,6 +11,7 @@ and passed in (`max_seqlen`, `self_visible`).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from types import ModuleType
 
@@ -102,7 +103,9 @@ def causal_prefill(q, k, v, cu_seqlens, scale, max_seqlen: int | None = None):
 
 @functools.cache
 def _varlen_attention():
-    """`f(q, k, v, cu_seqlens_int32, max_seqlen, scale)`: causal GQA varlen flash attention, or None."""
+    """`f(q, k, v, cu_seqlens_int32, max_seqlen, scale)`: causal GQA varlen flash attention,
+    or None. torch's `varlen_attn` is young (2.9+) and its keywords changed between
+    releases, so it is used only where it takes a scale, GQA and a causal switch."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -114,8 +117,16 @@ def _varlen_attention():
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return lambda q, k, v, cu, n, scale: varlen_attn(q, k, v, cu, cu, n, n, scale=scale, window_size=(-1, 0),
-                                                     enable_gqa=True)
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    if not {"scale", "enable_gqa"} <= params.keys():
+        return None
+    return lambda q, k, v, cu, n, scale: varlen_attn(q, k, v, cu, cu, n, n, scale=scale, enable_gqa=True, **causal)
 
 
 def prefill_attention(q, k, v, positions, seq_index, cu_seqlens, k_cache, v_cache, pos_cache, block_tables, rows,
