@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from headwise.engine.errors import ModelLoadError
 
     try:
+        if hasattr(args, "tensor_parallel_size") and _torchrun_worker(args):
+            return 0
         return int(args.func(args) or 0)
     except (CliError, ValueError, FileNotFoundError, KeyError, ModelLoadError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -49,6 +51,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _torchrun_worker(args) -> bool:
+    """Under torchrun every rank runs the same command; ranks > 0 serve rank 0's engine as
+    tensor-parallel workers instead. False on rank 0 and outside torchrun."""
+    from headwise.engine.distributed import ParallelEnv
+
+    env = ParallelEnv.from_env()
+    if env is None or env.rank == 0:
+        return False
+    from headwise.clients.engine_args import engine_config_from_args
+    from headwise.engine.tp_workers import worker_main
+
+    worker_main(engine_config_from_args(args), None, env)
+    return True
 
 
 if __name__ == "__main__":

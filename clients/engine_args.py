@@ -59,6 +59,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=env_default("--enable-prefix-caching", True, _flag),
                    help="reuse the KV of shared prompt prefixes, per head (default on)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=env_default("--tensor-parallel-size", 1, int),
+                   help="split the model over N processes, one device each (KV heads balanced by the default "
+                        "plan's budgets); under torchrun, its WORLD_SIZE")
     g.add_argument("--enforce-eager", action="store_true", default=env_default("--enforce-eager", False, _flag),
                    help="run decode steps eagerly instead of replaying CUDA graphs")
 
@@ -69,4 +72,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                         block_size=args.block_size, kv_cache_mb=args.kv_cache_mb, num_blocks=args.num_blocks,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.max_model_len, plans=plans, default_plan=args.default_plan,
-                        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
+                        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                        tensor_parallel_size=args.tensor_parallel_size)

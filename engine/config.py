@@ -26,6 +26,7 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's flag)
+    tensor_parallel_size: int = 1  # ranks (processes, one device each) the model is split over
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -42,6 +43,8 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
             raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if "full" in self.plans:
             raise ValueError("plan name 'full' is reserved for the uncompressed cache")
 

@@ -41,7 +41,7 @@ class StaticDecode:
 
     def _pad(self) -> None:
         self.ids.zero_()
-        self.info[0].fill_(self.kv_manager.tables.pad_row)
+        self.info[0].fill_(self.kv_manager.tables.local.pad_row)
         self.info[1].zero_()
         self.info[2].fill_(1)
 
@@ -50,7 +50,7 @@ class StaticDecode:
 
     def forward(self, size: int) -> torch.Tensor:
         """The captured computation: hidden states `[size, hidden]` of the static inputs."""
-        tables = self.kv_manager.tables
+        tables = self.kv_manager.tables.local
         meta = build_metadata(tables, self.kv_manager.block_size, self.info[:, :size], num_prefill=0,
                               num_prefill_tokens=0, num_tokens=size, width=tables.width, max_seqlen=0,
                               has_cache=False, all_full=True)

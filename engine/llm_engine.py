@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import time
@@ -15,7 +16,8 @@ from headwise.engine.config import DEFAULT_KV_CACHE_MB, EngineConfig
 from headwise.engine.detokenizer import Detokenizer
 from headwise.engine.errors import PromptTooLong, UnknownPlan
 from headwise.engine.loader import ModelConfig, load_tokenizer, model_id, read_config, resolve_model_dir
-from headwise.engine.model import LlamaModel
+from headwise.engine.distributed import TPGroup
+from headwise.engine.model import LlamaModel, Shard
 from headwise.engine.model_runner import ModelRunner
 from headwise.engine.outputs import RequestOutput, Snapshot, TokenLogprob
 from headwise.engine.sampler import Sampler
@@ -23,13 +25,16 @@ from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
 from headwise.engine.sequence import Sequence, Status
 from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
+from headwise.engine.tp_workers import RankSetup, TPWorkers
+from headwise.engine.tp_workers import start as start_workers
 from headwise.engine.weights import materialize
 from headwise.kvcache.budget import resolve_budget
 from headwise.kvcache.manager import KVCacheManager
 from headwise.kvcache.plan_build import request_blocks
 from headwise.kvcache.prefix_cache import chain_hashes, seed_hash
+from headwise.kvcache.sharding import balanced, check_divisible, contiguous, rank_plans
 from headwise.kvcache.plans import Plan, load_plans
-from headwise.kvcache.selection import farthest_heads, head_distances, middle_scores
+from headwise.kvcache.selection import farthest_heads, head_distances
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +54,23 @@ class EngineStats:
     num_cached_blocks: int = 0  # evictable blocks (counted as free)
 
 
-def load_model(model: str, dtype: str = "float32", device: str = "cpu",
-               load_format: str = "auto") -> tuple[ModelConfig, LlamaModel, object]:
+def load_model(model: str, dtype: str = "float32", device: str = "cpu", load_format: str = "auto",
+               shard: Shard | None = None, tp: TPGroup | None = None) -> tuple[ModelConfig, LlamaModel, object]:
     """(config, model, tokenizer) of `--model`; engines and profilers in one process share
-    the read-only weights. `load_format` "dummy" reads config.json alone (random weights)."""
+    the read-only weights. `load_format` "dummy" reads config.json alone (random weights).
+    With `shard` (tensor parallelism) this rank's part of the model, never shared."""
+    if shard is not None:
+        return _load.__wrapped__(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format,
+                                 shard, tp)
     return _load(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(model_dir: str, name: str, dtype: str, device: str,
-          load_format: str = "auto") -> tuple[ModelConfig, LlamaModel, object]:
+def _load(model_dir: str, name: str, dtype: str, device: str, load_format: str = "auto",
+          shard: Shard | None = None, tp: TPGroup | None = None) -> tuple[ModelConfig, LlamaModel, object]:
     cfg = read_config(Path(model_dir), name)
     started = time.perf_counter()
-    model = materialize(cfg, Path(model_dir), getattr(torch, dtype), device, load_format)
+    model = materialize(cfg, Path(model_dir), getattr(torch, dtype), device, load_format, shard, tp)
     log.info("%s weights of %s (%.1fM parameters, %s, %s) ready in %.1f s",
              "random" if load_format == "dummy" else "loaded", name,
              sum(p.numel() for p in model.parameters()) / 1e6, dtype, device, time.perf_counter() - started)
@@ -73,28 +82,55 @@ class LLMEngine:
         self.config = config
         self.model_id = model_id(config.model)
         self.dtype = getattr(torch, config.dtype)
-        self.model_config, self.model, self.tokenizer = load_model(config.model, config.dtype, config.device,
-                                                                   config.load_format)
-        mc = self.model_config
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)
-        num_blocks = config.num_blocks or int((config.kv_cache_mb or DEFAULT_KV_CACHE_MB) * 2**20 // per_block)
-        self.kv_manager = KVCacheManager(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
-                                         num_blocks, self.max_model_len, self.dtype, config.device,
-                                         config.max_num_seqs, config.enable_prefix_caching)
+        model_dir = resolve_model_dir(config.model)
+        mc = read_config(model_dir, self.model_id)
         self.plans: dict[str, Plan] = load_plans(config.plans, mc.shape)
         if config.default_plan not in self.plans:
             raise ValueError(f"default plan {config.default_plan!r} is not loaded (loaded: {', '.join(self.plans)})")
         self.default_plan = config.default_plan
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)
+        # with tensor parallelism: per rank (each rank's device holds its heads' pool)
+        num_blocks = config.num_blocks or int((config.kv_cache_mb or DEFAULT_KV_CACHE_MB) * 2**20 // per_block)
+        tp = config.tensor_parallel_size
+        check_divisible(mc.shape, tp)
+        # balanced for the default plan; without one (full), contiguous as usual
+        default = self.plans[self.default_plan]
+        self.sharding = (contiguous(mc.shape, tp) if default.name == "full" and default.dynamic is None
+                         and all(s.kind == "full" for row in default.heads for s in row)
+                         else balanced(default, tp, self.max_model_len, config.block_size))
+        self.workers: TPWorkers | None = None
+        device = config.device
+        if tp > 1:
+            setup = RankSetup(self.sharding.order, num_blocks, self.max_model_len)
+            group, processes = start_workers(config, setup)
+            if not processes:  # torchrun: the other ranks learn the setup from rank 0
+                group.broadcast(setup)
+            device = str(group.device)
+            shard = Shard(0, tp, tuple(map(tuple, self.sharding.heads_of(0))))
+            self.model_config, self.model, self.tokenizer = load_model(config.model, config.dtype, device,
+                                                                       config.load_format, shard, group)
+        else:
+            group = None
+            self.model_config, self.model, self.tokenizer = load_model(config.model, config.dtype, device,
+                                                                       config.load_format)
+        self.device = device
+        self.kv_manager = KVCacheManager(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
+                                         num_blocks, self.max_model_len, self.dtype, device,
+                                         config.max_num_seqs, config.enable_prefix_caching, tp)
+        if group is not None:
+            self.workers = TPWorkers(group, self.kv_manager, processes)
+            atexit.register(self.close)
         self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, self._budgets,
                                    self._prefix_hashes if config.enable_prefix_caching else None)
-        self.runner = ModelRunner(self.model, self.kv_manager, config.device)
-        if torch.device(config.device).type == "cuda" and not config.enforce_eager:
+        self.runner = ModelRunner(self.model, self.kv_manager, device)
+        self.runner.remote = self.workers
+        if torch.device(device).type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode(config.max_num_seqs)
         self.detok = Detokenizer(self.tokenizer)
-        self.sampler = Sampler(mc.vocab_size, self.eos_ids, config.device)
+        self.sampler = Sampler(mc.vocab_size, self.eos_ids, device)
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.kv_bytes_saved = 0
@@ -128,8 +164,10 @@ class LLMEngine:
         seq.hash_seed = self._hash_seed(seq)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
-        need = request_blocks(seq.plan, seq.num_prompt_tokens, params.max_tokens, self.kv_manager.block_size,
-                              self.config.max_num_batched_tokens, self.config.enable_prefix_caching)[0]
+        parts = rank_plans(seq.plan, self.sharding) if self.sharding.ranks > 1 else [seq.plan]
+        need = max(request_blocks(part, seq.num_prompt_tokens, params.max_tokens, self.kv_manager.block_size,
+                                  self.config.max_num_batched_tokens, self.config.enable_prefix_caching)[0]
+                   for part in parts)
         if need > self.kv_manager.num_blocks:
             raise PromptTooLong(f"the request needs {need} KV blocks but the pool has {self.kv_manager.num_blocks}; "
                                 "shorten the prompt or max_tokens, or start with a larger --kv-cache-mb", "prompt")
@@ -150,6 +188,13 @@ class LLMEngine:
     def kv_blocks_in_use(self, request_id: str) -> int:
         seq = self._seqs.get(request_id)
         return seq.tables.num_blocks_held if seq is not None and seq.tables is not None else 0
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (idempotent; nothing to do with one rank)."""
+        if self.workers is not None:
+            workers, self.workers = self.workers, None
+            self.runner.remote = None
+            workers.shutdown()
 
     def block_census(self) -> dict[str, int]:
         """Held / evictable / free block counts, checked against every live request's
@@ -177,18 +222,18 @@ class LLMEngine:
 
     # -- budgets ---------------------------------------------------------------------
     def _budgets(self, seq: Sequence):
-        """Head budgets of `seq` and the heads that decide at the end of the prompt."""
+        """Head budgets of `seq` and the heads that decide at the end of the prompt, in the
+        tables' column order (rank-major under tensor parallelism: `self.sharding`)."""
         plan = seq.plan
         p, ctx = seq.num_prompt_tokens, seq.context_len
         mc = self.model_config
         if plan.dynamic is not None:
             rest = resolve_budget(plan.dynamic.rest, p, ctx)
-            budgets = [[rest] * mc.num_kv_heads for _ in range(mc.num_layers)]
-            pending = np.ones((mc.num_layers, mc.num_kv_heads), dtype=bool)
-        else:
-            budgets = [[resolve_budget(s, p, ctx) for s in row] for row in plan.heads]
-            pending = np.array([[s.kind == "select" for s in row] for row in plan.heads])
-        return budgets, pending
+            return [[rest] * mc.num_kv_heads for _ in range(mc.num_layers)], np.ones((mc.num_layers, mc.num_kv_heads),
+                                                                                    dtype=bool)
+        heads = [[row[h] for h in order] for row, order in zip(plan.heads, self.sharding.order)]
+        budgets = [[resolve_budget(s, p, ctx) for s in row] for row in heads]
+        return budgets, np.array([[s.kind == "select" for s in row] for row in heads])
 
     # -- prefix caching --------------------------------------------------------------
     def _hash_seed(self, seq: Sequence) -> int:
@@ -257,10 +302,8 @@ class LLMEngine:
         now = time.monotonic()
         windows = {s.request_id: self._capture_window(s) for s, _ in sched.scheduled if s.needs_selection()}
         self.sampler.prefetch_noise(s for s, _ in sched.scheduled)  # drawn on the host while the forward runs
-        hidden, rows, capture = self.runner.execute(sched.scheduled, {k: v for k, v in windows.items() if v}, timer)
+        hidden, rows = self.runner.execute(sched.scheduled, {k: v for k, v in windows.items() if v}, timer)
         timer.mark("forward")
-        if capture is not None:
-            self._stash_capture(rows, capture, windows)
         sample_rows, sample_seqs, lp_rows = [], [], []
         for r in rows:
             seq = r.seq
@@ -302,44 +345,28 @@ class LLMEngine:
         specs = [plan.dynamic.rest] if plan.dynamic else [s for row in plan.heads for s in row if s.kind == "select"]
         return max(s.window for s in specs) if specs else 0
 
-    def _stash_capture(self, rows, capture, windows) -> None:
-        pos = 0
-        for r in rows:
-            seq, w = r.seq, windows.get(r.seq.request_id, 0)
-            if not w:
-                continue
-            n = max(0, min(r.end, seq.num_prompt_tokens) - max(r.start, seq.num_prompt_tokens - w))
-            if seq.captured_q is None:
-                seq.captured_q = [q[:0] for q in capture.q]
-                seq.captured_out = [o[:0] for o in capture.out]
-            seq.captured_q = [torch.cat([a, q[pos:pos + n]]) for a, q in zip(seq.captured_q, capture.q)]
-            seq.captured_out = [torch.cat([a, o[pos:pos + n]]) for a, o in zip(seq.captured_out, capture.out)]
-            pos += n
-
     def _select(self, seq: Sequence) -> None:
-        """End of the prompt: choose full heads (dynamic plans) and middle tokens."""
-        tables, mc, p = seq.tables, self.model_config, seq.num_prompt_tokens
-        w = seq.captured_q[0].shape[0]
-        device = self.kv_manager.buffers.k.device
-        q_pos = torch.arange(p - w, p, device=device)
-        scale = mc.head_dim ** -0.5
+        """End of the prompt: choose full heads (dynamic plans) and middle tokens, from the
+        queries and outputs every rank kept for its heads."""
+        mc, p = self.model_config, seq.num_prompt_tokens
+        dynamic = seq.plan.dynamic is not None
+        scores, outputs = self._selection_inputs(seq.tables.row, p, dynamic)
         keep_full = torch.zeros(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
-        if seq.plan.dynamic is not None:
-            # one host transfer for all layers' distances
-            dists = torch.stack([head_distances(o, mc.num_kv_heads) for o in seq.captured_out]).cpu()
+        if dynamic:
             for layer in range(mc.num_layers):
-                keep_full[layer] = farthest_heads(dists[layer], seq.plan.dynamic.ratio)
-        nb = -(-p // self.kv_manager.block_size)
-        # pending heads are positional: their first nb entries are the prompt's blocks
-        ids = torch.from_numpy(self.kv_manager.tables.table[:, tables.row, :, :nb].astype(np.int64)).to(device)
-        scores = []
-        for layer in range(mc.num_layers):
-            k = self.kv_manager.buffers.k[ids[layer]].reshape(mc.num_kv_heads, nb * self.kv_manager.block_size,
-                                                                -1)[:, :p]
-            scores.append(middle_scores(seq.captured_q[layer], q_pos, k.transpose(0, 1), scale))
-        # the block bookkeeping lives on the host: one transfer for all layers' scores
-        self.kv_manager.compact(tables, keep_full, list(torch.stack(scores).cpu()))
-        seq.captured_q = seq.captured_out = None
+                dists = head_distances(outputs[layer], mc.num_kv_heads)
+                keep_full[layer] = farthest_heads(dists, seq.plan.dynamic.ratio)
+        self.kv_manager.compact(seq.tables, keep_full, list(scores))
+
+    def _selection_inputs(self, row: int, prompt_len: int, with_outputs: bool):
+        """Middle-token scores `[L, Hkv, P]` (and attention outputs `[L, W, Hq, D]`) of the
+        request in table `row`, every rank's heads side by side (rank-major, as the tables)."""
+        if self.workers is None:
+            return self.runner.selection_inputs(row, prompt_len, with_outputs)
+        parts = self.workers.select(row, prompt_len, with_outputs, self.runner)
+        scores = torch.cat([s for s, _ in parts], dim=1)
+        outputs = torch.cat([o for _, o in parts], dim=2) if with_outputs else None
+        return scores, outputs
 
     def _prompt_logprobs(self, r, hidden: torch.Tensor) -> None:
         seq = r.seq

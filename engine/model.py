@@ -7,6 +7,12 @@ its slice of them (`engine/weights.py` builds the model and streams the tensors)
 elementwise work of a layer is two fused RMSNorm launches (each also adding the residual)
 and one RoPE launch for q and k (`kernels.ops`: Triton on CUDA, the torch references on
 the CPU); cos / sin come from a table computed once and gathered once per forward.
+
+Tensor parallelism (Megatron-style): with a `Shard`, a rank holds its KV heads (any subset
+per layer, in the order the head-balanced sharding chose) with their GQA query heads:
+column-parallel q/k/v and gate/up, row-parallel o_proj and down_proj followed by an
+all-reduce; the embedding, norms and lm_head are replicated (every rank computes the same
+hidden states, rank 0 samples).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from headwise.engine.attention import AttentionMetadata, paged_attention
+from headwise.engine.distributed import TPGroup
 from headwise.engine.errors import ModelLoadError
 from headwise.engine.loader import ModelConfig
 from headwise.kernels import ops
@@ -118,11 +125,35 @@ class Rotary(nn.Module):
         return ops.apply_rotary(q, k, *self.cos_sin_at(positions))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One tensor-parallel rank's part of the model: its KV heads per layer (model
+    numbering, in the order its weights and caches hold them)."""
+
+    rank: int
+    size: int
+    kv_heads: tuple[tuple[int, ...], ...]
+
+    @staticmethod
+    def whole(cfg: ModelConfig) -> Shard:
+        return Shard(0, 1, tuple(tuple(range(cfg.num_kv_heads)) for _ in range(cfg.num_layers)))
+
+    def check(self, cfg: ModelConfig) -> None:
+        if cfg.intermediate_size % self.size:
+            raise ModelLoadError(f"--tensor-parallel-size {self.size}: the MLP's {cfg.intermediate_size} "
+                                 "intermediate channels do not divide by it")
+
+    def query_heads(self, cfg: ModelConfig, layer: int) -> list[int]:
+        group = cfg.num_heads // cfg.num_kv_heads
+        return [h * group + g for h in self.kv_heads[layer] for g in range(group)]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, shard: Shard, tp: TPGroup):
         super().__init__()
         self.layer = layer
-        self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.tp = tp
+        self.hq, self.hkv, self.d = cfg.num_heads // shard.size, cfg.num_kv_heads // shard.size, cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.hq * self.d, cfg.hidden_size, bias=False)
         self.scale = self.d ** -0.5
@@ -132,27 +163,29 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q, k = ops.apply_rotary(q.view(t, self.hq, self.d), k.view(t, self.hkv, self.d), cos, sin)
         o = paged_attention(self.layer, q, k, v.view(t, self.hkv, self.d), meta, buffers, self.scale)
-        return self.o_proj(o.reshape(t, self.hq * self.d))
+        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.hq * self.d)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard, tp: TPGroup):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.tp = tp
+        inter = cfg.intermediate_size // shard.size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, shard: Shard, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, shard, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, shard, tp)
 
     def forward(self, x, residual, cos, sin, meta, buffers):
         """(block output, residual stream before it): the caller's next norm adds the two."""
@@ -166,11 +199,14 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard | None = None, tp: TPGroup | None = None):
         super().__init__()
         self.cfg = cfg
+        self.shard = shard or Shard.whole(cfg)
+        self.shard.check(cfg)
+        tp = tp or TPGroup()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.shard, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -197,23 +233,29 @@ class LlamaModel(nn.Module):
     def hf_slots(self) -> dict[str, WeightSlot]:
         """Where each Hugging Face tensor goes, in checkpoint order (the first missing one is
         the one an error names); a tied lm_head takes no tensor of its own."""
-        cfg = self.cfg
-        q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        cfg, shard = self.cfg, self.shard
+        d, n = cfg.head_dim, shard.size
+        q, kv, inter = cfg.num_heads * d // n, cfg.num_kv_heads * d // n, cfg.intermediate_size // n
         slots = {"model.embed_tokens.weight": WeightSlot("embed_tokens.weight"),
                  "model.norm.weight": WeightSlot("norm.weight")}
         if not cfg.tie_word_embeddings:
             slots["lm_head.weight"] = WeightSlot("lm_head.weight")
+        sharded = n > 1 or any(list(h) != sorted(h) for h in shard.kv_heads)
+        mine = torch.arange(shard.rank * inter, (shard.rank + 1) * inter) if n > 1 else None
         for i in range(cfg.num_layers):
             hf, own = f"model.layers.{i}.", f"layers.{i}."
+            # this rank's rows (q/k/v, gate/up) and columns (o_proj, down_proj) of each tensor
+            q_rows = _head_rows(shard.query_heads(cfg, i), d) if sharded else None
+            kv_rows = _head_rows(list(shard.kv_heads[i]), d) if sharded else None
             for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
                 fused = f"{own}self_attn.qkv_proj.{kind}"
-                slots[f"{hf}self_attn.q_proj.{kind}"] = WeightSlot(fused, 0, q)
-                slots[f"{hf}self_attn.k_proj.{kind}"] = WeightSlot(fused, q, kv)
-                slots[f"{hf}self_attn.v_proj.{kind}"] = WeightSlot(fused, q + kv, kv)
-            slots[f"{hf}self_attn.o_proj.weight"] = WeightSlot(f"{own}self_attn.o_proj.weight")
-            slots[f"{hf}mlp.gate_proj.weight"] = WeightSlot(f"{own}mlp.gate_up_proj.weight", 0, inter)
-            slots[f"{hf}mlp.up_proj.weight"] = WeightSlot(f"{own}mlp.gate_up_proj.weight", inter, inter)
-            slots[f"{hf}mlp.down_proj.weight"] = WeightSlot(f"{own}mlp.down_proj.weight")
+                slots[f"{hf}self_attn.q_proj.{kind}"] = WeightSlot(fused, 0, q, q_rows)
+                slots[f"{hf}self_attn.k_proj.{kind}"] = WeightSlot(fused, q, kv, kv_rows)
+                slots[f"{hf}self_attn.v_proj.{kind}"] = WeightSlot(fused, q + kv, kv, kv_rows)
+            slots[f"{hf}self_attn.o_proj.weight"] = WeightSlot(f"{own}self_attn.o_proj.weight", cols=q_rows)
+            slots[f"{hf}mlp.gate_proj.weight"] = WeightSlot(f"{own}mlp.gate_up_proj.weight", 0, inter, mine)
+            slots[f"{hf}mlp.up_proj.weight"] = WeightSlot(f"{own}mlp.gate_up_proj.weight", inter, inter, mine)
+            slots[f"{hf}mlp.down_proj.weight"] = WeightSlot(f"{own}mlp.down_proj.weight", cols=mine)
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 slots[f"{hf}{norm}.weight"] = WeightSlot(f"{own}{norm}.weight")
         return slots
@@ -235,6 +277,7 @@ class LlamaModel(nn.Module):
             dest = params[slot.param]
             if slot.rows is not None:
                 dest = dest.narrow(0, slot.start, slot.rows)
+            tensor = slot.take(tensor)
             if tuple(tensor.shape) != tuple(dest.shape):
                 raise ModelLoadError(f"tensor {name}: shape {tuple(tensor.shape)}, model expects {tuple(dest.shape)}")
             dest.copy_(tensor)
@@ -249,8 +292,24 @@ class LlamaModel(nn.Module):
 
 @dataclass(frozen=True)
 class WeightSlot:
-    """Rows `[start, start + rows)` of parameter `param` (all of it when rows is None)."""
+    """Rows `[start, start + rows)` of parameter `param` (all of it when rows is None),
+    filled from the checkpoint tensor's `source_rows` (or `cols`) when this rank holds a
+    part of it."""
 
     param: str
     start: int = 0
     rows: int | None = None
+    source_rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.source_rows is not None:
+            tensor = tensor.index_select(0, self.source_rows.to(tensor.device))
+        if self.cols is not None:
+            tensor = tensor.index_select(1, self.cols.to(tensor.device))
+        return tensor
+
+
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Row indices of `heads` in a `[num_heads * head_dim, ...]` projection."""
+    return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)

@@ -140,7 +140,6 @@ class Scheduler:
         self.release(seq)
         seq.status = Status.WAITING
         seq.num_computed_tokens = 0
-        seq.captured_q = seq.captured_out = None
         seq.num_registered = 0  # the recomputed prompt is reproducible again
         seq.cacheable = True
         seq.num_preemptions += 1

@@ -57,9 +57,6 @@ class Sequence:
     num_cached_tokens: int | None = None
     # the next exponential draw of a non-greedy request, in flight (engine.sampler)
     noise: Future | None = None
-    # queries / outputs of the last prompt positions, per layer, for selection
-    captured_q: list[torch.Tensor] | None = None
-    captured_out: list[torch.Tensor] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

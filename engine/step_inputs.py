@@ -54,7 +54,7 @@ def flat_slots(tables: BlockTables, rows: torch.Tensor, slot: torch.Tensor, bloc
 
 def build_metadata(tables: BlockTables, block_size: int, seq_info: torch.Tensor, num_prefill: int,
                    num_prefill_tokens: int, num_tokens: int, width: int, max_seqlen: int, has_cache: bool,
-                   all_full: bool) -> AttentionMetadata:
+                   all_full: bool, self_visible: bool | None = None) -> AttentionMetadata:
     """Metadata of a step from `seq_info [3, S]` on the device: rows, first positions and
     token counts, prefill chunks first then decode sequences (one token each)."""
     rows, start, count = seq_info[0].long(), seq_info[1].long(), seq_info[2].long()
@@ -75,7 +75,7 @@ def build_metadata(tables: BlockTables, block_size: int, seq_info: torch.Tensor,
         meta.prefill = PrefillMeta(
             num_tokens=num_prefill_tokens, max_seqlen=max_seqlen, positions=positions[:num_prefill_tokens],
             seq_index=seq_of[:num_prefill_tokens], cu_seqlens=cu[:num_prefill + 1].int(),
-            has_cache=has_cache, all_full=all_full, rows=rows[:num_prefill],
+            has_cache=has_cache, all_full=all_full, self_visible=self_visible, rows=rows[:num_prefill],
             lengths=head_lengths(sp, start[:num_prefill], block_size).int(),
             keep=sp[KEEP], sink=sp[SINK], recent=sp[RECENT])
     if num_prefill < s:

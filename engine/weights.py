@@ -17,7 +17,8 @@ import torch
 
 from headwise.engine.config import LOAD_FORMATS
 from headwise.engine.loader import ModelConfig, read_safetensors
-from headwise.engine.model import LlamaModel
+from headwise.engine.distributed import TPGroup
+from headwise.engine.model import LlamaModel, Shard
 
 # Hugging Face's default `initializer_range`: activations stay finite through every layer
 DUMMY_STD = 0.02
@@ -25,11 +26,12 @@ DUMMY_STD = 0.02
 DUMMY_SEED = 1234
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str) -> LlamaModel:
-    """An uninitialised model whose parameters already live on `device` in `dtype`
-    (RoPE frequencies stay fp32)."""
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str, shard: Shard | None = None,
+                tp: TPGroup | None = None) -> LlamaModel:
+    """An uninitialised model (or one tensor-parallel rank's part of it) whose parameters
+    already live on `device` in `dtype` (RoPE frequencies stay fp32)."""
     with torch.device("meta"):
-        model = LlamaModel(cfg)
+        model = LlamaModel(cfg, shard, tp)
     # Module.to_empty with the dtype folded in; torch.empty rather than to_empty's
     # empty_like, whose first call on meta tensors costs ~0.7 s of dispatch setup
     model._apply(lambda t: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device))
@@ -57,14 +59,15 @@ def init_dummy_weights(model: LlamaModel, seed: int = DUMMY_SEED) -> None:
 
 
 def materialize(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: str,
-                load_format: str = "auto") -> LlamaModel:
-    """The model of `cfg` on `device` in `dtype`, its weights streamed from `model_dir`'s
-    safetensors (`auto`) or random (`dummy`: no checkpoint is read)."""
+                load_format: str = "auto", shard: Shard | None = None, tp: TPGroup | None = None) -> LlamaModel:
+    """The model of `cfg` (or `shard` of it) on `device` in `dtype`, its weights streamed from
+    `model_dir`'s safetensors (`auto`) or random (`dummy`: no checkpoint is read; each rank
+    draws its own part)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load format {load_format!r} is not supported; choose one of {', '.join(LOAD_FORMATS)}")
-    model = build_model(cfg, dtype, device)
+    model = build_model(cfg, dtype, device, shard, tp)
     if load_format == "dummy":
-        init_dummy_weights(model)
+        init_dummy_weights(model, DUMMY_SEED + (shard.rank if shard else 0))
     else:
         model.load_weights(read_safetensors(model_dir, device))
     return model

@@ -80,6 +80,10 @@ class HeadTables:
         """Every head sees everything cached (plain causal attention in prefill)."""
         return not (self.window.any() or self.ring_mode.any())
 
+    def min_recent(self) -> int:
+        """The narrowest window any head has (a chunk's token sees itself iff it is >= 1)."""
+        return int(np.where(self.ring_mode, self.ring, self.recent).min())
+
     def row_blocks(self, layer: int, head: int) -> np.ndarray:
         return self.tables.table[layer, self.row, head, :self.nent[layer, head]]
 

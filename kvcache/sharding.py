@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from headwise.kvcache.plan_build import head_capacities
+from headwise.kvcache.plan_build import head_capacities, static_heads
 from headwise.kvcache.plans import ModelShape, Plan
 
 
@@ -100,3 +100,14 @@ def imbalance(per_rank: list[int]) -> float:
     """Largest rank over the mean (1.0 = perfectly balanced)."""
     mean = sum(per_rank) / len(per_rank)
     return max(per_rank) / mean if mean else 1.0
+
+
+def rank_plans(plan: Plan, sharding: Sharding) -> list[Plan]:
+    """Each rank's part of `plan`: its heads per layer (a dynamic plan's stand-in heads of
+    `static_heads`, which put a layer's full heads first: on the lowest ranks)."""
+    shape = plan.model
+    k = shape.kv_heads // sharding.ranks
+    part_shape = ModelShape(shape.layers, k, shape.heads // sharding.ranks, shape.head_dim, shape.id)
+    heads = static_heads(plan)
+    return [Plan(plan.name, part_shape, [[heads[l][h] for h in row] for l, row in enumerate(sharding.heads_of(r))])
+            for r in range(sharding.ranks)]

@@ -19,9 +19,10 @@ def _mixed(shape, spec: HeadSpec) -> list[list[HeadSpec]]:
     return [[FULL if (l + h) % 3 == 0 else spec for h in range(shape.kv_heads)] for l in range(shape.layers)]
 
 
-def write_tiny_llama(d: Path) -> str:
+def write_tiny_llama(d: Path, heads: int = 6, kv_heads: int = 2, intermediate: int = 512) -> str:
     """4 layers, 6 query / 2 KV heads, head_dim 64, vocab 512; lm_head std 1 makes the
-    logits wide (std ~20) so greedy ties between two numerically close paths are rare."""
+    logits wide (std ~20) so greedy ties between two numerically close paths are rare.
+    Other head counts keep head_dim 64 (hidden = 64 x heads)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
@@ -29,8 +30,8 @@ def write_tiny_llama(d: Path) -> str:
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>").save_pretrained(d)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=384, intermediate_size=512, num_hidden_layers=4,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64 * heads, intermediate_size=intermediate, num_hidden_layers=4,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                       tie_word_embeddings=False, eos_token_id=VOCAB - 1, bos_token_id=None)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -1,0 +1,168 @@
+"""Tensor-parallel workers: ranks 1..N-1 run the model on their heads, driven by rank 0.
+
+Rank 0 is the engine: it schedules, keeps the KV bookkeeping of every rank (each rank's pool
+holds its own heads' blocks; a request must fit on every rank) and, once per step, sends the
+other ranks one message on the gloo control group: the step's plan, each rank's block-table
+edits and compaction moves. Every rank then runs its part of the forward; the row-parallel
+layers' all-reduces keep the ranks in step, and every rank ends with the same hidden states,
+of which rank 0 samples. At the end of a prompt that selects (select heads, dynamic plans)
+rank 0 asks every rank for its heads' middle-token scores (and outputs) and gathers them.
+
+On one node rank 0 spawns the workers (`spawn`); on several, torchrun starts every rank
+and ranks > 0 call `worker_main` from the command line (`clients/cli.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from dataclasses import dataclass, replace
+
+import torch
+
+from headwise.engine.config import EngineConfig
+from headwise.engine.distributed import ParallelEnv, TPGroup, free_port
+from headwise.engine.model import Shard
+from headwise.engine.model_runner import ModelRunner, StepPlan
+from headwise.kvcache.block_tables import DeviceTables
+from headwise.kvcache.buffers import KVBuffers
+from headwise.kvcache.manager import KVCacheManager, apply_moves, make_buffers
+
+log = logging.getLogger(__name__)
+
+
+class WorkerDied(RuntimeError):
+    """A tensor-parallel worker exited: the engine cannot go on."""
+
+
+@dataclass
+class RankSetup:
+    """What a rank needs besides the engine config to build its part."""
+
+    order: tuple[tuple[int, ...], ...]  # every layer's KV heads in rank order (kvcache.sharding)
+    num_blocks: int  # blocks per rank
+    max_model_len: int
+
+
+@dataclass
+class WorkerCache:
+    """A worker's KV cache: its pool tensors and its copy of the block tables."""
+
+    tables: "_LocalTables"
+    buffers: KVBuffers
+    block_size: int
+
+
+class _LocalTables:
+    def __init__(self, local: DeviceTables):
+        self.local = local
+
+
+def rank_device(config: EngineConfig, local_rank: int) -> torch.device:
+    device = torch.device(config.device)
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
+class TPWorkers:
+    """Rank 0's handle on the other ranks."""
+
+    def __init__(self, group: TPGroup, kv_manager: KVCacheManager, processes: list[mp.Process]):
+        self.group = group
+        self.kv_manager = kv_manager
+        self.processes = processes  # empty under torchrun (the launcher owns them)
+
+    def check_alive(self) -> None:
+        dead = [i + 1 for i, p in enumerate(self.processes) if not p.is_alive()]
+        if dead:
+            raise WorkerDied(f"tensor-parallel worker rank {dead[0]} exited "
+                             f"(exit code {self.processes[dead[0] - 1].exitcode})")
+
+    def step(self, plan: StepPlan) -> None:
+        """Send the step to every rank (after applying rank 0's table edits)."""
+        self.check_alive()
+        edits = self.kv_manager.tables.commit()
+        moves = self.kv_manager.remote_moves
+        self.kv_manager.remote_moves = [[] for _ in moves]
+        self.group.broadcast(("step", plan, edits, moves[1:]))
+
+    def select(self, row: int, prompt_len: int, with_outputs: bool, runner: ModelRunner) -> list:
+        """Every rank's selection inputs for table `row`, rank 0's first."""
+        self.check_alive()
+        self.group.broadcast(("select", row, prompt_len, with_outputs))
+        return self.group.gather(runner.selection_inputs(row, prompt_len, with_outputs))
+
+    def shutdown(self) -> None:
+        """Stop the workers: every rank leaves the groups together, then the processes exit."""
+        try:
+            if all(p.is_alive() for p in self.processes):
+                self.group.broadcast(("stop",))
+                self.group.barrier()
+        except RuntimeError as e:  # a worker that went away mid-shutdown
+            log.warning("tensor-parallel shutdown: %s", e)
+        self.group.destroy()
+        for p in self.processes:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+def start(config: EngineConfig, setup: RankSetup) -> tuple[TPGroup, list[mp.Process]]:
+    """Rank 0's process group: under torchrun from its variables, else with N - 1 spawned
+    worker processes on this node."""
+    n = config.tensor_parallel_size
+    env = ParallelEnv.from_env()
+    processes: list[mp.Process] = []
+    if env is None:
+        env = ParallelEnv(0, n, 0, "127.0.0.1", free_port())
+        ctx = mp.get_context("spawn")
+        for rank in range(1, n):
+            p = ctx.Process(target=worker_main, args=(config, setup, replace(env, rank=rank, local_rank=rank)),
+                            name=f"headwise-tp{rank}", daemon=True)
+            p.start()
+            processes.append(p)
+    elif env.world_size != n or env.rank != 0:
+        raise ValueError(f"--tensor-parallel-size {n} but torchrun started rank {env.rank} of {env.world_size}")
+    return TPGroup.init(env, rank_device(config, env.local_rank)), processes
+
+
+def worker_main(config: EngineConfig, setup: RankSetup | None, env: ParallelEnv) -> None:
+    """A rank > 0: build its part of the model and cache, then follow rank 0's messages.
+    `setup` None (torchrun): rank 0 broadcasts it after the group forms."""
+    from headwise.engine.llm_engine import load_model
+
+    device = rank_device(config, env.local_rank)
+    group = TPGroup.init(env, device)
+    if setup is None:
+        setup = group.broadcast()
+    n = config.tensor_parallel_size
+    k = len(setup.order[0]) // n
+    shard = Shard(env.rank, n, tuple(row[env.rank * k:(env.rank + 1) * k] for row in setup.order))
+    cfg, model, _ = load_model(config.model, config.dtype, str(device), config.load_format, shard, group)
+    dtype = getattr(torch, config.dtype)
+    rows = config.max_num_seqs + 1
+    width = -(-setup.max_model_len // config.block_size) + 1
+    cache = WorkerCache(_LocalTables(DeviceTables(cfg.num_layers, rows, k, width, device)),
+                        make_buffers(setup.num_blocks, config.block_size, cfg.head_dim, dtype, device),
+                        config.block_size)
+    runner = ModelRunner(model, cache, str(device))
+    if device.type == "cuda" and not config.enforce_eager:
+        runner.capture_decode(config.max_num_seqs)  # in step with rank 0's capture (all-reduces inside)
+    try:
+        while True:
+            msg = group.broadcast()
+            if msg[0] == "step":
+                _, plan, edits, moves = msg
+                table, params = edits[env.rank - 1]
+                cache.tables.local.apply(table, params)
+                for src, dst in moves[env.rank - 1]:
+                    apply_moves(cache.buffers, src, dst)
+                runner.run(plan)
+            elif msg[0] == "select":
+                _, row, prompt_len, with_outputs = msg
+                group.gather(runner.selection_inputs(row, prompt_len, with_outputs))
+            elif msg[0] == "stop":
+                group.barrier()
+                group.destroy()
+                return
+    except RuntimeError as e:  # rank 0 went away: nothing left to serve
+        log.warning("tensor-parallel rank %d stops: %s", env.rank, e)
