@@ -1,5 +1,7 @@
 """`headwise bench capacity`: how many concurrent requests of one shape fit in a KV pool,
-per plan, from the engine's block accounting (no model run)."""
+per plan, from the engine's block accounting (no model run). With --tensor-parallel-size N
+the pool is each rank's and a request fits when it fits on its tightest rank: the plan's
+heads sharded as the engine would (balanced by budgets), next to contiguous sharding."""
 
 from __future__ import annotations
 
@@ -21,21 +23,31 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk (the engine's step budget)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="as the engine: select heads' compacted blocks are set aside while the prompt is held")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks; --kv-cache-mb is each rank's pool")
     p.add_argument("--json", action="store_true", help="print one JSON line per plan")
     p.set_defaults(func=run)
 
 
 def capacity(plan, pool_blocks: int, input_len: int, output_len: int, block_size: int, chunk: int = 2048,
-             prefix_caching: bool = True) -> dict:
+             prefix_caching: bool = True, sharding=None) -> dict:
     """Blocks per request and the requests that fit: all admitted at once (each holding its
-    peak), and held while decoding with one request prefilling at a time."""
+    peak), and held while decoding with one request prefilling at a time. With `sharding`,
+    per rank: the tightest rank decides."""
     from headwise.kvcache.plan_build import request_blocks
+    from headwise.kvcache.sharding import rank_plans
 
-    peak, end = request_blocks(plan, input_len, output_len, block_size, chunk, prefix_caching)
-    at_once = pool_blocks // peak
-    decoding = 0 if pool_blocks < peak else 1 + (pool_blocks - peak) // end
-    return {"plan": plan.name, "blocks_peak": peak, "blocks_decode": end, "pool_blocks": pool_blocks,
-            "admitted_at_once": at_once, "held_decoding": decoding}
+    parts = rank_plans(plan, sharding) if sharding is not None else [plan]
+    blocks = [request_blocks(part, input_len, output_len, block_size, chunk, prefix_caching) for part in parts]
+    peak, end = max(b[0] for b in blocks), max(b[1] for b in blocks)
+    at_once = min(pool_blocks // b[0] for b in blocks)
+    decoding = min(0 if pool_blocks < b[0] else 1 + (pool_blocks - b[0]) // b[1] for b in blocks)
+    row = {"plan": plan.name, "blocks_peak": peak, "blocks_decode": end, "pool_blocks": pool_blocks,
+           "admitted_at_once": at_once, "held_decoding": decoding}
+    if sharding is not None:
+        row |= {"tensor_parallel_size": sharding.ranks, "sharding": "contiguous" if sharding.is_contiguous else
+                "balanced", "rank_blocks_decode": [b[1] for b in blocks]}
+    return row
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from headwise.engine.loader import model_shape
     from headwise.kvcache.manager import KVCacheManager
     from headwise.kvcache.plans import load_plans
+    from headwise.kvcache.sharding import ShardingError, balanced, check_divisible, contiguous
 
     if args.input_len < 1 or args.output_len < 1 or args.kv_cache_mb <= 0 or args.max_num_batched_tokens < 1:
         raise CliError("--input-len, --output-len, --kv-cache-mb and --max-num-batched-tokens must be positive")
@@ -54,19 +67,34 @@ def run(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         raise CliError(str(e)) from None
     plans = list(load_plans(dict(parse_plan_arg(v) for v in args.plan), shape).values())
+    try:
+        check_divisible(shape, args.tensor_parallel_size)
+    except ShardingError as e:
+        raise CliError(str(e)) from None
     per_block = KVCacheManager.bytes_per_block(args.block_size, shape.head_dim, getattr(torch, args.dtype))
     pool = int(args.kv_cache_mb * 2**20 // per_block)
-    rows = [capacity(p, pool, args.input_len, args.output_len, args.block_size, args.max_num_batched_tokens,
-                     args.enable_prefix_caching) for p in plans]
+    rows = []
+    for p in plans:
+        shardings = [None]
+        if args.tensor_parallel_size > 1:
+            even = contiguous(shape, args.tensor_parallel_size)
+            spread = balanced(p, args.tensor_parallel_size, args.input_len + args.output_len, args.block_size)
+            shardings = [even] + ([spread] if spread.order != even.order else [])  # a full plan: the same
+        rows += [capacity(p, pool, args.input_len, args.output_len, args.block_size, args.max_num_batched_tokens,
+                          args.enable_prefix_caching, s) for s in shardings]
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return 0
     print(f"{args.kv_cache_mb:g} MiB pool = {pool} blocks of {args.block_size} slots ({args.dtype}); requests of "
           f"{args.input_len} + {args.output_len} tokens")
+    for r in rows:
+        if "sharding" in r:
+            r["plan"] = f"{r['plan']} ({r['sharding']})"
     width = max(len(r["plan"]) for r in rows)
-    print(f"{'plan':<{width}}  {'blocks peak':>11}  {'blocks decode':>13}  {'at once':>7}  {'decoding':>8}  "
-          f"{'vs full':>7}")
+    per = " per rank" if args.tensor_parallel_size > 1 else ""
+    print(f"{'plan':<{width}}  {'blocks peak' + per:>11}  {'blocks decode' + per:>13}  {'at once':>7}  "
+          f"{'decoding':>8}  {'vs full':>7}")
     base = rows[0]["held_decoding"] or 1
     for r in rows:
         print(f"{r['plan']:<{width}}  {r['blocks_peak']:>11}  {r['blocks_decode']:>13}  {r['admitted_at_once']:>7}  "
