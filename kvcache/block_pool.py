@@ -4,8 +4,11 @@ A block is free (no user, no content worth keeping), held (its refcount counts t
 requests whose tables name it) or evictable: no user, but it carries a content hash, so a
 later request with the same tokens may take it back (prefix caching, docs/design.md
 "Prefix caching"). Allocation takes free blocks first, then evicts the least recently
-released evictable ones. Evictable blocks count as available everywhere (admission,
-`kv_cache_usage_perc`).
+released evictable ones, *cold* ones first: blocks released while their request still ran
+(a window head's blocks that left its window, transient blocks) only serve hits that end
+inside a prompt, while the blocks a request held to its end serve any re-send of it. So a
+pool under a head-aware plan keeps about 1 / (KV ratio) as many whole prompts cached.
+Evictable blocks count as available everywhere (admission, `kv_cache_usage_perc`).
 
 With tensor parallelism each rank's KV pool holds the blocks of its own heads: block ids
 [r * P, (r + 1) * P) are rank r's (P blocks per rank), each rank has its own free stack and
@@ -32,8 +35,10 @@ class BlockPool:
         self._free = [np.arange((r + 1) * blocks_per_rank - 1, r * blocks_per_rank - 1, -1, dtype=np.int32)
                       for r in range(ranks)]
         self._num_free = np.full(ranks, blocks_per_rank, dtype=np.int64)
-        # evictable blocks in release order per rank; an entry is live while its epoch matches
-        self._lru: list[deque[tuple[int, int]]] = [deque() for _ in range(ranks)]
+        # evictable blocks in release order per rank and tier (cold, warm); an entry is live
+        # while its epoch matches
+        self._lru: list[tuple[deque[tuple[int, int]], deque[tuple[int, int]]]] = [
+            (deque(), deque()) for _ in range(ranks)]
         self._epoch = np.zeros(self.num_blocks, dtype=np.int64)
         self._evictable = np.zeros(self.num_blocks, dtype=bool)
         self._num_evictable = np.zeros(ranks, dtype=np.int64)
@@ -82,9 +87,10 @@ class BlockPool:
         np.subtract.at(self._num_evictable, self.rank_of(revived), 1)
         np.add.at(self.ref, ids, 1)
 
-    def release(self, ids: np.ndarray) -> None:
+    def release(self, ids: np.ndarray, cold: bool = False) -> None:
         """Drop one user of each block; blocks left without users become evictable when
-        they carry a hash (in the given order: the first are evicted first), else free."""
+        they carry a hash (in the given order: the first are evicted first; `cold` ones
+        before every warm one), else free."""
         if not len(ids):
             return
         np.subtract.at(self.ref, ids, 1)
@@ -103,7 +109,7 @@ class BlockPool:
             np.add.at(self._num_evictable, ranks, 1)
             for r in np.unique(ranks).tolist():
                 mine = keep[ranks == r]
-                self._lru[r].extend(zip(mine.tolist(), [self._tick] * len(mine)))
+                self._lru[r][0 if cold else 1].extend(zip(mine.tolist(), [self._tick] * len(mine)))
 
     def set_hash(self, ids: np.ndarray, h: int) -> None:
         self.block_hash[ids] = h
@@ -120,9 +126,9 @@ class BlockPool:
 
     def _evict(self, n: int, rank: int) -> None:
         out = []
-        lru = self._lru[rank]
+        cold, warm = self._lru[rank]
         while len(out) < n:
-            b, epoch = lru.popleft()
+            b, epoch = (cold or warm).popleft()
             if self._evictable[b] and self._epoch[b] == epoch:
                 out.append(b)
         ids = np.array(out, dtype=np.int32)

@@ -122,7 +122,7 @@ class KVCacheManager:
     def finish_step(self, tables: HeadTables, end: int) -> None:
         """Positions up to `end` are written: release what the window heads dropped."""
         before = tables.promise()
-        self.pool.release(tables.finish_step(end))
+        self.pool.release(tables.finish_step(end), cold=True)  # they only serve hits inside a prompt
         self.promised += tables.promise() - before
 
     def free(self, tables: HeadTables) -> None:
