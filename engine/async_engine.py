@@ -3,6 +3,11 @@
 The HTTP side never touches tensors: requests and aborts are queued to the worker,
 which applies them between steps; outputs are handed back to each request's asyncio
 queue with `call_soon_threadsafe`.
+
+A request the engine fails (LLMEngine.fail_request) raises RequestFailed in its own
+stream only. Any other exception out of a step leaves the engine in an unknown state: the
+loop stops, every open stream gets EngineDead, and `on_death` tells the owner (the
+server exits so that an orchestrator restarts it).
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+from headwise.engine.errors import RequestFailed
 from headwise.engine.llm_engine import LLMEngine
 from headwise.engine.outputs import RequestOutput
 from headwise.engine.sampling_params import SamplingParams
@@ -25,8 +31,11 @@ class EngineDead(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None):
+        """`on_death(error)` is called from the worker thread once the loop has stopped on an
+        engine fault and failed every open stream."""
         self.engine = engine
+        self.on_death = on_death
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
@@ -62,14 +71,16 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        plan: str | None = None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; stopping the iteration aborts it."""
-        if self.error is not None:
-            raise EngineDead(f"engine stopped: {self.error}")
-        if self._stop.is_set() or self._thread is None:
-            raise EngineDead("engine is not running")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         added: asyncio.Future = loop.create_future()
-        self._commands.put(("add", request_id, prompt_token_ids, params, plan, (loop, q), added))
+        # under the lock the worker takes to fail leftover adds: no add slips in after that
+        with self._lock:
+            if self.error is not None:
+                raise EngineDead(f"engine stopped: {self.error}")
+            if self._stop.is_set() or self._thread is None:
+                raise EngineDead("engine is not running")
+            self._commands.put(("add", request_id, prompt_token_ids, params, plan, (loop, q), added))
         self._wake.set()
         try:
             await added  # raises the engine's InvalidRequest / UnknownPlan / PromptTooLong
@@ -83,6 +94,9 @@ class AsyncEngine:
                 out = await q.get()
                 if isinstance(out, BaseException):
                     raise out
+                if out.error is not None:
+                    finished = True  # the engine has ended it and freed its blocks
+                    raise RequestFailed(out.request_id, out.error)
                 yield out
                 if out.finished:
                     finished = True
@@ -96,6 +110,13 @@ class AsyncEngine:
 
     def _abort_now(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def abort_all(self) -> None:
+        """End every open request now with finish_reason "abort", delivered to its stream as
+        a final output (a drain past its deadline), unlike `abort`, whose caller has stopped
+        listening."""
+        self._commands.put(("abort_all",))
         self._wake.set()
 
     # -- the worker ------------------------------------------------------------------
@@ -118,32 +139,42 @@ class AsyncEngine:
                 if rid in self._streams:
                     self.engine.abort_request(rid)
                     self._streams.pop(rid, None)
+            elif cmd[0] == "abort_all":
+                for rid in list(self._streams):
+                    self.engine.abort_request(rid)  # the stream stays: it gets the "abort" output
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, out)
 
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
                 self._apply_commands()
-                if not self.engine.has_unfinished_requests():
-                    self.engine.step()  # flushes abort outputs
+                busy = self.engine.has_unfinished_requests()
+                # when idle, the step only flushes the final outputs of aborted requests
+                self._deliver(self.engine.step())
+                if not busy:
                     self._wake.wait(0.05)
                     self._wake.clear()
-                    continue
-                for out in self.engine.step():
-                    stream = self._streams.get(out.request_id)
-                    if stream is None:
-                        continue
-                    if out.finished:
-                        self._streams.pop(out.request_id, None)
-                    loop, q = stream
-                    loop.call_soon_threadsafe(q.put_nowait, out)
         except BaseException as e:  # an engine fault: fail every open stream, stop
-            log.exception("engine loop failed")
-            self.error = e
+            log.exception("engine loop failed; the engine is dead")
+            with self._lock:
+                self.error = e
             for loop, q in list(self._streams.values()):
-                loop.call_soon_threadsafe(q.put_nowait, EngineDead(f"engine fault: {e}"))
+                loop.call_soon_threadsafe(q.put_nowait, EngineDead(f"engine fault: {type(e).__name__}: {e}"))
             self._streams.clear()
+            if self.on_death is not None:
+                self.on_death(e)
         finally:
-            self._apply_failed_adds()
+            with self._lock:
+                self._apply_failed_adds()
 
     def _apply_failed_adds(self) -> None:
         while True:

@@ -20,6 +20,7 @@ from headwise.engine.distributed import TPGroup
 from headwise.engine.model import LlamaModel, Shard
 from headwise.engine.model_runner import ModelRunner
 from headwise.engine.outputs import RequestOutput, Snapshot, TokenLogprob
+from headwise.engine.request_guard import RequestGuard, isolate_rows
 from headwise.engine.sampler import Sampler
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
@@ -134,7 +135,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.kv_bytes_saved = 0
-        self._aborted: list[Sequence] = []
+        # finished outside sampling (aborted, failed): their final outputs go out with the next step
+        self._ended: list[Sequence] = []
         # opt-in per-phase timing of step() (engine/step_timer.py); off, a step pays nothing for it
         self.record_step_timings = False
         self.step_timings: dict[str, float] = {}
@@ -148,7 +150,10 @@ class LLMEngine:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+            bad = [t for t in prompt_token_ids if not 0 <= t < vocab][:5]
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab}) (the vocabulary size), got {bad}",
+                                 "prompt")
+        params.check_vocab(vocab)
         name = plan or self.default_plan
         if name not in self.plans:
             raise UnknownPlan(f"plan {name!r} is not loaded (loaded: {', '.join(self.plans)})", "kv_plan")
@@ -180,7 +185,28 @@ class LLMEngine:
             seq.status = Status.FINISHED
             seq.finish_reason = "abort"
             seq.finished_time = time.monotonic()
-            self._aborted.append(seq)
+            self._ended.append(seq)
+
+    def fail_request(self, request_id: str, error: BaseException) -> None:
+        """Finish a request whose own processing raised: finish_reason "error", its blocks
+        freed, and a final output carrying `error` among the step's outputs. The other
+        requests go on; a request that already ended is left as it is."""
+        seq = self._seqs.get(request_id)
+        if seq is not None:
+            self._fail(seq, error)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        if any(s is seq for s in self._ended):
+            return
+        if not seq.finished:
+            self.scheduler.abort(seq.request_id)
+        # a request that finished in this step before the fault has freed its blocks already
+        seq.status = Status.FINISHED
+        seq.finish_reason = "error"
+        seq.stop_reason = None
+        seq.error = f"{type(error).__name__}: {error}"
+        seq.finished_time = time.monotonic()
+        self._ended.append(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -283,6 +309,9 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One scheduled batch. An exception in per-request work (under `guard`) fails that
+        request alone (fail_request); one in the batched forward pass propagates: the
+        engine is then in an unknown state and its owner must stop it."""
         if not self.record_step_timings:
             return self._step(NO_STEP_TIMER)
         timer = StepTimer(self.config.device)
@@ -294,12 +323,12 @@ class LLMEngine:
     def _step(self, timer: StepTimer | NoStepTimer) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         timer.mark("schedule")
-        outputs = [self._output(s) for s in self._aborted]
-        self._aborted = []
+        outputs = self._take_ended()
         if not sched.scheduled:
             return outputs
         timer.mark("postprocess")
         now = time.monotonic()
+        guard = RequestGuard(self._fail)
         windows = {s.request_id: self._capture_window(s) for s, _ in sched.scheduled if s.needs_selection()}
         self.sampler.prefetch_noise(s for s, _ in sched.scheduled)  # drawn on the host while the forward runs
         hidden, rows = self.runner.execute(sched.scheduled, {k: v for k, v in windows.items() if v}, timer)
@@ -311,23 +340,39 @@ class LLMEngine:
             self._register_blocks(seq)
             self.kv_manager.finish_step(seq.tables, r.end)
             if seq.needs_selection() and r.end >= seq.num_prompt_tokens:
-                self._select(seq)
+                with guard(seq):
+                    self._select(seq)
                 seq.cacheable = False  # later K/V depends on what the select heads kept
             if seq.params.prompt_logprobs is not None and r.start < seq.num_prompt_tokens:
                 lp_rows.append(r)
-            if r.end == seq.num_tokens:
+            if r.end == seq.num_tokens and guard.ok(seq):
                 sample_rows.append(r.row + r.end - r.start - 1)
                 sample_seqs.append(seq)
         for r in lp_rows:
-            self._prompt_logprobs(r, hidden)
+            with guard(r.seq):
+                self._prompt_logprobs(r, hidden)
         if sample_seqs:
             timer.mark("postprocess")
-            tokens, logprobs = self.sampler.sample(self.model.logits(self._rows_of(hidden, sample_rows)), sample_seqs)
+            sampled = isolate_rows(lambda ix: self._sample(hidden, sample_rows, sample_seqs, ix), sample_seqs, guard)
             timer.mark("sample")
-            for seq, tok, lp in zip(sample_seqs, tokens, logprobs):
-                self._append_token(seq, tok, lp, now)
-                outputs.append(self._output(seq))
-        return outputs
+            for seq, drawn in zip(sample_seqs, sampled):
+                if drawn is None or not guard.ok(seq):
+                    continue
+                with guard(seq):
+                    self._append_token(seq, *drawn, now)
+                    outputs.append(self._output(seq))
+        return outputs + self._take_ended()
+
+    def _sample(self, hidden: torch.Tensor, rows: list[int], seqs: list[Sequence],
+                ix: list[int]) -> list[tuple[int, TokenLogprob | None]]:
+        """(token, logprob) of the requests `ix` (indexes into `seqs`), from their rows of
+        `hidden`; logits are made here, since the sampler edits them in place."""
+        logits = self.model.logits(self._rows_of(hidden, [rows[i] for i in ix]))
+        return list(zip(*self.sampler.sample(logits, [seqs[i] for i in ix])))
+
+    def _take_ended(self) -> list[RequestOutput]:
+        ended, self._ended = self._ended, []
+        return [self._output(s) if s.error is None else self._error_output(s) for s in ended]
 
     @staticmethod
     def _rows_of(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -420,6 +465,18 @@ class LLMEngine:
         written = seq.num_tokens - 1  # the last sampled token is never fed back
         full = mc.num_layers * mc.num_kv_heads * -(-written // self.kv_manager.block_size)
         self.kv_bytes_saved += max(0, full - seq.peak_blocks) * self.kv_manager.block_bytes
+
+    def _error_output(self, seq: Sequence) -> RequestOutput:
+        """The final output of a failed request, built from plain fields only: the usual
+        output building may be what failed."""
+        self._seqs.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids), text=seq.text, finished=True, finish_reason="error",
+            kv_bytes=seq.peak_blocks * self.kv_manager.block_bytes, plan=seq.plan.name,
+            arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time, finished_time=seq.finished_time,
+            num_preemptions=seq.num_preemptions, error=seq.error)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         # running: snapshots of the growing lists, O(1) per step; finished: plain lists,

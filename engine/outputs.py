@@ -71,7 +71,7 @@ class RequestOutput:
     token_ids: Sequence[int]  # every generated token so far
     text: str  # detokenized generated text so far; a matched stop string is cut off
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" while finished, else None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" while finished, else None
     kv_bytes: int  # peak KV bytes the request held
     plan: str
     logprobs: Sequence[TokenLogprob] | None = None
@@ -87,3 +87,5 @@ class RequestOutput:
     # prefill peak, when those heads still hold the whole prompt)
     kv_bytes_decode: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # why the engine failed this request (finish_reason "error"): "ExceptionType: message"
+    error: str | None = None

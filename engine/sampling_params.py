@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# a seed is a signed 64-bit integer (vLLM's bounds); torch.Generator takes this whole range
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+
 
 class InvalidRequest(ValueError):
     """A request parameter is out of range; `param` names it (OpenAI error `param`)."""
@@ -47,9 +50,19 @@ class SamplingParams:
                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        _check(self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed",
+               f"seed must be a signed 64-bit integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
+        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               f"stop_token_ids must be >= 0, got {[t for t in self.stop_token_ids if t < 0][:5]}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or 0 <= value <= 20, name, f"{name} must be in [0, 20], got {value}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the request names must be rows of the model's logits."""
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        _check(not bad, "stop_token_ids",
+               f"stop_token_ids must be in [0, {vocab_size}) (the vocabulary size), got {bad[:5]}")
 
     @property
     def greedy(self) -> bool:

@@ -34,6 +34,7 @@ class Sequence:
     num_computed_tokens: int = 0  # positions whose K/V are in the cache
     tables: HeadTables | None = None
     finish_reason: str | None = None
+    error: str | None = None  # set with finish_reason "error" (LLMEngine.fail_request)
     stop_reason: str | int | None = None
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
