@@ -11,14 +11,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from headwise.engine.errors import PromptTooLong, UnknownPlan
+from headwise.engine.async_engine import EngineDead
+from headwise.engine.errors import PromptTooLong, RequestFailed, UnknownPlan
 from headwise.engine.sampling_params import InvalidRequest
 
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-          503: "service_unavailable_error"}
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          500: "server_error", 503: "service_unavailable_error"}
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none)$|[\[\-]")
 
@@ -29,8 +30,8 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
-        self.message = message
-        self.param = param
+        self.message = printable(message)
+        self.param = None if param is None else printable(param)
         self.code = code
 
     def body(self) -> dict:
@@ -41,10 +42,20 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
+def printable(text: str) -> str:
+    """`text` as valid UTF-8: a lone surrogate from a client's JSON (`"\\ud800"`) is shown
+    escaped, so an error message that quotes it can still be sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def api_error(exc: BaseException) -> APIError:
     """Map an engine or handler exception to its API error; anything unexpected is a 500."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, RequestFailed):
+        return APIError(500, f"the engine failed this request: {exc.error}", None, "request_failed")
+    if isinstance(exc, EngineDead):
+        return APIError(500, str(exc), None, "engine_dead")
     if isinstance(exc, UnknownPlan):
         return APIError(404, str(exc), exc.param or "kv_plan", "plan_not_found")
     if isinstance(exc, PromptTooLong):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from headwise.engine.sampling_params import SamplingParams
+from headwise.engine.sampling_params import SEED_MIN, SamplingParams
 from headwise.server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -27,6 +27,11 @@ def logprobs_k(body: GenerationRequest) -> int | None:
     return body.logprobs
 
 
+def choice_seed(seed: int, choice: int) -> int:
+    """seed + choice, wrapped around the signed 64-bit range so the largest seed stays valid."""
+    return (seed + choice - SEED_MIN) % 2**64 + SEED_MIN
+
+
 def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int, choice: int) -> SamplingParams:
     """Params for choice `choice` of n; a given seed becomes seed + choice so choices differ
     yet the whole response stays reproducible."""
@@ -43,7 +48,7 @@ def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int
     echo_logprobs = isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None
     return SamplingParams(
         max_tokens=max_tokens(body, prompt_len, max_model_len),
-        seed=None if body.seed is None else body.seed + choice,
+        seed=None if body.seed is None else choice_seed(body.seed, choice),
         stop=stop,
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
