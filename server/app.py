@@ -4,64 +4,67 @@ handlers, and the small routes; generation routes live in completions.py and cha
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from headwise.engine.llm_engine import LLMEngine
-from headwise.server import chat, completions, tokenize
-from headwise.server.auth import require_api_key
+from headwise.server import chat, completions, protocol, responses, tokenize
+from headwise.server.auth import APIKeyMiddleware
+from headwise.server.body_limit import BodyLimitMiddleware
 from headwise.server.errors import install_error_handlers
+from headwise.server.openapi import errors, install_openapi
 from headwise.server.request_id import RequestIdMiddleware
+from headwise.server.responses import HealthResponse, ModelCard, ModelList
 from headwise.server.settings import ServerSettings
 from headwise.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
+VERSION = importlib.metadata.version("headwise")
+
 
 def create_app(settings: ServerSettings, load_engine: Callable[[], LLMEngine],
-               on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
     """An app whose engine comes from `load_engine()`, run in a thread once the server is up.
 
-    `on_load_failure` lets `headwise serve` exit when the model cannot load; without it the
-    app keeps answering 503 with the reason."""
-    state = ServerState(settings, load_engine)
-
-    async def load() -> None:
-        try:
-            await state.load()
-        except Exception as e:
-            if on_load_failure is not None:
-                on_load_failure(e)
+    `on_fatal(error)` lets `headwise serve` exit when the model cannot load or the engine
+    dies; without it the app keeps answering 503 with the reason."""
+    state = ServerState(settings, load_engine, on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(load())
+        loading = asyncio.create_task(state.load())
         yield
         if not loading.done():
             loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
         await state.shutdown()
 
-    app = FastAPI(title="headwise", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="headwise", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible completions and chat over a head-aware paged KV cache.")
     app.state.headwise = state
+    # the last added runs first: the request id is on every response (413 and 401 too), and
+    # the key is checked before the size limit reads the body
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(tokenize.router)
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse, "description": "loading, error (the model did not "
+                              "load), draining (SIGTERM) or dead (engine fault; the process exits)"}})
     async def health() -> Response:
-        if state.ready:
-            return JSONResponse({"status": "ok"})
-        if state.load_error is not None:
-            return JSONResponse({"status": "error", "message": str(state.load_error)}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503)
+        status, body = state.health()
+        return JSONResponse(body, status_code=status)
 
     def model_card() -> dict:
         engine, _ = state.require_engine()
@@ -69,17 +72,26 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], LLMEngine],
                 "root": engine.model_id, "max_model_len": engine.max_model_len,
                 "kv_plans": sorted(engine.plans), "default_kv_plan": engine.default_plan}
 
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
-    async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+    @app.get("/v1/models", response_model=ModelList, responses=errors(401, 503))
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
 
-    @app.get("/v1/models/{model:path}", dependencies=[Depends(require_api_key)])
-    async def model(model: str) -> dict:
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=errors(401, 404, 503))
+    async def model(model: str) -> Response:
+        card = model_card()  # 503 while loading: the served name is not known yet
         state.check_model(model)
-        return model_card()
+        return JSONResponse(card)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app, requests=[protocol.CompletionRequest, protocol.ChatCompletionRequest,
+                                   protocol.TokenizeRequest, protocol.DetokenizeRequest],
+                    responses=[responses.ErrorResponse, responses.CompletionResponse, responses.CompletionChunk,
+                               responses.ChatCompletionResponse, responses.ChatCompletionChunk,
+                               responses.ModelList, responses.ModelCard, responses.TokenizeResponse,
+                               responses.DetokenizeResponse, responses.HealthResponse])
     return app

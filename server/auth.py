@@ -1,21 +1,44 @@
-"""API key check (`Authorization: Bearer KEY`, as the OpenAI clients send it)."""
+"""API key check (`Authorization: Bearer KEY`, as the OpenAI clients send it).
+
+A pure ASGI middleware rather than a route dependency: FastAPI reads and parses the body
+before it runs dependencies, so a client without the key would learn about its JSON (400)
+before being told it may not ask (401), and a stranger's body would be parsed at all."""
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from headwise.server.errors import APIError
 
+# /health, /metrics and /openapi.json stay open for probes and scrapers
+PROTECTED = ("/v1", "/tokenize", "/detokenize")
 
-async def require_api_key(request: Request) -> None:
-    """FastAPI dependency: passes when no key is configured or the bearer token matches."""
-    expected: str | None = request.app.state.headwise.settings.api_key
-    if expected is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+
+def is_protected(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in PROTECTED)
+
+
+def key_matches(authorization: str, expected: str) -> bool:
+    scheme, _, token = authorization.partition(" ")
     # compare_digest: the time taken must not reveal how much of a guess was right
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise APIError(401, "invalid API key: send `Authorization: Bearer <key>` with the server's --api-key",
-                       None, "invalid_api_key")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+class APIKeyMiddleware:
+    """401 on the protected paths unless the bearer token is the key; no key: all pass."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.api_key is not None and is_protected(scope["path"]):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            if not key_matches(header, self.api_key):
+                error = APIError(401, "invalid API key: send `Authorization: Bearer <key>` with the server's "
+                                 "--api-key", None, "invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -13,6 +13,7 @@ import uvicorn
 
 from headwise.engine.llm_engine import LLMEngine
 from headwise.server.app import create_app
+from headwise.server.drain import DrainingServer
 from headwise.server.settings import ServerSettings
 from headwise.server.state import ServerState
 
@@ -21,7 +22,8 @@ class BackgroundServer:
     """`with BackgroundServer(settings, load_engine) as server: ... server.url ...`
 
     Entering waits until the port accepts connections (and, with `wait_ready`, until
-    /health is 200); leaving drains and stops the server and its engine worker."""
+    /health is 200); leaving drains (as on SIGTERM) and stops the server and its engine
+    worker. `begin_drain()` starts that drain without waiting for it."""
 
     def __init__(self, settings: ServerSettings, load_engine: Callable[[], LLMEngine],
                  wait_ready: bool = True, timeout: float = 120.0) -> None:
@@ -34,7 +36,7 @@ class BackgroundServer:
         self.url = f"http://{settings.host}:{self.port}"
         config = uvicorn.Config(self.app, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=settings.drain_timeout)
-        self._server = uvicorn.Server(config)
+        self._server = DrainingServer(config, self.state, settings.drain_timeout)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         name="headwise-http", daemon=True)
         self._wait_ready = wait_ready
@@ -62,8 +64,12 @@ class BackgroundServer:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
+    def begin_drain(self) -> None:
+        """What SIGTERM does to `headwise serve`: /health 503, drain, exit."""
+        self._server.begin_drain()
+
     def stop(self) -> None:
-        self._server.should_exit = True
         if self._thread.is_alive():
+            self.begin_drain()
             self._thread.join()
         self._sock.close()

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from headwise.engine.outputs import RequestOutput
-from headwise.server.auth import require_api_key
 from headwise.server.context import RequestContext, usage
 from headwise.server.generation import GenerationGroup, Job
 from headwise.server.logprobs import TokenText, chat_logprobs
+from headwise.server.openapi import errors, event_stream
 from headwise.server.params import sampling_params
 from headwise.server.protocol import ChatCompletionRequest, ChatMessage
+from headwise.server.responses import ChatCompletionChunk, ChatCompletionResponse
 
 router = APIRouter()
 
@@ -24,11 +25,12 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={**event_stream(ChatCompletionChunk), **errors(400, 401, 404, 429, 500, 503)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = RequestContext(request, body, "chatcmpl")
-    prompt = ctx.engine.encode_chat(template_messages(body.messages),
-                                    add_generation_prompt=body.add_generation_prompt)
+    prompt = await ctx.state.tokenizer_thread.run(ctx.engine.encode_chat, template_messages(body.messages),
+                                                  add_generation_prompt=body.add_generation_prompt)
     jobs = [Job(ctx.job_id(i), prompt, sampling_params(body, len(prompt), ctx.engine.max_model_len, i))
             for i in range(body.n)]
     group = ctx.group(jobs)

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from headwise.engine.outputs import RequestOutput
-from headwise.server.auth import require_api_key
 from headwise.server.context import RequestContext, usage
 from headwise.server.errors import APIError
 from headwise.server.generation import GenerationGroup, Job
 from headwise.server.logprobs import TokenText, completion_logprobs
+from headwise.server.openapi import errors, event_stream
 from headwise.server.params import sampling_params
 from headwise.server.protocol import CompletionRequest
+from headwise.server.responses import CompletionChunk, CompletionResponse
 
 router = APIRouter()
 
 
-def prompt_ids(prompt: str | list, tokenizer) -> tuple[list[list[int]], list[str | None]]:
-    """Token ids per prompt, and the prompt text where the client sent text (for echo)."""
+def prompt_ids(prompt: str | list, tokenizer, vocab_size: int) -> tuple[list[list[int]], list[str]]:
+    """Token ids per prompt, and each prompt's text (for echo): as sent, or decoded from the
+    ids, which must be in the vocabulary before anything decodes them."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -33,19 +35,24 @@ def prompt_ids(prompt: str | list, tokenizer) -> tuple[list[list[int]], list[str
             ids.append(tokenizer.encode(item))
             texts.append(item)
         else:
+            bad = [t for t in item if not 0 <= t < vocab_size]
+            if bad:
+                raise APIError(400, f"prompt token ids must be in [0, {vocab_size}) (the vocabulary size), "
+                               f"got {bad[:5]}", "prompt", "invalid_value")
             ids.append(list(item))
-            texts.append(None)
+            texts.append(tokenizer.decode(item))
         if not ids[-1]:
             raise APIError(400, "prompt must contain at least one token", "prompt", "invalid_value")
     return ids, texts
 
 
-@router.post("/v1/completions", dependencies=[Depends(require_api_key)])
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses={**event_stream(CompletionChunk), **errors(400, 401, 404, 429, 500, 503)})
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     ctx = RequestContext(request, body, "cmpl")
     tokenizer = ctx.engine.tokenizer
-    prompts, texts = prompt_ids(body.prompt, tokenizer)
-    texts = [t if t is not None else tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
+    prompts, texts = await ctx.state.tokenizer_thread.run(prompt_ids, body.prompt, tokenizer,
+                                                          ctx.engine.model_config.vocab_size)
     n = body.n
     jobs = [Job(ctx.job_id(p * n + i), ids, sampling_params(body, len(ids), ctx.engine.max_model_len, i))
             for p, ids in enumerate(prompts) for i in range(n)]

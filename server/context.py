@@ -31,6 +31,7 @@ class RequestContext:
         self.request = request
         self.state: ServerState = request.app.state.headwise
         self.engine, self.async_engine = self.state.require_engine()
+        self.state.check_accepting()
         self.state.check_model(body.model)
         self.state.check_plan(body.kv_plan)
         self.body = body

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
-from headwise.server.auth import require_api_key
 from headwise.server.chat import template_messages
 from headwise.server.errors import APIError
+from headwise.server.openapi import errors
 from headwise.server.protocol import DetokenizeRequest, TokenizeRequest
+from headwise.server.responses import DetokenizeResponse, TokenizeResponse
 from headwise.server.state import ServerState
 
 router = APIRouter()
 
 
-@router.post("/tokenize", dependencies=[Depends(require_api_key)])
-async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+@router.post("/tokenize", response_model=TokenizeResponse, responses=errors(400, 401, 404, 500, 503))
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     state: ServerState = request.app.state.headwise
     engine, _ = state.require_engine()
     state.check_model(body.model)
@@ -23,14 +25,15 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     if body.messages is not None:
         if not body.messages:
             raise APIError(400, "messages must not be empty", "messages", "invalid_value")
-        tokens = engine.encode_chat(template_messages(body.messages), add_generation_prompt=body.add_generation_prompt)
+        tokens = await state.tokenizer_thread.run(engine.encode_chat, template_messages(body.messages),
+                                                  add_generation_prompt=body.add_generation_prompt)
     else:
-        tokens = engine.tokenizer.encode(body.prompt)
-    return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+        tokens = await state.tokenizer_thread.run(engine.tokenizer.encode, body.prompt)
+    return JSONResponse({"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens})
 
 
-@router.post("/detokenize", dependencies=[Depends(require_api_key)])
-async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=errors(400, 401, 404, 500, 503))
+async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     state: ServerState = request.app.state.headwise
     engine, _ = state.require_engine()
     state.check_model(body.model)
@@ -39,4 +42,4 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     if bad:
         raise APIError(400, f"token ids must be < {vocab} (the vocabulary size), got {bad[:5]}", "tokens",
                        "invalid_value")
-    return {"prompt": engine.tokenizer.decode(body.tokens)}
+    return JSONResponse({"prompt": await state.tokenizer_thread.run(engine.tokenizer.decode, body.tokens)})

@@ -41,6 +41,17 @@ def write_tiny_llama(d: Path, heads: int = 6, kv_heads: int = 2, intermediate: i
     return str(d)
 
 
+# a plain template for server tests: each message's content, then the reply starts
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                      "{% if add_generation_prompt %}assistant {% endif %}")
+
+
+def add_chat_template(model_dir: str) -> None:
+    """Give the tiny model's tokenizer a chat template (the word-level vocabulary maps
+    unknown words to <unk>, so any message tokenizes)."""
+    (Path(model_dir) / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
+
+
 def write_plans(model_dir: str, d: Path) -> dict[str, str]:
     """window / elastic / select / dynamic plans (every third head full) -> name: path."""
     shape = LLMEngine(EngineConfig(model=model_dir, kv_cache_mb=4)).model_config.shape

@@ -32,13 +32,18 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="the model name clients send (default: the model id)")
     g.add_argument("--log-level", choices=LOG_LEVELS, default=env_default("--log-level", d.log_level))
     g.add_argument("--drain-timeout", type=float, default=env_default("--drain-timeout", d.drain_timeout, float),
-                   help="seconds SIGTERM waits for in-flight requests (default %(default)s)")
+                   help="seconds SIGTERM waits for in-flight requests; streams still running then end "
+                   "with finish_reason \"abort\" (default %(default)s)")
+    g.add_argument("--max-request-bytes", type=int,
+                   default=env_default("--max-request-bytes", d.max_request_bytes, int),
+                   help="larger request bodies get HTTP 413 before they are parsed (default %(default)s)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(host=args.host, port=args.port, api_key=args.api_key or None,
                           max_queue=args.max_queue, served_model_name=args.served_model_name,
-                          log_level=args.log_level, drain_timeout=args.drain_timeout)
+                          log_level=args.log_level, drain_timeout=args.drain_timeout,
+                          max_request_bytes=args.max_request_bytes)
 
 
 def run(args: argparse.Namespace) -> int:
