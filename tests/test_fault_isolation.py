@@ -94,7 +94,8 @@ def test_fail_request_by_id_frees_a_waiting_or_running_request(make_engine, prom
     assert eng.kv_blocks_in_use("r") > 0
     eng.fail_request("r", RuntimeError("operator said so"))
     out = eng.step()
-    assert [(o.request_id, o.finish_reason, o.error) for o in out] == [("r", "error", "RuntimeError: operator said so")]
+    assert [(o.request_id, o.finish_reason, o.error) for o in out] == [
+        ("r", "error", "RuntimeError: operator said so")]
     assert_no_leak(eng)
     eng.fail_request("r", RuntimeError("again"))  # already gone: nothing happens
     assert eng.step() == []

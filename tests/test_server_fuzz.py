@@ -1,0 +1,107 @@
+"""Schemathesis over the server's own /openapi.json, in process through ASGI (no network),
+on the tiny model with a 32-token context (cheap generations, many context errors):
+every generated request, schema-valid or not, gets a status the document lists (never a
+5xx) and a body that matches the schema the document gives for that status, event
+streams included."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
+
+from headwise.engine.config import EngineConfig
+from headwise.engine.llm_engine import LLMEngine
+from headwise.server.app import create_app
+from headwise.server.settings import ServerSettings
+from tests.tiny_model import add_chat_template, write_tiny_llama
+
+CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
+# per operation; eight operations. The default suite runs a bounded random pass; `-m slow`
+# adds schemathesis' coverage phase (boundary and negative values of every field, a few
+# hundred cases per generation route) to a longer random pass
+FAST_EXAMPLES = 25
+DEEP_EXAMPLES = 120
+REQUEST_TIMEOUT_S = 120  # a 2-core machine shared with other jobs can be slow; a hang still fails
+
+
+_MODEL_DIR: list[str] = []  # filled by the `running` fixture before the app loads its engine
+
+
+def _load_tiny() -> LLMEngine:
+    config = EngineConfig(model=_MODEL_DIR[-1], kv_cache_mb=8, max_model_len=32, max_num_seqs=16)
+    return LLMEngine(config)
+
+
+# a queue cap keeps a generated batch of prompts x n choices from running for minutes
+APP = create_app(ServerSettings(max_queue=16), _load_tiny)
+
+
+async def _without_lifespan(scope, receive, send) -> None:
+    """APP minus its lifespan, which the `running` fixture owns: schemathesis' pytest plugin
+    ends an app's lifespan after every test item, which would reload the engine (and answer
+    503 while it loads) for each operation."""
+    if scope["type"] == "lifespan":
+        raise RuntimeError("the test fixture runs the lifespan")  # refused before any message: "no lifespan"
+    await APP(scope, receive, send)
+
+
+def _schema(coverage: bool) -> schemathesis.BaseSchema:
+    """The document does not depend on the model, so it is loaded at import (schemathesis'
+    fixture-based loader does not run under pytest 9); requests go to APP in process."""
+    config = schemathesis.Config.from_dict({"phases": {"coverage": {"enabled": coverage}}})
+    loaded = schemathesis.openapi.from_dict(APP.openapi(), config=config)
+    loaded.app = _without_lifespan
+    return loaded
+
+
+fast_schema = _schema(coverage=False)
+deep_schema = _schema(coverage=True)
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    """APP's state with the engine loaded and its worker running; shut down at the end."""
+    model_dir = write_tiny_llama(tmp_path_factory.mktemp("tiny"))
+    add_chat_template(model_dir)
+    _MODEL_DIR.append(model_dir)
+    state = APP.state.headwise
+    asyncio.run(state.load())
+    assert state.ready, state.load_error
+    yield state
+    asyncio.run(state.shutdown())
+
+
+def assert_engine_clean(state) -> None:
+    """Every block back and nothing in flight once the response is out (aborts of a closed
+    request reach the engine worker a step later, hence the short wait)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = state.engine.stats()
+        if stats.num_free_blocks == stats.num_blocks and state.async_engine.num_unfinished == 0:
+            break
+        time.sleep(0.01)
+    assert stats.num_free_blocks == stats.num_blocks, stats
+    assert state.admission.in_flight == 0
+    assert state.ready
+
+
+@fast_schema.parametrize()
+@settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+def test_every_generated_request_gets_a_documented_2xx_or_4xx(case, running):
+    case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
+    assert_engine_clean(running)
+
+
+@pytest.mark.slow
+@deep_schema.parametrize()
+@settings(max_examples=DEEP_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_generated_request_gets_a_documented_2xx_or_4xx_deep(case, running):
+    case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
+    assert_engine_clean(running)
