@@ -157,12 +157,7 @@ class LLMEngine:
         name = plan or self.default_plan
         if name not in self.plans:
             raise UnknownPlan(f"plan {name!r} is not loaded (loaded: {', '.join(self.plans)})", "kv_plan")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise PromptTooLong(
-                f"This model's maximum context length is {self.max_model_len} tokens; you requested "
-                f"{total} tokens ({len(prompt_token_ids)} in the prompt, {params.max_tokens} for the "
-                "completion). Please reduce the prompt or max_tokens.", "max_tokens")
+        self.check_context(len(prompt_token_ids), params.max_tokens)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
         seq = Sequence(request_id, list(prompt_token_ids), params, self.plans[name],
                        torch.Generator().manual_seed(seed))
@@ -178,6 +173,16 @@ class LLMEngine:
                                 "shorten the prompt or max_tokens, or start with a larger --kv-cache-mb", "prompt")
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def check_context(self, prompt_len: int, max_tokens: int) -> None:
+        """PromptTooLong unless the prompt and the completion fit in max_model_len; the
+        server calls it too, before a huge prompt travels to the engine thread."""
+        total = prompt_len + max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLong(
+                f"This model's maximum context length is {self.max_model_len} tokens; you requested "
+                f"{total} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). Please "
+                "reduce the prompt or max_tokens.", "max_tokens")
 
     def abort_request(self, request_id: str) -> None:
         seq = self.scheduler.abort(request_id)

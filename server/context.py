@@ -44,6 +44,10 @@ class RequestContext:
         log.debug("%s: X-Request-Id %s", self.id, request.state.request_id)
 
     def group(self, jobs: list[Job]) -> GenerationGroup:
+        for job in jobs:
+            # the engine checks this too; checked here, an over-long prompt (a 4 MB one is a
+            # million tokens) never travels to the engine thread, whose passes over it hold the GIL
+            self.engine.check_context(len(job.prompt_ids), job.params.max_tokens)
         return GenerationGroup(self.async_engine, jobs, self.body.kv_plan, self.state.metrics,
                                self.state.admission)
 
