@@ -2,7 +2,7 @@
 /health latency while a large body is refused (or tokenized) and while streams run, and
 a SIGTERM drain with streams that outlive --drain-timeout.
 
-    python -m headwise.loadtest.reliability big-body --body-mb 5
+    python -m headwise.loadtest.reliability big-body --body-mb 5 --repeat 20
     python -m headwise.loadtest.reliability streams --streams 32 --max-tokens 64
     python -m headwise.loadtest.reliability drain --streams 4 --max-tokens 200 --drain-timeout 5
 
@@ -74,8 +74,10 @@ class HealthProbe(threading.Thread):
             self.samples.append((started, status, time.monotonic() - started))
             time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
-    def latencies_ms(self, start: float = 0.0, end: float = float("inf")) -> list[float]:
-        return sorted(1000 * lat for t, status, lat in self.samples if start <= t <= end and status is not None)
+    def latencies_ms(self, windows: list[tuple[float, float]] | None = None) -> list[float]:
+        """Latencies of answered probes that started inside one of `windows` (default: all)."""
+        return sorted(1000 * lat for t, status, lat in self.samples
+                      if status is not None and (windows is None or any(a <= t <= b for a, b in windows)))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -120,24 +122,26 @@ class Stream(threading.Thread):
         return None
 
 
-def probe_big_body(url: str, body_mb: float) -> None:
+def probe_big_body(url: str, body_mb: float, repeat: int) -> None:
     probe = HealthProbe(url)
     probe.start()
     time.sleep(2.0)
     prompt = "word " * int(body_mb * 2**20 / 5)
     content = json.dumps({"prompt": prompt, "max_tokens": 1}).encode()
-    started = time.monotonic()
-    response = httpx.post(url + "/v1/completions", content=content,
-                          headers={"Content-Type": "application/json"}, timeout=600)
-    elapsed = time.monotonic() - started
+    windows, outcomes = [], []
+    for _ in range(repeat):
+        started = time.monotonic()
+        response = httpx.post(url + "/v1/completions", content=content,
+                              headers={"Content-Type": "application/json"}, timeout=600)
+        windows.append((started, time.monotonic()))
+        outcomes.append(f"{response.status_code} {response.json().get('error', {}).get('code')}")
     time.sleep(2.0)
     probe.stop.set()
     probe.join()
-    code = response.json().get("error", {}).get("code")
-    during = probe.latencies_ms(started, started + elapsed)
-    print(f"big-body: {len(content) / 2**20:.2f} MiB body -> HTTP {response.status_code} ({code}) in "
-          f"{1000 * elapsed:.0f} ms; /health during the request: {describe(during)}; "
-          f"whole run: {describe(probe.latencies_ms())}")
+    took = sorted(1000 * (b - a) for a, b in windows)
+    print(f"big-body: {repeat} x {len(content) / 2**20:.2f} MiB body -> {sorted(set(outcomes))}, answered in "
+          f"p50 {percentile(took, 0.5):.0f} ms / max {took[-1]:.0f} ms; /health while they were sent: "
+          f"{describe(probe.latencies_ms(windows))}; whole run: {describe(probe.latencies_ms())}")
 
 
 def probe_streams(url: str, streams: int, max_tokens: int) -> None:
@@ -156,7 +160,7 @@ def probe_streams(url: str, streams: int, max_tokens: int) -> None:
     probe.join()
     done = sum(s.events[-1:] == ["[DONE]"] for s in running)
     print(f"streams: {streams} streams of {max_tokens} tokens in {ended - started:.1f} s, {done} ended with "
-          f"[DONE]; /health while they ran: {describe(probe.latencies_ms(started, ended))}")
+          f"[DONE]; /health while they ran: {describe(probe.latencies_ms([(started, ended)]))}")
 
 
 def probe_drain(url: str, proc: subprocess.Popen, streams: int, max_tokens: int) -> None:
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reliability", description=__doc__.split("\n\n")[0])
     parser.add_argument("probe", choices=["big-body", "streams", "drain"])
     parser.add_argument("--body-mb", type=float, default=5.0)
+    parser.add_argument("--repeat", type=int, default=20, help="big-body: how many times the body is sent")
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--drain-timeout", type=float, default=5.0)
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     proc, url = start_server(serve_args)
     try:
         if args.probe == "big-body":
-            probe_big_body(url, args.body_mb)
+            probe_big_body(url, args.body_mb, args.repeat)
         elif args.probe == "streams":
             probe_streams(url, args.streams, args.max_tokens)
         else:

@@ -107,8 +107,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error(exc).response()
 
+    # engine errors get their own handlers: the catch-all below runs in Starlette's
+    # outermost middleware, which re-raises after answering (a second traceback in the log)
     @app.exception_handler(InvalidRequest)
-    async def _engine_invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
+    @app.exception_handler(RequestFailed)
+    @app.exception_handler(EngineDead)
+    async def _engine(request: Request, exc: Exception) -> JSONResponse:
         return api_error(exc).response()
 
     @app.exception_handler(HTTPException)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import pytest
 import schemathesis
@@ -31,6 +32,7 @@ REQUEST_TIMEOUT_S = 120  # a 2-core machine shared with other jobs can be slow; 
 
 
 _MODEL_DIR: list[str] = []  # filled by the `running` fixture before the app loads its engine
+SEEN: Counter[tuple[str, int]] = Counter()  # (operation, status) of every generated request
 
 
 def _load_tiny() -> LLMEngine:
@@ -75,6 +77,10 @@ def running(tmp_path_factory):
     assert state.ready, state.load_error
     yield state
     asyncio.run(state.shutdown())
+    # the one-line summary per operation (shown with -s): how many requests, which statuses
+    for label in sorted({label for label, _ in SEEN}):
+        statuses = {status: n for (op, status), n in sorted(SEEN.items()) if op == label}
+        print(f"fuzz: {label}: {sum(statuses.values())} requests, statuses {statuses}")
 
 
 def assert_engine_clean(state) -> None:
@@ -95,7 +101,8 @@ def assert_engine_clean(state) -> None:
 @settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_every_generated_request_gets_a_documented_2xx_or_4xx(case, running):
-    case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
+    response = case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
+    SEEN[case.operation.label, response.status_code] += 1
     assert_engine_clean(running)
 
 
@@ -103,5 +110,6 @@ def test_every_generated_request_gets_a_documented_2xx_or_4xx(case, running):
 @deep_schema.parametrize()
 @settings(max_examples=DEEP_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_generated_request_gets_a_documented_2xx_or_4xx_deep(case, running):
-    case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
+    response = case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
+    SEEN[case.operation.label, response.status_code] += 1
     assert_engine_clean(running)

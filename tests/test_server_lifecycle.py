@@ -1,5 +1,6 @@
-"""The server's end of life: SIGTERM drains (health 503 at once, streams past
---drain-timeout end with finish_reason "abort" and [DONE], exit 0), and an engine fault
+"""Faults and the server's end of life: a request that breaks inside the engine fails
+alone (500, or an error event and [DONE]); SIGTERM drains (health 503 at once, streams
+past --drain-timeout end with finish_reason "abort" and [DONE], exit 0); an engine fault
 that no request can be blamed for fails what is in flight, turns /health to 503 and makes
 `headwise serve` exit with status 1."""
 
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from headwise.engine.config import EngineConfig
+from headwise.engine.detokenizer import Detokenizer
 from headwise.engine.llm_engine import LLMEngine
 from headwise.server.background import BackgroundServer
 from headwise.server.settings import ServerSettings
@@ -171,3 +173,39 @@ def test_a_dead_engine_turns_health_to_503_and_refuses_new_requests(tiny, monkey
         assert (status, body["status"]) == (503, "dead") and "device lost" in body["message"]
         refused = httpx.post(server.url + "/v1/completions", json={"prompt": "w1", "max_tokens": 2})
         assert (refused.status_code, refused.json()["error"]["code"]) == (503, "engine_dead")
+
+
+def test_a_request_that_breaks_in_the_engine_gets_500_and_the_others_go_on(tiny, monkeypatch):
+    real_update = Detokenizer.update
+
+    def update(self, seq):
+        # at the second token: the stream has begun, so it must end with an error event
+        if seq.prompt_token_ids[0] == POISON_TOKEN and len(seq.output_token_ids) == 2:
+            raise ValueError("planted: this request's detokenization breaks")
+        return real_update(self, seq)
+
+    monkeypatch.setattr(Detokenizer, "update", update)
+    config = EngineConfig(model=tiny, kv_cache_mb=8, max_model_len=64)
+    normal = {"prompt": "w1 w2 w3", "max_tokens": 6, "temperature": 0}
+    with BackgroundServer(ServerSettings(port=0), lambda: LLMEngine(config)) as server:
+        usual = httpx.post(server.url + "/v1/completions", json=normal).json()["choices"][0]["text"]
+        beside = Stream(server.url, {"prompt": "w4 w5", "max_tokens": 30, "temperature": 0, "ignore_eos": True})
+        beside.start()
+        assert beside.started.wait(60)
+        broken = httpx.post(server.url + "/v1/completions", json={"prompt": [POISON_TOKEN, 1], "max_tokens": 4},
+                            timeout=60)
+        assert broken.status_code == 500
+        error = broken.json()["error"]
+        assert (error["code"], error["type"]) == ("request_failed", "server_error")
+        assert "planted: this request's detokenization breaks" in error["message"]
+        stream = Stream(server.url, {"prompt": [POISON_TOKEN, 2], "max_tokens": 4})
+        stream.run()
+        assert stream.error is None and stream.events[-1] == "[DONE]"
+        assert json.loads(stream.events[0])["choices"][0]["text"]  # the first token went out
+        assert stream.last_payload()["error"]["code"] == "request_failed"
+        beside.join(timeout=60)
+        assert beside.last_payload()["choices"][0]["finish_reason"] == "length"
+        assert health(server.url) == (200, {"status": "ok"})
+        assert httpx.post(server.url + "/v1/completions", json=normal).json()["choices"][0]["text"] == usual
+        stats = server.state.engine.stats()
+        assert stats.num_free_blocks == stats.num_blocks
