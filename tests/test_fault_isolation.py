@@ -158,7 +158,7 @@ def test_a_fault_in_the_forward_pass_kills_the_engine_and_fails_every_stream(mak
     a = AsyncEngine(eng, on_death=deaths.append)
     calls = []
 
-    def execute(scheduled, capture_window):
+    def execute(scheduled, *rest):
         calls.append(len(scheduled))
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 

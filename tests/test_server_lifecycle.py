@@ -34,10 +34,10 @@ FAULTY_SERVE = f"""
 import sys
 from headwise.engine.model_runner import ModelRunner
 real_execute = ModelRunner.execute
-def execute(self, scheduled, capture_window):
+def execute(self, scheduled, *rest):
     if any(seq.prompt_token_ids[0] == {POISON_TOKEN} for seq, _ in scheduled):
         raise RuntimeError("planted: an illegal memory access was encountered")
-    return real_execute(self, scheduled, capture_window)
+    return real_execute(self, scheduled, *rest)
 ModelRunner.execute = execute
 from headwise.clients.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -163,7 +163,7 @@ def test_a_dead_engine_turns_health_to_503_and_refuses_new_requests(tiny, monkey
         ok = httpx.post(server.url + "/v1/completions", json={"prompt": "w1", "max_tokens": 2})
         assert ok.status_code == 200
 
-        def execute(scheduled, capture_window):
+        def execute(scheduled, *rest):
             raise RuntimeError("planted: device lost")
 
         monkeypatch.setattr(server.state.engine.runner, "execute", execute)
