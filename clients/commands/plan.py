@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Callable
 
 from headwise.clients.cli import CliError
+from headwise.engine.config import DTYPES
 from headwise.kvcache import plan_import
 from headwise.kvcache.plan_build import (dynamic_full_count, dynamic_plan, select_plan,
                                          head_capacities, kv_ratio, layer_kv_bytes,
@@ -17,6 +18,8 @@ from headwise.kvcache.plans import ModelShape, Plan, full_plan, load_plan, save_
 _LETTER = {"full": "F", "window": "W", "elastic": "E", "select": "S"}
 # The context `plan streaming/import/ratio` quote their KV ratio at; `show --context` picks any.
 SUMMARY_CONTEXT = 4096
+# bytes per K/V element of each engine dtype, so `plan show` counts what `eval` reports
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def add_parser(subparsers) -> None:
@@ -47,7 +50,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("plan", help="plan JSON")
     p.add_argument("--context", type=int, default=SUMMARY_CONTEXT, help="tokens per request (prompt + new)")
     p.add_argument("--prompt", type=int, help="prompt tokens, for elastic heads (default: --context)")
-    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per K/V element (2: fp16/bf16)")
+    dtype = p.add_mutually_exclusive_group()
+    # no argparse default: with one, `--dtype float32 --dtype-bytes 2` would not conflict
+    dtype.add_argument("--dtype", choices=DTYPES,
+                       help="the engine's dtype, whose element size the bytes count (default float32, the "
+                       "engine's CPU default)")
+    dtype.add_argument("--dtype-bytes", type=int, help="bytes per K/V element (instead of --dtype)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--png", help="also draw a layers x kv heads map of slots per head")
     p.set_defaults(func=_user_errors(_show))
@@ -153,17 +161,20 @@ def _write(plan: Plan, out: str) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    if args.context < 1 or args.block_size < 1 or args.dtype_bytes < 1:
+    if args.context < 1 or args.block_size < 1 or (args.dtype_bytes is not None and args.dtype_bytes < 1):
         raise CliError("--context, --block-size and --dtype-bytes must be >= 1")
+    dtype = args.dtype or "float32"
+    elem, elem_name = ((args.dtype_bytes, "") if args.dtype_bytes is not None
+                       else (DTYPE_BYTES[dtype], f"{dtype}, "))
     plan = load_plan(args.plan)
     m, heads = plan.model, static_heads(plan)
     caps = head_capacities(plan, args.context, args.prompt)
-    sizes = (args.context, args.prompt, args.dtype_bytes, args.block_size)
+    sizes = (args.context, args.prompt, elem, args.block_size)
     used, full = layer_kv_bytes(plan, *sizes), layer_kv_bytes(full_plan(m), *sizes)
     print(f"plan {plan.name!r}: model {m.id or '?'} ({m.layers} layers x {m.kv_heads} kv heads, "
           f"{m.heads} heads, head_dim {m.head_dim}), source {plan.source.get('method', '?')}")
     print(f"context {args.context} (prompt {args.prompt or args.context}), block {args.block_size}, "
-          f"{args.dtype_bytes} bytes/element; F full, W window, E elastic, S select")
+          f"{elem_name}{elem} bytes/element; F full, W window, E elastic, S select")
     if plan.dynamic:
         k, rest = dynamic_full_count(plan.dynamic.ratio, m.kv_heads), plan.dynamic.rest
         print(f"dynamic: per request the {k} of {m.kv_heads} kv heads of each layer farthest from its "
