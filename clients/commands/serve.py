@@ -42,7 +42,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    # plan files are checked before the server (FastAPI, torch) is even imported
+    # plan files are checked before the server is imported and long before the model loads
     config = engine_config_from_args(args)
     from headwise.server.serve import serve
 
