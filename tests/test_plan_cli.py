@@ -69,10 +69,11 @@ def test_show_prints_layer_table_total_and_png(tmp_path, model, capsys):
     lines = stdout.splitlines()
     assert lines[0] == "plan 'duo-25': model tiny (4 layers x 2 kv heads, 4 heads, head_dim 16), source duo"
     assert lines[1].startswith("context 1024 (prompt 1024), block 16, float32, 4 bytes/element; ")
-    assert lines[3].split() == ["0", "F", "W", "1x1024", "1x64", "136.0", "KiB", "256.0", "KiB", "0.531"]
+    assert lines[3].split() == ["0", "F", "W", "1x1024", "1x64", "138.0", "KiB", "256.0", "KiB", "0.539"]
     assert lines[5].split()[:3] == ["2", "W", "W"]
-    # (2 full heads x 1024 slots + 6 window heads x 64 slots) x 128 bytes (K + V, 16 fp32), of 8 x 1024 slots
-    assert lines[7] == "total: 2 of 8 kv heads full, KV 304.0 KiB of 1.0 MiB full per request = 0.297x at 1024 tokens"
+    # blocks the engine holds: 2 full heads x 64 + 6 window heads x 5 (the sink block and the 4 blocks
+    # the 60-token window overlaps), x 16 slots x 128 bytes (K + V, 16 fp32), of 8 x 64 blocks
+    assert lines[7] == "total: 2 of 8 kv heads full, KV 316.0 KiB of 1.0 MiB full per request = 0.309x at 1024 tokens"
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -86,7 +87,7 @@ def test_show_counts_the_bytes_of_another_dtype(tmp_path, model, capsys, flags, 
     rc, stdout, _ = run(capsys, "show", str(plan), "--context", "1024", *flags)
     lines = stdout.splitlines()
     assert rc == 0 and f"block 16, {element} bytes/element; " in lines[1]
-    assert lines[7] == "total: 2 of 8 kv heads full, KV 152.0 KiB of 512.0 KiB full per request = 0.297x at 1024 tokens"
+    assert lines[7] == "total: 2 of 8 kv heads full, KV 158.0 KiB of 512.0 KiB full per request = 0.309x at 1024 tokens"
 
 
 def test_show_takes_a_dtype_or_an_element_size_not_both(tmp_path, capsys):
@@ -140,6 +141,7 @@ def test_ratio_rethresholds_saved_scores(tmp_path, model, capsys):
      "sink: must be an integer >= 0, got -1"),
     (["ratio", "{tmp}/s.json", "--ratio", "0.5", "--out", "{tmp}/o.json"],
      "plan 'streaming-64-256' has no scores to re-threshold (it was not built from scores)"),
+    (["show", "{tmp}/s.json", "--context", "10", "--prompt", "20"], "--prompt must be in [1, --context 10], got 20"),
 ])
 def test_bad_input_is_one_line_error_with_exit_2(tmp_path, model, capsys, argv, error):
     (tmp_path / "bad.json").write_text("{nope")

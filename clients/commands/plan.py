@@ -10,9 +10,9 @@ from typing import Callable
 from headwise.clients.cli import CliError
 from headwise.engine.config import DTYPES
 from headwise.kvcache import plan_import
-from headwise.kvcache.plan_build import (dynamic_full_count, dynamic_plan, select_plan,
-                                         head_capacities, kv_ratio, layer_kv_bytes,
-                                         ratio_plan_name, rethreshold, static_heads, streaming_plan)
+from headwise.kvcache.plan_build import (decode_head_blocks, dynamic_full_count, dynamic_plan, head_capacities,
+                                         kv_ratio, ratio_plan_name, rethreshold, select_plan, static_heads,
+                                         streaming_plan)
 from headwise.kvcache.plans import ModelShape, Plan, full_plan, load_plan, save_plan
 
 _LETTER = {"full": "F", "window": "W", "elastic": "E", "select": "S"}
@@ -46,7 +46,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--name", help="plan name (default dynamic-PERCENT)")
     p.set_defaults(func=_user_errors(_dynamic))
 
-    p = sub.add_parser("show", help="per-layer kinds, slots and KV bytes of a plan")
+    p = sub.add_parser("show", help="per-layer kinds, slots and KV bytes of a plan (the blocks the engine "
+                       "holds once the prompt is processed)")
     p.add_argument("plan", help="plan JSON")
     p.add_argument("--context", type=int, default=SUMMARY_CONTEXT, help="tokens per request (prompt + new)")
     p.add_argument("--prompt", type=int, help="prompt tokens, for elastic heads (default: --context)")
@@ -166,11 +167,16 @@ def _show(args: argparse.Namespace) -> int:
     dtype = args.dtype or "float32"
     elem, elem_name = ((args.dtype_bytes, "") if args.dtype_bytes is not None
                        else (DTYPE_BYTES[dtype], f"{dtype}, "))
+    prompt = args.context if args.prompt is None else args.prompt
+    if not 1 <= prompt <= args.context:
+        raise CliError(f"--prompt must be in [1, --context {args.context}], got {prompt}")
     plan = load_plan(args.plan)
     m, heads = plan.model, static_heads(plan)
     caps = head_capacities(plan, args.context, args.prompt)
-    sizes = (args.context, args.prompt, elem, args.block_size)
-    used, full = layer_kv_bytes(plan, *sizes), layer_kv_bytes(full_plan(m), *sizes)
+    # the blocks the engine holds at the request's decode peak, in the engine's block bytes
+    block_bytes = 2 * args.block_size * m.head_dim * elem
+    used, full = ((decode_head_blocks(p, prompt, args.context - prompt, args.block_size).sum(axis=1)
+                   * block_bytes).tolist() for p in (plan, full_plan(m)))
     print(f"plan {plan.name!r}: model {m.id or '?'} ({m.layers} layers x {m.kv_heads} kv heads, "
           f"{m.heads} heads, head_dim {m.head_dim}), source {plan.source.get('method', '?')}")
     print(f"context {args.context} (prompt {args.prompt or args.context}), block {args.block_size}, "
