@@ -13,7 +13,7 @@ from headwise.clients.engine_args import engine_config_from_args
 from headwise.kvcache.shipped_plans import shipped_plans
 
 SHIPPED = ["duo-10", "retrieval-20", "streaming"]
-ENGINE_COMMANDS = [["serve"], ["generate", "--prompt", "hi"], ["eval"], ["bench", "offline"]]
+ENGINE_COMMANDS = [["serve"], ["generate", "--prompt", "hi"], ["eval"], ["bench", "offline"], ["bench", "latency"]]
 
 
 def _parsers(parser: argparse.ArgumentParser):
@@ -55,7 +55,7 @@ def no_weights(monkeypatch):
         raise AssertionError("the model was loaded before the plan files were checked")
 
     for target in ("headwise.engine.llm_engine.LLMEngine", "headwise.server.serve.serve",
-                   "headwise.engine.loader.resolve_model_dir", "headwise.engine.loader.load_state_dict"):
+                   "headwise.engine.loader.resolve_model_dir", "headwise.engine.loader.read_safetensors"):
         monkeypatch.setattr(target, refuse)
 
 
