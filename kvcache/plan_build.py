@@ -205,30 +205,32 @@ def _replay(plan: Plan, prompt_len: int, max_tokens: int, block_size: int, chunk
     what left their window, `[L, Hkv, steps]` each."""
     ctx = prompt_len + max_tokens
     cdiv = lambda a: -(-a // block_size)  # noqa: E731
-    ends = [*range(min(chunk, prompt_len), prompt_len, chunk), prompt_len, *range(prompt_len + 1, ctx)]
+    ends = np.array([*range(min(chunk, prompt_len), prompt_len, chunk), prompt_len, *range(prompt_len + 1, ctx)])
+    prev = np.concatenate([[0], ends[:-1]])
+    last_prompt = int(np.nonzero(ends == prompt_len)[0][0])
     heads = static_heads(plan)
+    rest = plan.dynamic.rest if plan.dynamic is not None else None
+    per_spec: dict = {}  # one vectorised replay per distinct head spec, shared by its heads
     grown = np.zeros((plan.model.layers, plan.model.kv_heads, len(ends)), dtype=np.int64)
     after = np.zeros_like(grown)
     for l, row in enumerate(heads):
         for h, spec in enumerate(row):
-            b = resolve_budget(spec, prompt_len, ctx)
-            for i, e in enumerate(ends):
-                if spec.kind == "window" or spec.kind == "elastic":
-                    grown[l, h, i] = window_blocks(b.sink, b.recent, ends[i - 1] if i else 0, e, block_size)
-                    after[l, h, i] = window_blocks(b.sink, b.recent, e, e, block_size)
-                elif spec.kind == "select" and e >= prompt_len:
+            if spec not in per_spec:
+                b = resolve_budget(spec, prompt_len, ctx)
+                if spec.kind in ("window", "elastic"):
+                    g, a = window_blocks(b.sink, b.recent, prev, ends, block_size), window_blocks(
+                        b.sink, b.recent, ends, ends, block_size)
+                elif spec.kind == "select":
                     n = cdiv(compacted_capacity(b, prompt_len, ctx))
-                    grown[l, h, i] = n if e > prompt_len else cdiv(prompt_len)
-                    after[l, h, i] = n
+                    g = np.where(ends < prompt_len, cdiv(ends), np.where(ends > prompt_len, n, cdiv(prompt_len)))
+                    a = np.where(ends < prompt_len, cdiv(ends), n)
                 else:
-                    grown[l, h, i] = cdiv(e)
-                    after[l, h, i] = cdiv(e)
-    if prefix_caching:
-        # every pending head gets its reserve (a dynamic plan's, too: which stay full is per request)
-        rest = plan.dynamic.rest if plan.dynamic is not None else None
-        for l, row in enumerate(heads):
-            for h, spec in enumerate(row):
-                if rest is not None or spec.kind == "select":
-                    b = resolve_budget(rest or spec, prompt_len, ctx)
-                    grown[l, h, ends.index(prompt_len)] += cdiv(compacted_capacity(b, prompt_len, ctx))
-    return np.array(ends), grown, after
+                    g = a = cdiv(ends)
+                g = np.array(g, dtype=np.int64)
+                if prefix_caching and (rest is not None or spec.kind == "select"):
+                    # every pending head gets its reserve (a dynamic plan's too: which stay full is per request)
+                    g[last_prompt] += cdiv(compacted_capacity(resolve_budget(rest or spec, prompt_len, ctx),
+                                                              prompt_len, ctx))
+                per_spec[spec] = (g, a)
+            grown[l, h], after[l, h] = per_spec[spec]
+    return ends, grown, after
