@@ -59,6 +59,8 @@ def add_parser(subparsers) -> None:
     dtype.add_argument("--dtype-bytes", type=int, help="bytes per K/V element (instead of --dtype)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--png", help="also draw a layers x kv heads map of slots per head")
+    p.add_argument("--tp", type=int, default=1,
+                   help="also print each tensor-parallel rank's KV bytes, head-balanced and contiguous")
     p.set_defaults(func=_user_errors(_show))
 
     p = sub.add_parser("import", help="a plan from DuoAttention, Retrieval-Head or MoA head files")
@@ -197,10 +199,30 @@ def _show(args: argparse.Namespace) -> int:
     ratio = sum(used) / sum(full)
     print(f"total: {n_full} of {m.layers * m.kv_heads} kv heads full, KV {_fmt_bytes(sum(used))} of "
           f"{_fmt_bytes(sum(full))} full per request = {ratio:.3f}x at {args.context} tokens")
+    if args.tp > 1:
+        _show_ranks(plan, args.tp, args.context, args.block_size,
+                    decode_head_blocks(plan, prompt, args.context - prompt, args.block_size), block_bytes)
     if args.png:
         _draw_map(plan, heads, caps, args.context, ratio, args.png)
         print(f"wrote {args.png}")
     return 0
+
+
+def _show_ranks(plan: Plan, ranks: int, context: int, block_size: int, head_blocks, block_bytes: int) -> None:
+    """Per-rank KV bytes of one request under head-balanced (as the engine shards for its
+    default plan) and contiguous sharding."""
+    from headwise.kvcache.sharding import ShardingError, balanced, contiguous, imbalance
+
+    try:
+        shardings = {"balanced": balanced(plan, ranks, context, block_size),
+                     "contiguous": contiguous(plan.model, ranks)}
+    except ShardingError as e:
+        raise CliError(str(e)) from None
+    for name, s in shardings.items():
+        per_rank = [int(sum(head_blocks[l][h] for l, row in enumerate(s.heads_of(r)) for h in row)) * block_bytes
+                    for r in range(ranks)]
+        print(f"tp {ranks} {name}: " + ", ".join(f"rank {r} {_fmt_bytes(b)}" for r, b in enumerate(per_rank))
+              + f"; largest / mean {imbalance(per_rank):.3f}")
 
 
 def _draw_map(plan: Plan, heads: list, caps: list[list[int]], context: int, ratio: float, path: str) -> None:
