@@ -22,8 +22,27 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """Every `headwise` parser and subparser (`add_subparsers` builds its own type): no
+    abbreviated flags, so `--max-token 5` is an error rather than `--max-tokens 5`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        # the innermost subcommand's default wins, so after parsing this names the parser
+        # whose usage line an unknown flag should be reported with
+        self.set_defaults(_usage_parser=self)
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        ns, extras = self.parse_known_args(args, namespace)
+        usage_parser = vars(ns).pop("_usage_parser", self)
+        if extras:
+            usage_parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="headwise", description="LLM serving with a head-aware KV cache")
+    parser = Parser(prog="headwise", description="LLM serving with a head-aware KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMANDS:
         try:

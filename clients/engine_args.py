@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
+from headwise.clients.cli import CliError
 from headwise.engine.config import DTYPES, LOAD_FORMATS, EngineConfig
+from headwise.kvcache.plans import PlanError, load_plan
+from headwise.kvcache.shipped_plans import shipped_plans
+
+# engine.loader.DEFAULT_MODEL; importing the loader would pull torch into `headwise --help`
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def env_default(flag: str, default=None, cast=str):
@@ -37,7 +43,7 @@ def parse_plan_arg(value: str) -> tuple[str, str]:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=env_default("--model", "smollm2-135m"),
+    g.add_argument("--model", default=env_default("--model", DEFAULT_MODEL),
                    help="smollm2-135m, a .gguf file or a Hugging Face model directory")
     g.add_argument("--dtype", choices=DTYPES, default=env_default("--dtype", "float32"))
     g.add_argument("--device", default=env_default("--device", "cpu"))
@@ -54,7 +60,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=env_default("--max-model-len", None, int))
     env_plans = [parse_plan_arg(p) for p in (env_default("--plan", "") or "").split(",") if p]
     g.add_argument("--plan", action="append", type=parse_plan_arg, default=env_plans or None,
-                   metavar="NAME=PATH", help="load a compression plan (repeatable); 'full' always exists")
+                   metavar="NAME=PATH", help="load a compression plan (repeatable); 'full' always exists; "
+                   "a NAME of a shipped plan replaces it")
+    shipped = ", ".join(shipped_plans(DEFAULT_MODEL)) or "none"
+    g.add_argument("--no-shipped-plans", dest="shipped_plans", action="store_false",
+                   default=not env_default("--no-shipped-plans", False, _flag),
+                   help=f"do not load the plans shipped for --model {DEFAULT_MODEL} ({shipped})")
     g.add_argument("--default-plan", default=env_default("--default-plan", "full"))
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=env_default("--enable-prefix-caching", True, _flag),
@@ -66,8 +77,32 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="run decode steps eagerly instead of replaying CUDA graphs")
 
 
+def plans_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """The model's shipped plans (unless --no-shipped-plans), then each --plan NAME=PATH,
+    every file read and checked now: a bad one is a one-line error before weights load."""
+    plans = shipped_plans(args.model) if args.shipped_plans else {}
+    plans.update(dict(args.plan or []))
+    for name, path in plans.items():
+        check_plan_file(name, path)
+    if args.default_plan != "full" and args.default_plan not in plans:
+        raise CliError(f"--default-plan {args.default_plan!r} is not loaded (loaded: "
+                       f"{', '.join(['full', *plans])})")
+    return plans
+
+
+def check_plan_file(name: str, path: str) -> None:
+    """Refuse a plan file that is missing, unreadable or malformed; whether it fits the
+    model's shape is checked when the model's config is read."""
+    try:
+        load_plan(path)
+    except PlanError as e:  # its message starts with the path
+        raise CliError(f"plan {name!r}: {e}") from None
+    except OSError as e:
+        raise CliError(f"plan {name!r}: {path}: {e.strerror or e}") from None
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    plans = dict(args.plan or [])
+    plans = plans_from_args(args)
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
                         block_size=args.block_size, kv_cache_mb=args.kv_cache_mb, num_blocks=args.num_blocks,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -165,8 +165,9 @@ class LLMEngine:
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         parts = rank_plans(seq.plan, self.sharding) if self.sharding.ranks > 1 else [seq.plan]
+        # the least this request can run with (select heads compacting in place)
         need = max(request_blocks(part, seq.num_prompt_tokens, params.max_tokens, self.kv_manager.block_size,
-                                  self.config.max_num_batched_tokens, self.config.enable_prefix_caching)[0]
+                                  self.config.max_num_batched_tokens, prefix_caching=False)[0]
                    for part in parts)
         if need > self.kv_manager.num_blocks:
             raise PromptTooLong(f"the request needs {need} KV blocks but the pool has {self.kv_manager.num_blocks}; "

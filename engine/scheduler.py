@@ -59,25 +59,27 @@ class Scheduler:
             if seq.status != Status.RUNNING or budget == 0:
                 continue
             n = self._chunk(seq, budget)
-            while not self.kv_manager.can_grow(seq.tables, seq.num_computed_tokens + n, self._compaction(seq, n)):
+            end = seq.num_computed_tokens + n
+            comp = self._compaction(seq, n, lambda r: self.kv_manager.can_grow(seq.tables, end, r))
+            while not self.kv_manager.can_grow(seq.tables, end, comp):
                 victim = max((s for s in self.running if s.status == Status.RUNNING), key=lambda s: s.arrival_time)
                 budget += self._preempt(victim, out)
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:
                 continue
-            self._grow(seq, n)
+            self.kv_manager.grow(seq.tables, end, comp)
             out.scheduled.append((seq, n))
             budget -= n
         self.running = [s for s in self.running if s.status == Status.RUNNING]
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                n = self._admit(seq, budget)
+                n, comp = self._admit(seq, budget)
                 if not n:
                     break
                 self.waiting.popleft()
-                self._grow(seq, n)
+                self.kv_manager.grow(seq.tables, seq.num_computed_tokens + n, comp)
                 self.running.append(seq)
                 out.scheduled.append((seq, n))
                 budget -= n
@@ -95,33 +97,47 @@ class Scheduler:
                 n = min(n, left)
         return n
 
-    def _compaction(self, seq: Sequence, n: int) -> int:
-        """Blocks the step that ends the prompt sets aside for the select heads' compaction."""
-        if seq.needs_selection() and seq.num_computed_tokens + n == seq.num_prompt_tokens:
-            return self.kv_manager.compaction_blocks(seq.tables, seq.num_prompt_tokens)
-        return 0
+    def _compaction(self, seq: Sequence, n: int, fits, may_seal: bool = True):
+        """Blocks the step that ends the prompt sets aside for the select heads' compaction.
+        With the prefix cache, new blocks for their whole layout when `fits` them (the prompt
+        blocks stay cached); otherwise they compact in place into the prompt's last blocks,
+        when this request alone holds them, and only what those lack is set aside."""
+        if not (seq.needs_selection() and seq.num_computed_tokens + n == seq.num_prompt_tokens):
+            return 0
+        p, kv = seq.num_prompt_tokens, self.kv_manager
+        if kv.prefix_cache is not None:
+            fresh = kv.compaction_blocks(seq.tables, p, in_place=False)
+            if fits(fresh) or not may_seal or not kv.seal_for_compaction(seq.tables, p):
+                return fresh
+        else:
+            seq.tables.compact_in_place = True
+        return kv.compaction_blocks(seq.tables, p, in_place=True)
 
-    def _grow(self, seq: Sequence, n: int) -> None:
-        self.kv_manager.grow(seq.tables, seq.num_computed_tokens + n, self._compaction(seq, n))
-
-    def _admit(self, seq: Sequence, budget: int) -> int:
-        """Admit `seq` if it fits; returns its first chunk's token count (0: not admitted)."""
+    def _admit(self, seq: Sequence, budget: int) -> tuple[int, np.ndarray | int]:
+        """Admit `seq` if it fits; returns its first chunk's token count (0: not admitted)
+        and that chunk's compaction reserve."""
         budgets, pending = self.budget_fn(seq)
         tables = self.kv_manager.new_tables(budgets, pending, seq.context_len)
         if tables is None:
-            return 0
+            return 0, 0
         hashes = self.prefix_fn(seq) if self.prefix_fn is not None else []
         k, cached = self.kv_manager.match_prefix(tables, hashes)
         taken = tables.adopt_prefix(k, cached) if k else np.zeros(0, dtype=np.int32)
         seq.tables = tables
         seq.num_computed_tokens = k * self.kv_manager.block_size
         n = self._chunk(seq, budget)
-        if not self.kv_manager.can_admit(tables, seq.num_tokens, seq.num_computed_tokens + n, taken,
-                                         self._compaction(seq, n)):
+        end = seq.num_computed_tokens + n
+
+        def fits(reserve) -> bool:
+            return self.kv_manager.can_admit(tables, seq.num_tokens, end, taken, reserve)
+
+        # a hit's blocks are not this request's yet: compacting in place needs a prompt of its own
+        comp = self._compaction(seq, n, fits, may_seal=not k)
+        if not fits(comp):
             self.kv_manager.tables.free_row(tables.row)
             seq.tables = None
             seq.num_computed_tokens = 0
-            return 0
+            return 0, 0
         self.kv_manager.admit(tables, taken)
         if seq.num_cached_tokens is None:
             seq.num_cached_tokens = seq.num_computed_tokens
@@ -131,7 +147,7 @@ class Scheduler:
         seq.status = Status.RUNNING
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.monotonic()
-        return n
+        return n, comp
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
         """Preempt `seq`; returns the tokens it had been given this step (refunded)."""

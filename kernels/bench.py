@@ -289,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m headwise.kernels.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m headwise.kernels.bench", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     _add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -145,7 +145,7 @@ DEFAULT_CONFIGS = [(torch.bfloat16, 128, 16, 4), (torch.float32, 64, 32, 3)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (80 = A100, 90 = H100)")
     args = parser.parse_args(argv)
     log = compile_all(args.arch, DEFAULT_CONFIGS)

@@ -59,6 +59,7 @@ class HeadTables:
         self.transient = np.zeros(0, dtype=np.int32)  # this step's transient blocks (not in `held`)
         self._placeholders = (np.zeros(0, dtype=np.int64),) * 3  # (layer, head, index) of the last grow
         self.reserve = [np.zeros(0, dtype=np.int32)] * ranks  # blocks set aside for compaction, per rank
+        self.compact_in_place = False  # select heads compact into the prompt's last blocks
         sink_w = np.where(self.window, self.sink, 0)
         tables.set_params(row, gap=self.gap, ring=np.full(shape, -1), sink=sink_w, keep=sink_w, recent=self.recent)
 

@@ -174,16 +174,34 @@ class KVCacheManager:
             self.prefix_cache.register(h, np.where(ok, blocks, -1).astype(np.int32))
 
     # -- end of prompt ---------------------------------------------------------------
-    def compaction_blocks(self, tables: HeadTables, prompt_len: int) -> np.ndarray | int:
-        """Fresh blocks per rank select heads take when the prompt ends (prefix caching keeps
-        their prompt blocks intact for later hits); 0 without a prefix cache (compacted in
-        place)."""
-        if self.prefix_cache is None or not tables.pending.any():
-            return 0
+    def compaction_blocks(self, tables: HeadTables, prompt_len: int, in_place: bool) -> np.ndarray:
+        """Fresh blocks per rank select heads take when the prompt ends: their whole new
+        layout (prefix caching: the prompt blocks stay intact for later hits), or, compacting
+        in place into the prompt's last blocks, what those lack (a budget beyond the prompt)."""
         need = np.zeros(tables.pending.shape, dtype=np.int64)
+        prompt_blocks = -(-prompt_len // self.block_size)
         for l, h in zip(*np.nonzero(tables.pending)):
-            need[l, h] = -(-compacted_capacity(tables.budgets[l][h], prompt_len, tables.context_len) // self.block_size)
+            nkeep = -(-compacted_capacity(tables.budgets[l][h], prompt_len, tables.context_len) // self.block_size)
+            need[l, h] = max(0, nkeep - prompt_blocks) if in_place else nkeep
         return tables.per_rank(need)
+
+    def seal_for_compaction(self, tables: HeadTables, prompt_len: int) -> bool:
+        """Prepare select heads to compact in place into the prompt's last blocks: possible
+        when this request alone holds them (the ones this step adds are new). Their names
+        are forgotten now, so no request admitted before the compaction can hit them."""
+        prompt_blocks = -(-prompt_len // self.block_size)
+        tails = []
+        for l, h in zip(*np.nonzero(tables.pending)):
+            nkeep = -(-compacted_capacity(tables.budgets[l][h], prompt_len, tables.context_len) // self.block_size)
+            row = tables.row_blocks(l, h)
+            tail = row[max(0, prompt_blocks - nkeep):]  # the part of the tail already laid out
+            tails.append(tail[tail >= 0])
+        tail = np.concatenate(tails) if tails else np.zeros(0, dtype=np.int32)
+        if (self.pool.ref[tail] > 1).any():
+            return False
+        self.pool.clear_hash(tail)
+        tables.compact_in_place = True
+        return True
 
     def compact(self, tables: HeadTables, keep_full: torch.Tensor, scores: list[torch.Tensor]) -> None:
         """End of prefill: pending heads not in `keep_full` `[L, Hkv]` keep sink + the
@@ -213,13 +231,14 @@ class KVCacheManager:
                              base + (tail - sink) % max(ring, 1)])
             old = tables.row_blocks(l, h).astype(np.int64)
             nkeep = -(-compacted_capacity(b, p, tables.context_len) // bs)
-            if reserve[rank]:
-                new, reserve[rank] = np.array(reserve[rank][:nkeep], dtype=np.int64), reserve[rank][nkeep:]
-                released.append(old)
-            else:  # in place: the prompt's first blocks become the head's private blocks
-                new = old[:nkeep]
-                self.pool.clear_hash(new)
-                released.append(old[nkeep:])
+            own = min(nkeep, len(old)) if tables.compact_in_place else 0
+            # in place: the prompt's last blocks become the head's private blocks (the head of
+            # the prompt stays cached); the rest, or everything, comes from the reserve
+            extra = nkeep - own
+            new = np.concatenate([old[len(old) - own:], np.array(reserve[rank][:extra], dtype=np.int64)])
+            reserve[rank] = reserve[rank][extra:]
+            self.pool.clear_hash(old[len(old) - own:])
+            released.append(old[:len(old) - own])
             offset = rank * self.pool.blocks_per_rank
             old_t, new_t = torch.from_numpy(old - offset), torch.from_numpy(new - offset)
             moves[rank][0].append(old_t[src // bs] * bs + src % bs)
@@ -234,6 +253,7 @@ class KVCacheManager:
                     self.remote_moves[rank].append(pair)
         tables.commit_ring_params()
         tables.reserve = [np.zeros(0, dtype=np.int32)] * self.ranks
+        tables.compact_in_place = False
         for rest in reserve:
             self.pool.release(np.array(rest, dtype=np.int32))
         for old in released:

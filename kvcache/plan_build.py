@@ -6,6 +6,8 @@ import dataclasses
 import math
 from datetime import datetime, timezone
 
+import numpy as np
+
 from headwise.kvcache.budget import compacted_capacity, resolve_budget, window_blocks
 from headwise.kvcache.plans import (FULL, DynamicSpec, HeadSpec, ModelShape, Plan, PlanError, check_spec, full_plan,
                                     parse_scores)
@@ -183,30 +185,52 @@ def request_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size: int
     when a token is sampled). Select heads (and a dynamic plan's heads) hold the prompt
     until it ends, then sink + selected + ring; with prefix caching that step also sets
     aside their new blocks, so their prompt blocks stay intact for later hits."""
+    ends, grown, after = _replay(plan, prompt_len, max_tokens, block_size, chunk, prefix_caching)
+    sampled = after.sum(axis=(0, 1))[ends >= prompt_len]
+    return int(grown.sum(axis=(0, 1)).max()), int(sampled.max())
+
+
+def decode_head_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size: int = 16) -> np.ndarray:
+    """`[L, Hkv]` blocks each head holds at the request's decode peak (request_blocks'
+    second figure, head by head): what `plan show` counts."""
+    ends, _, after = _replay(plan, prompt_len, max_tokens, block_size, 2048, False)
+    sampled = np.nonzero(ends >= prompt_len)[0]
+    return after[:, :, sampled[after.sum(axis=(0, 1))[sampled].argmax()]]
+
+
+def _replay(plan: Plan, prompt_len: int, max_tokens: int, block_size: int, chunk: int,
+            prefix_caching: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """request_blocks' replay per head: the steps' last positions `[steps]`, and the blocks
+    each head holds while a step lays out what it writes and after its window heads released
+    what left their window, `[L, Hkv, steps]` each."""
     ctx = prompt_len + max_tokens
     cdiv = lambda a: -(-a // block_size)  # noqa: E731
-    ends = [*range(min(chunk, prompt_len), prompt_len, chunk), prompt_len, *range(prompt_len + 1, ctx)]
-    grown = [0] * len(ends)
-    after = [0] * len(ends)
-    for row in static_heads(plan):
-        for spec in row:
-            b = resolve_budget(spec, prompt_len, ctx)
-            for i, e in enumerate(ends):
-                if spec.kind == "window" or spec.kind == "elastic":
-                    grown[i] += window_blocks(b.sink, b.recent, ends[i - 1] if i else 0, e, block_size)
-                    after[i] += window_blocks(b.sink, b.recent, e, e, block_size)
-                elif spec.kind == "select" and e >= prompt_len:
+    ends = np.array([*range(min(chunk, prompt_len), prompt_len, chunk), prompt_len, *range(prompt_len + 1, ctx)])
+    prev = np.concatenate([[0], ends[:-1]])
+    last_prompt = int(np.nonzero(ends == prompt_len)[0][0])
+    heads = static_heads(plan)
+    rest = plan.dynamic.rest if plan.dynamic is not None else None
+    per_spec: dict = {}  # one vectorised replay per distinct head spec, shared by its heads
+    grown = np.zeros((plan.model.layers, plan.model.kv_heads, len(ends)), dtype=np.int64)
+    after = np.zeros_like(grown)
+    for l, row in enumerate(heads):
+        for h, spec in enumerate(row):
+            if spec not in per_spec:
+                b = resolve_budget(spec, prompt_len, ctx)
+                if spec.kind in ("window", "elastic"):
+                    g, a = window_blocks(b.sink, b.recent, prev, ends, block_size), window_blocks(
+                        b.sink, b.recent, ends, ends, block_size)
+                elif spec.kind == "select":
                     n = cdiv(compacted_capacity(b, prompt_len, ctx))
-                    grown[i] += n if e > prompt_len else cdiv(prompt_len)
-                    after[i] += n
+                    g = np.where(ends < prompt_len, cdiv(ends), np.where(ends > prompt_len, n, cdiv(prompt_len)))
+                    a = np.where(ends < prompt_len, cdiv(ends), n)
                 else:
-                    grown[i] += cdiv(e)
-                    after[i] += cdiv(e)
-    if prefix_caching:
-        # every pending head gets its reserve (a dynamic plan's, too: which stay full is per request)
-        rest = plan.dynamic.rest if plan.dynamic is not None else None
-        grown[ends.index(prompt_len)] += sum(
-            cdiv(compacted_capacity(resolve_budget(rest or spec, prompt_len, ctx), prompt_len, ctx))
-            for row in static_heads(plan) for spec in row if rest is not None or spec.kind == "select")
-    sampled = [a for e, a in zip(ends, after) if e >= prompt_len]
-    return max(grown), max(sampled)
+                    g = a = cdiv(ends)
+                g = np.array(g, dtype=np.int64)
+                if prefix_caching and (rest is not None or spec.kind == "select"):
+                    # every pending head gets its reserve (a dynamic plan's too: which stay full is per request)
+                    g[last_prompt] += cdiv(compacted_capacity(resolve_budget(rest or spec, prompt_len, ctx),
+                                                              prompt_len, ctx))
+                per_spec[spec] = (g, a)
+            grown[l, h], after[l, h] = per_spec[spec]
+    return ends, grown, after

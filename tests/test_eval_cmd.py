@@ -87,7 +87,7 @@ def test_eval_command_runs_full_and_a_plan_through_the_engine(tmp_path, capsys):
     out = tmp_path / "eval.json"
     start = time.perf_counter()
     rc = main(["eval", "--lengths", "256", "--samples", "2", "--tasks", "passkey,ppl", "--kv-cache-mb", "64",
-               "--plan", f"stream={plan}", "--json", str(out)])
+               "--no-shipped-plans", "--plan", f"stream={plan}", "--json", str(out)])
     elapsed = time.perf_counter() - start
     assert rc == 0
     report = json.loads(out.read_text())

@@ -29,10 +29,12 @@ def test_prompts_file_json_lines_in_input_order(tmp_path, capsys, engine, tok):
     greedy = SamplingParams(max_tokens=24, temperature=0)
     for row, prompt in zip(out[:2], prompts[:2]):
         ref = engine.generate([prompt], greedy)[0]
-        assert set(row) == {"text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "kv_bytes"}
+        assert set(row) == {"text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "kv_bytes",
+                            "kv_bytes_decode", "cached_tokens"}
         assert row["token_ids"] == ref.token_ids and row["text"] == ref.text
         assert row["prompt_tokens"] == len(prompt) and row["completion_tokens"] == len(ref.token_ids)
         assert row["finish_reason"] == ref.finish_reason and row["kv_bytes"] == ref.kv_bytes
+        assert row["kv_bytes_decode"] == ref.kv_bytes_decode
     # the third prompt ran with the 4 + 12 streaming plan: every head holds its sink block
     # and the (at most two) blocks its 12-token window overlaps
     assert out[2]["prompt_tokens"] == len(prompts[2])

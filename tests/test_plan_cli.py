@@ -68,11 +68,34 @@ def test_show_prints_layer_table_total_and_png(tmp_path, model, capsys):
     assert rc == 0
     lines = stdout.splitlines()
     assert lines[0] == "plan 'duo-25': model tiny (4 layers x 2 kv heads, 4 heads, head_dim 16), source duo"
-    assert lines[3].split() == ["0", "F", "W", "1x1024", "1x64", "68.0", "KiB", "128.0", "KiB", "0.531"]
+    assert lines[1].startswith("context 1024 (prompt 1024), block 16, float32, 4 bytes/element; ")
+    assert lines[3].split() == ["0", "F", "W", "1x1024", "1x64", "138.0", "KiB", "256.0", "KiB", "0.539"]
     assert lines[5].split()[:3] == ["2", "W", "W"]
-    # (2 full heads x 1024 slots + 6 window heads x 64 slots) x 64 bytes, of 8 x 1024 slots
-    assert lines[7] == "total: 2 of 8 kv heads full, KV 152.0 KiB of 512.0 KiB full per request = 0.297x at 1024 tokens"
+    # blocks the engine holds: 2 full heads x 64 + 6 window heads x 5 (the sink block and the 4 blocks
+    # the 60-token window overlaps), x 16 slots x 128 bytes (K + V, 16 fp32), of 8 x 64 blocks
+    assert lines[7] == "total: 2 of 8 kv heads full, KV 316.0 KiB of 1.0 MiB full per request = 0.309x at 1024 tokens"
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("flags, element", [(["--dtype", "bfloat16"], "bfloat16, 2"), (["--dtype", "float16"], "float16, 2"),
+                                            (["--dtype-bytes", "2"], "2")])
+def test_show_counts_the_bytes_of_another_dtype(tmp_path, model, capsys, flags, element):
+    (tmp_path / "g.tsv").write_text("0.9\t0.1\n0.2\t0.8\n0.1\t0.1\n0.1\t0.1\n")
+    plan = tmp_path / "d.json"
+    run(capsys, "import", "duo", str(tmp_path / "g.tsv"), "--model", model, "--ratio", "0.25", "--sink", "4",
+        "--recent", "60", "--out", str(plan))
+    rc, stdout, _ = run(capsys, "show", str(plan), "--context", "1024", *flags)
+    lines = stdout.splitlines()
+    assert rc == 0 and f"block 16, {element} bytes/element; " in lines[1]
+    assert lines[7] == "total: 2 of 8 kv heads full, KV 158.0 KiB of 512.0 KiB full per request = 0.309x at 1024 tokens"
+
+
+def test_show_takes_a_dtype_or_an_element_size_not_both(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "show", str(tmp_path / "p.json"), "--dtype", "float32", "--dtype-bytes", "2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith("headwise plan show: error: argument --dtype-bytes: not allowed with "
+                                            "argument --dtype\n")
 
 
 def test_import_retrieval_head_and_moa(tmp_path, model, capsys):
@@ -118,6 +141,7 @@ def test_ratio_rethresholds_saved_scores(tmp_path, model, capsys):
      "sink: must be an integer >= 0, got -1"),
     (["ratio", "{tmp}/s.json", "--ratio", "0.5", "--out", "{tmp}/o.json"],
      "plan 'streaming-64-256' has no scores to re-threshold (it was not built from scores)"),
+    (["show", "{tmp}/s.json", "--context", "10", "--prompt", "20"], "--prompt must be in [1, --context 10], got 20"),
 ])
 def test_bad_input_is_one_line_error_with_exit_2(tmp_path, model, capsys, argv, error):
     (tmp_path / "bad.json").write_text("{nope")
@@ -146,13 +170,10 @@ def test_bench_capacity_counts_requests_per_plan(tmp_path, model, capsys):
         # a window head: its sink block and the (at most two) blocks its 12 positions overlap
         {"plan": "w", "blocks_peak": 24, "blocks_decode": 24, "pool_blocks": 496, "admitted_at_once": 20,
          "held_decoding": 20},
-        # select heads hold the 100-token prompt (7 blocks) until it ends, plus (prefix caching
-        # keeps the prompt blocks for later hits) their 4 + 16 + 12 slots set aside, 2 blocks
-        {"plan": "s", "blocks_peak": 72, "blocks_decode": 16, "pool_blocks": 496, "admitted_at_once": 6,
-         "held_decoding": 27},
+        # select heads hold the 100-token prompt (7 blocks) until it ends, then 4 + 16 + 12 slots
+        # (compacting in place, as the engine does when the pool has no room to spare)
+        {"plan": "s", "blocks_peak": 56, "blocks_decode": 16, "pool_blocks": 496, "admitted_at_once": 8,
+         "held_decoding": 28},
     ]
-    rc = main(["bench", "capacity", "--model", model, "--plan", f"s={tmp_path / 's.json'}", "--kv-cache-mb", "1",
-               "--input-len", "100", "--output-len", "29", "--json", "--no-enable-prefix-caching"])
-    assert json.loads(capsys.readouterr().out.splitlines()[1])["blocks_peak"] == 56  # compacted in place
     assert main(["bench", "capacity", "--model", model, "--input-len", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err

@@ -246,3 +246,25 @@ def test_a_pool_caches_more_prompts_under_a_head_aware_plan(tiny, tmp_path):
     # many, less what the re-sends' own last blocks evict on the way (measured: 17)
     assert served["full"] == 5
     assert served["stream"] >= 3 * served["full"], served
+
+
+def test_select_heads_compact_in_place_when_the_pool_has_no_room_for_new_blocks(tiny):
+    """With the prefix cache, the step ending a select plan's prompt sets new blocks aside
+    when the pool has room (the prompt blocks stay cached); in a pool without that room the
+    heads compact into the prompt's last blocks instead of waiting: same tokens either way,
+    and the peak is the prompt alone."""
+    prompt = _shared_prefix_prompts(1, 0, 160, seed=2)[0]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    roomy = _engine(tiny, True, kv_cache_mb=None, num_blocks=400, max_num_batched_tokens=256)
+    out = roomy.generate([prompt], params, "select")[0]
+    # 8 heads: 4 full (every third head of the tiny plans), 4 select (4 + 16 + 16 slots: 3 blocks)
+    heads = roomy.kv_manager.num_layers * roomy.kv_manager.num_kv_heads
+    prompt_blocks = heads * 10
+    tight = _engine(tiny, True, kv_cache_mb=None, num_blocks=prompt_blocks + 8, max_num_batched_tokens=256)
+    out_tight = tight.generate([prompt], params, "select")[0]
+    assert out_tight.token_ids == out.token_ids
+    n_select = sum(s.kind == "select" for row in roomy.plans["select"].heads for s in row)
+    block = roomy.kv_manager.block_bytes
+    assert out.kv_bytes == (prompt_blocks + n_select * 3) * block
+    assert out_tight.kv_bytes == prompt_blocks * block
+    assert tight.block_census()["held"] == 0 and roomy.block_census()["held"] == 0

@@ -56,3 +56,16 @@ def test_dynamic_plans_keep_contiguous_sharding():
     plan = Plan("dyn", SHAPE, [[FULL] * 4 for _ in range(6)], dynamic=DynamicSpec(0.25, HeadSpec(
         "select", sink=4, recent=16, select=16, window=8)))
     assert balanced(plan, 2, 1024).is_contiguous
+
+
+def test_plan_show_prints_per_rank_bytes_balanced_and_contiguous(capsys):
+    """The shipped duo-10 plan at 4096 tokens over 3 ranks: its 9 full heads cluster (rank 0
+    holds 4 of them contiguously); balanced gives each rank 3."""
+    from headwise.clients.cli import main
+    from headwise.kvcache.shipped_plans import shipped_plans
+
+    assert main(["plan", "show", str(shipped_plans("smollm2-135m")["duo-10"]), "--context", "4096", "--tp", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == "tp 3 balanced: rank 0 13.6 MiB, rank 1 13.6 MiB, rank 2 13.6 MiB; largest / mean 1.000"
+    assert lines[-1] == "tp 3 contiguous: rank 0 15.3 MiB, rank 1 11.9 MiB, rank 2 13.6 MiB; largest / mean 1.126"
+    assert main(["plan", "show", str(shipped_plans("smollm2-135m")["duo-10"]), "--tp", "2"]) == 2

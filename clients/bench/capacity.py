@@ -21,8 +21,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk (the engine's step budget)")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="as the engine: select heads' compacted blocks are set aside while the prompt is held")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks; --kv-cache-mb is each rank's pool")
     p.add_argument("--json", action="store_true", help="print one JSON line per plan")
@@ -30,15 +28,17 @@ def add_parser(subparsers) -> None:
 
 
 def capacity(plan, pool_blocks: int, input_len: int, output_len: int, block_size: int, chunk: int = 2048,
-             prefix_caching: bool = True, sharding=None) -> dict:
+             sharding=None) -> dict:
     """Blocks per request and the requests that fit: all admitted at once (each holding its
     peak), and held while decoding with one request prefilling at a time. With `sharding`,
-    per rank: the tightest rank decides."""
+    per rank: the tightest rank decides. Select heads count as compacting in place: with
+    the prefix cache the engine sets new blocks aside for them only when the pool has room."""
     from headwise.kvcache.plan_build import request_blocks
     from headwise.kvcache.sharding import rank_plans
 
     parts = rank_plans(plan, sharding) if sharding is not None else [plan]
-    blocks = [request_blocks(part, input_len, output_len, block_size, chunk, prefix_caching) for part in parts]
+    blocks = [request_blocks(part, input_len, output_len, block_size, chunk, prefix_caching=False)
+              for part in parts]
     peak, end = max(b[0] for b in blocks), max(b[1] for b in blocks)
     at_once = min(pool_blocks // b[0] for b in blocks)
     decoding = min(0 if pool_blocks < b[0] else 1 + (pool_blocks - b[0]) // b[1] for b in blocks)
@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
             even = contiguous(shape, args.tensor_parallel_size)
             spread = balanced(p, args.tensor_parallel_size, args.input_len + args.output_len, args.block_size)
             shardings = [even] + ([spread] if spread.order != even.order else [])  # a full plan: the same
-        rows += [capacity(p, pool, args.input_len, args.output_len, args.block_size, args.max_num_batched_tokens,
-                          args.enable_prefix_caching, s) for s in shardings]
+        rows += [capacity(p, pool, args.input_len, args.output_len, args.block_size, args.max_num_batched_tokens, s)
+                 for s in shardings]
     if args.json:
         for r in rows:
             print(json.dumps(r))

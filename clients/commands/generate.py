@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": len(out.prompt_token_ids),
                               "completion_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
-                              "kv_bytes": out.kv_bytes}))
+                              "kv_bytes": out.kv_bytes, "kv_bytes_decode": out.kv_bytes_decode,
+                              "cached_tokens": out.num_cached_tokens}))
         else:
             print(out.text)
             if len(outs) > 1:

@@ -8,15 +8,18 @@ from collections import Counter
 from typing import Callable
 
 from headwise.clients.cli import CliError
+from headwise.engine.config import DTYPES
 from headwise.kvcache import plan_import
-from headwise.kvcache.plan_build import (dynamic_full_count, dynamic_plan, select_plan,
-                                         head_capacities, kv_ratio, layer_kv_bytes,
-                                         ratio_plan_name, rethreshold, static_heads, streaming_plan)
+from headwise.kvcache.plan_build import (decode_head_blocks, dynamic_full_count, dynamic_plan, head_capacities,
+                                         kv_ratio, ratio_plan_name, rethreshold, select_plan, static_heads,
+                                         streaming_plan)
 from headwise.kvcache.plans import ModelShape, Plan, full_plan, load_plan, save_plan
 
 _LETTER = {"full": "F", "window": "W", "elastic": "E", "select": "S"}
 # The context `plan streaming/import/ratio` quote their KV ratio at; `show --context` picks any.
 SUMMARY_CONTEXT = 4096
+# bytes per K/V element of each engine dtype, so `plan show` counts what `eval` reports
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def add_parser(subparsers) -> None:
@@ -43,13 +46,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--name", help="plan name (default dynamic-PERCENT)")
     p.set_defaults(func=_user_errors(_dynamic))
 
-    p = sub.add_parser("show", help="per-layer kinds, slots and KV bytes of a plan")
+    p = sub.add_parser("show", help="per-layer kinds, slots and KV bytes of a plan (the blocks the engine "
+                       "holds once the prompt is processed)")
     p.add_argument("plan", help="plan JSON")
     p.add_argument("--context", type=int, default=SUMMARY_CONTEXT, help="tokens per request (prompt + new)")
     p.add_argument("--prompt", type=int, help="prompt tokens, for elastic heads (default: --context)")
-    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per K/V element (2: fp16/bf16)")
+    dtype = p.add_mutually_exclusive_group()
+    # no argparse default: with one, `--dtype float32 --dtype-bytes 2` would not conflict
+    dtype.add_argument("--dtype", choices=DTYPES,
+                       help="the engine's dtype, whose element size the bytes count (default float32, the "
+                       "engine's CPU default)")
+    dtype.add_argument("--dtype-bytes", type=int, help="bytes per K/V element (instead of --dtype)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--png", help="also draw a layers x kv heads map of slots per head")
+    p.add_argument("--tp", type=int, default=1,
+                   help="also print each tensor-parallel rank's KV bytes, head-balanced and contiguous")
     p.set_defaults(func=_user_errors(_show))
 
     p = sub.add_parser("import", help="a plan from DuoAttention, Retrieval-Head or MoA head files")
@@ -153,17 +164,25 @@ def _write(plan: Plan, out: str) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    if args.context < 1 or args.block_size < 1 or args.dtype_bytes < 1:
+    if args.context < 1 or args.block_size < 1 or (args.dtype_bytes is not None and args.dtype_bytes < 1):
         raise CliError("--context, --block-size and --dtype-bytes must be >= 1")
+    dtype = args.dtype or "float32"
+    elem, elem_name = ((args.dtype_bytes, "") if args.dtype_bytes is not None
+                       else (DTYPE_BYTES[dtype], f"{dtype}, "))
+    prompt = args.context if args.prompt is None else args.prompt
+    if not 1 <= prompt <= args.context:
+        raise CliError(f"--prompt must be in [1, --context {args.context}], got {prompt}")
     plan = load_plan(args.plan)
     m, heads = plan.model, static_heads(plan)
     caps = head_capacities(plan, args.context, args.prompt)
-    sizes = (args.context, args.prompt, args.dtype_bytes, args.block_size)
-    used, full = layer_kv_bytes(plan, *sizes), layer_kv_bytes(full_plan(m), *sizes)
+    # the blocks the engine holds at the request's decode peak, in the engine's block bytes
+    block_bytes = 2 * args.block_size * m.head_dim * elem
+    used, full = ((decode_head_blocks(p, prompt, args.context - prompt, args.block_size).sum(axis=1)
+                   * block_bytes).tolist() for p in (plan, full_plan(m)))
     print(f"plan {plan.name!r}: model {m.id or '?'} ({m.layers} layers x {m.kv_heads} kv heads, "
           f"{m.heads} heads, head_dim {m.head_dim}), source {plan.source.get('method', '?')}")
     print(f"context {args.context} (prompt {args.prompt or args.context}), block {args.block_size}, "
-          f"{args.dtype_bytes} bytes/element; F full, W window, E elastic, S select")
+          f"{elem_name}{elem} bytes/element; F full, W window, E elastic, S select")
     if plan.dynamic:
         k, rest = dynamic_full_count(plan.dynamic.ratio, m.kv_heads), plan.dynamic.rest
         print(f"dynamic: per request the {k} of {m.kv_heads} kv heads of each layer farthest from its "
@@ -180,10 +199,30 @@ def _show(args: argparse.Namespace) -> int:
     ratio = sum(used) / sum(full)
     print(f"total: {n_full} of {m.layers * m.kv_heads} kv heads full, KV {_fmt_bytes(sum(used))} of "
           f"{_fmt_bytes(sum(full))} full per request = {ratio:.3f}x at {args.context} tokens")
+    if args.tp > 1:
+        _show_ranks(plan, args.tp, args.context, args.block_size,
+                    decode_head_blocks(plan, prompt, args.context - prompt, args.block_size), block_bytes)
     if args.png:
         _draw_map(plan, heads, caps, args.context, ratio, args.png)
         print(f"wrote {args.png}")
     return 0
+
+
+def _show_ranks(plan: Plan, ranks: int, context: int, block_size: int, head_blocks, block_bytes: int) -> None:
+    """Per-rank KV bytes of one request under head-balanced (as the engine shards for its
+    default plan) and contiguous sharding."""
+    from headwise.kvcache.sharding import ShardingError, balanced, contiguous, imbalance
+
+    try:
+        shardings = {"balanced": balanced(plan, ranks, context, block_size),
+                     "contiguous": contiguous(plan.model, ranks)}
+    except ShardingError as e:
+        raise CliError(str(e)) from None
+    for name, s in shardings.items():
+        per_rank = [int(sum(head_blocks[l][h] for l, row in enumerate(s.heads_of(r)) for h in row)) * block_bytes
+                    for r in range(ranks)]
+        print(f"tp {ranks} {name}: " + ", ".join(f"rank {r} {_fmt_bytes(b)}" for r, b in enumerate(per_rank))
+              + f"; largest / mean {imbalance(per_rank):.3f}")
 
 
 def _draw_map(plan: Plan, heads: list, caps: list[list[int]], context: int, ratio: float, path: str) -> None:

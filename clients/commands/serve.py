@@ -47,7 +47,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    # imported here so that `headwise --help` does not pay for FastAPI and torch
+    # plan files are checked before the server is imported and long before the model loads
+    config = engine_config_from_args(args)
     from headwise.server.serve import serve
 
-    return serve(settings_from_args(args), engine_config_from_args(args))
+    return serve(settings_from_args(args), config)
