@@ -88,8 +88,18 @@ class RequestContext:
 
 
 def usage(prompt_lens: list[int], outputs: list[RequestOutput]) -> dict:
-    """OpenAI usage plus `kv_bytes`: the peak KV bytes each choice held, summed."""
+    """OpenAI usage for prompts of `prompt_lens` whose choices are `outputs`, prompt-major
+    (each prompt's n choices in a row). Prompt tokens count once per prompt, and so do
+    `prompt_tokens_details.cached_tokens`: the prompt tokens that none of its choices
+    computed, i.e. the smallest prefix-cache hit among them. headwise adds `kv_bytes` (the
+    peak KV bytes each choice held) and `kv_bytes_decode` (what each held once its prompt
+    was processed: the two differ under a select plan), summed over choices."""
+    n = max(1, len(outputs) // max(1, len(prompt_lens)))
+    cached = sum(min((out.num_cached_tokens for out in outputs[p * n:(p + 1) * n]), default=0)
+                 for p in range(len(prompt_lens)))
     completion = sum(len(out.token_ids) for out in outputs)
     prompt = sum(prompt_lens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "kv_bytes": sum(out.kv_bytes for out in outputs)}
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "kv_bytes": sum(out.kv_bytes for out in outputs),
+            "kv_bytes_decode": sum(out.kv_bytes_decode for out in outputs)}

@@ -127,9 +127,15 @@ class _EngineCollector:
 
         yield gauge("num_requests_running", "Requests in the running batch.", stats.num_running)
         yield gauge("num_requests_waiting", "Requests waiting for admission.", stats.num_waiting)
-        yield gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", stats.kv_cache_usage)
-        yield gauge("kv_cache_num_blocks", "KV blocks in the pool.", stats.num_blocks)
-        yield gauge("kv_cache_free_blocks", "KV blocks free.", stats.num_free_blocks)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV blocks held by requests (0..1); cached blocks no "
+                    "request holds count as free. Under tensor parallelism: the tightest rank.", stats.kv_cache_usage)
+        yield gauge("kv_cache_num_blocks", "KV blocks in the pool (of one rank under tensor parallelism).", stats.num_blocks)
+        yield gauge("kv_cache_free_blocks", "KV blocks a new request may take: free or cached (on the tightest rank).", stats.num_free_blocks)
+        yield gauge("kv_cache_cached_blocks", "KV blocks no request holds, kept for prefix-cache hits "
+                    "(evictable, counted as free).", stats.num_cached_blocks)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      stats.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.", stats.prefix_cache_hits)
         yield counter("num_preemptions", "Preemptions (recompute) so far.", stats.num_preemptions)
         yield counter("kv_bytes_saved", "KV bytes not allocated thanks to head-aware plans.",
                       stats.kv_bytes_saved)

@@ -25,11 +25,19 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens served from the prefix cache (per prompt, the "
+                                           "smallest hit among its choices)")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
     kv_bytes: int = Field(description="headwise: the peak KV cache bytes each choice held, summed")
+    kv_bytes_decode: int = Field(description="headwise: the KV cache bytes each choice held once its prompt "
+                                             "was processed, summed")
 
 
 class CompletionLogprobs(BaseModel):

@@ -153,3 +153,57 @@ def test_metrics_use_vllm_names_with_the_headwise_prefix(server, client):
         assert re.search(rf"^headwise:{name}{re.escape(label)} \S+$", text, re.M), name
     saved = re.search(rf"^headwise:kv_bytes_saved_total{re.escape(label)} (\S+)$", text, re.M)
     assert float(saved.group(1)) >= 0
+
+
+def _metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    value = re.search(rf'^headwise:{name}{{model_name="{MODEL}"}} (\S+)$', text, re.M)
+    assert value, name
+    return float(value.group(1))
+
+
+def test_prefix_cache_hits_show_in_usage_and_metrics(server, client):
+    """A second request sharing a long prefix reports the whole blocks it reused as
+    `prompt_tokens_details.cached_tokens`, and /metrics counts them (tokens)."""
+    engine = server.state.engine
+    bs = engine.kv_manager.block_size
+    shared = "Cached prefix check. " + " ".join(f"line {i}: the river bends at stone {i * 7}." for i in range(40))
+    first_q = [{"role": "user", "content": shared + " What bends at stone 14?"}]
+    second_q = [{"role": "user", "content": shared + " Which line mentions stone 21, exactly?"}]
+    ids1, ids2 = engine.encode_chat(first_q), engine.encode_chat(second_q)
+    ids0 = engine.encode_chat(QUESTION)
+
+    def common(a: list[int], b: list[int]) -> int:
+        return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+    assert common(ids1, ids2) > 8 * bs  # the test needs a prefix spanning several blocks
+    client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1, temperature=0)
+    queries0, hits0 = _metric(server, "prefix_cache_queries_total"), _metric(server, "prefix_cache_hits_total")
+
+    r1 = client.chat.completions.create(model=MODEL, messages=first_q, max_tokens=2, temperature=0)
+    # only the chat template's opening (system prompt) was sent before, by QUESTION
+    hit1 = common(ids0, ids1) // bs * bs
+    assert r1.usage.prompt_tokens_details.cached_tokens == hit1
+    r2 = client.chat.completions.create(model=MODEL, messages=second_q, max_tokens=2, temperature=0)
+    expected = min(common(ids1, ids2) // bs, (len(ids2) - 1) // bs) * bs
+    assert r2.usage.prompt_tokens == len(ids2)
+    assert r2.usage.prompt_tokens_details.cached_tokens == expected
+    assert _metric(server, "prefix_cache_queries_total") - queries0 == len(ids1) + len(ids2)
+    assert _metric(server, "prefix_cache_hits_total") - hits0 == hit1 + expected
+    # the same prompt with caching's answer is the answer computed from scratch (greedy)
+    again = client.chat.completions.create(model=MODEL, messages=first_q, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == (len(ids1) - 1) // bs * bs
+    assert again.choices[0].message.content == r1.choices[0].message.content
+    assert _metric(server, "kv_cache_cached_blocks") > 0
+    # with nothing running, the cached blocks count as free
+    assert _metric(server, "kv_cache_usage_perc") == 0.0
+
+
+def test_usage_reports_kv_bytes_decode_below_kv_bytes_under_a_window_plan(client):
+    prompt = " ".join(f"word{i}" for i in range(200))
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                  extra_body={"kv_plan": "window"})
+    extra = r.usage.model_extra
+    assert 0 < extra["kv_bytes_decode"] <= extra["kv_bytes"]
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)
+    assert full.usage.model_extra["kv_bytes_decode"] > extra["kv_bytes_decode"]
