@@ -317,14 +317,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduled batch. An exception in per-request work (under `guard`) fails that
         request alone (fail_request); one in the batched forward pass propagates: the
-        engine is then in an unknown state and its owner must stop it."""
-        if not self.record_step_timings:
-            return self._step(NO_STEP_TIMER)
-        timer = StepTimer(self.config.device)
-        outputs = self._step(timer)
-        timer.mark("postprocess")
-        self.step_timings = timer.timings
-        return outputs
+        engine is then in an unknown state and its owner must stop it. Under tensor
+        parallelism a collective that breaks because a worker died raises WorkerDied."""
+        try:
+            if not self.record_step_timings:
+                return self._step(NO_STEP_TIMER)
+            timer = StepTimer(self.config.device)
+            outputs = self._step(timer)
+            timer.mark("postprocess")
+            self.step_timings = timer.timings
+            return outputs
+        except Exception as error:
+            if self.workers is not None:
+                self.workers.raise_if_dead(error)
+            raise
 
     def _step(self, timer: StepTimer | NoStepTimer) -> list[RequestOutput]:
         sched = self.scheduler.schedule()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -76,6 +77,20 @@ class TPWorkers:
         if dead:
             raise WorkerDied(f"tensor-parallel worker rank {dead[0]} exited "
                              f"(exit code {self.processes[dead[0] - 1].exitcode})")
+
+    def raise_if_dead(self, error: BaseException, wait_s: float = 2.0) -> None:
+        """WorkerDied (from `error`) if a worker has exited: a collective that failed because
+        its peer died ("connection reset by peer") names the rank. The dead process may
+        take a moment to be reaped, hence the wait (the whole `wait_s` when every worker lives)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.check_alive()
+            except WorkerDied as died:
+                raise died from error
+            if not self.processes or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
     def step(self, plan: StepPlan) -> None:
         """Send the step to every rank (after applying rank 0's table edits)."""

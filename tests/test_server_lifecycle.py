@@ -208,3 +208,37 @@ def test_a_request_that_breaks_in_the_engine_gets_500_and_the_others_go_on(tiny,
         assert httpx.post(server.url + "/v1/completions", json=normal).json()["choices"][0]["text"] == usual
         stats = server.state.engine.stats()
         assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_a_dead_tensor_parallel_worker_fails_requests_with_500_and_health_503(tiny):
+    """Under --tensor-parallel-size 2 a worker process that dies mid-request is an engine
+    fault: the requests in flight get the engine_dead error (500, or the error event and
+    [DONE] in a stream) instead of hanging, /health turns 503 and new requests are refused."""
+    config = EngineConfig(model=tiny, kv_cache_mb=8, tensor_parallel_size=2)
+    with BackgroundServer(ServerSettings(port=0), lambda: LLMEngine(config)) as server:
+        ok = httpx.post(server.url + "/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200
+        stream = Stream(server.url, {"prompt": "w1 w2", "max_tokens": 1500, "ignore_eos": True})
+        stream.start()
+        blocking: dict = {}
+
+        def post() -> None:
+            blocking["r"] = httpx.post(server.url + "/v1/completions", timeout=120,
+                                       json={"prompt": "w3 w4", "max_tokens": 1500, "ignore_eos": True})
+
+        poster = threading.Thread(target=post, daemon=True)
+        poster.start()
+        assert stream.started.wait(120) and stream.error is None
+        worker = server.state.engine.workers.processes[0]
+        worker.kill()
+        stream.join(timeout=60)
+        poster.join(timeout=60)
+        assert not stream.is_alive() and not poster.is_alive(), "a request hung on a dead worker"
+        assert stream.events[-1] == "[DONE]"
+        assert stream.last_payload()["error"]["code"] == "engine_dead"
+        r = blocking["r"]
+        assert (r.status_code, r.json()["error"]["code"]) == (500, "engine_dead")
+        status, body = health(server.url)
+        assert (status, body["status"]) == (503, "dead") and "worker rank 1" in body["message"]
+        refused = httpx.post(server.url + "/v1/completions", json={"prompt": "w1", "max_tokens": 2})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (503, "engine_dead")
