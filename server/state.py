@@ -117,10 +117,13 @@ class ServerState:
             await asyncio.sleep(0.1)
 
     async def shutdown(self) -> None:
-        """Finish what is in flight (bounded by --drain-timeout), then stop the worker."""
+        """Finish what is in flight (bounded by --drain-timeout), stop the worker, then the
+        engine's tensor-parallel workers and process groups (dead or alive)."""
         if self.async_engine is not None:
             await self.async_engine.shutdown(drain=True, timeout=self.settings.drain_timeout)
             self.async_engine = None
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)
         self.tokenizer_thread.close()
 
     def require_engine(self) -> tuple[LLMEngine, AsyncEngine]:
