@@ -60,10 +60,6 @@ class TPGroup:
         group._control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
         return group
 
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks in place (the row-parallel layers' partial outputs)."""
         if self.size > 1:

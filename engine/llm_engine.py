@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import atexit
-import functools
-import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from headwise.engine.block_names import BlockNames
 from headwise.engine.config import DEFAULT_KV_CACHE_MB, EngineConfig
 from headwise.engine.detokenizer import Detokenizer
 from headwise.engine.errors import PromptTooLong, UnknownPlan
-from headwise.engine.loader import ModelConfig, load_tokenizer, model_id, read_config, resolve_model_dir
-from headwise.engine.distributed import TPGroup
-from headwise.engine.model import LlamaModel, Shard
+from headwise.engine.loader import model_id, read_config, resolve_model_dir
+from headwise.engine.model import Shard
 from headwise.engine.model_runner import ModelRunner
 from headwise.engine.outputs import RequestOutput, Snapshot, TokenLogprob
 from headwise.engine.request_guard import RequestGuard, isolate_rows
@@ -28,17 +25,13 @@ from headwise.engine.sequence import Sequence, Status
 from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
 from headwise.engine.tp_workers import RankSetup, TPWorkers
 from headwise.engine.tp_workers import start as start_workers
-from headwise.engine.weights import materialize
+from headwise.engine.weights import load_model
 from headwise.kvcache.budget import resolve_budget
 from headwise.kvcache.manager import KVCacheManager
 from headwise.kvcache.plan_build import request_blocks
-from headwise.kvcache.prefix_cache import chain_hashes, seed_hash
 from headwise.kvcache.sharding import balanced, check_divisible, contiguous, rank_plans
 from headwise.kvcache.plans import Plan, load_plans
 from headwise.kvcache.selection import farthest_heads, head_distances
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class EngineStats:
@@ -55,29 +48,6 @@ class EngineStats:
     num_cached_blocks: int = 0  # evictable blocks (counted as free)
 
 
-def load_model(model: str, dtype: str = "float32", device: str = "cpu", load_format: str = "auto",
-               shard: Shard | None = None, tp: TPGroup | None = None) -> tuple[ModelConfig, LlamaModel, object]:
-    """(config, model, tokenizer) of `--model`; engines and profilers in one process share
-    the read-only weights. `load_format` "dummy" reads config.json alone (random weights).
-    With `shard` (tensor parallelism) this rank's part of the model, never shared."""
-    if shard is not None:
-        return _load.__wrapped__(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format,
-                                 shard, tp)
-    return _load(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format)
-
-
-@functools.lru_cache(maxsize=2)
-def _load(model_dir: str, name: str, dtype: str, device: str, load_format: str = "auto",
-          shard: Shard | None = None, tp: TPGroup | None = None) -> tuple[ModelConfig, LlamaModel, object]:
-    cfg = read_config(Path(model_dir), name)
-    started = time.perf_counter()
-    model = materialize(cfg, Path(model_dir), getattr(torch, dtype), device, load_format, shard, tp)
-    log.info("%s weights of %s (%.1fM parameters, %s, %s) ready in %.1f s",
-             "random" if load_format == "dummy" else "loaded", name,
-             sum(p.numel() for p in model.parameters()) / 1e6, dtype, device, time.perf_counter() - started)
-    return cfg, model, load_tokenizer(Path(model_dir))
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -89,6 +59,7 @@ class LLMEngine:
         if config.default_plan not in self.plans:
             raise ValueError(f"default plan {config.default_plan!r} is not loaded (loaded: {', '.join(self.plans)})")
         self.default_plan = config.default_plan
+        self._capture_windows = {name: _capture_window(plan) for name, plan in self.plans.items()}
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)
         # with tensor parallelism: per rank (each rank's device holds its heads' pool)
@@ -124,8 +95,11 @@ class LLMEngine:
             atexit.register(self.close)
         self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
+        # prefix caching: the names of each request's blocks (None: caching off)
+        self.block_names = (BlockNames(self.kv_manager, self.model_id, config.dtype, self._budgets)
+                            if config.enable_prefix_caching else None)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, self._budgets,
-                                   self._prefix_hashes if config.enable_prefix_caching else None)
+                                   self.block_names.hit_candidates if self.block_names else None)
         self.runner = ModelRunner(self.model, self.kv_manager, device)
         self.runner.remote = self.workers
         if torch.device(device).type == "cuda" and not config.enforce_eager:
@@ -161,7 +135,9 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
         seq = Sequence(request_id, list(prompt_token_ids), params, self.plans[name],
                        torch.Generator().manual_seed(seed))
-        seq.hash_seed = self._hash_seed(seq)
+        seq.capture_window = self._capture_windows[name]
+        if self.block_names is not None:
+            seq.hash_seed = self.block_names.seed(seq)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         parts = rank_plans(seq.plan, self.sharding) if self.sharding.ranks > 1 else [seq.plan]
@@ -268,46 +244,6 @@ class LLMEngine:
         return budgets, np.array([[s.kind == "select" for s in row] for row in heads])
 
     # -- prefix caching --------------------------------------------------------------
-    def _hash_seed(self, seq: Sequence) -> int:
-        """The root of a request's block names: what, besides its tokens, decides the K/V its
-        prompt leaves in the cache. While the prompt is computed, full, select and dynamic
-        heads all see everything, so those plans share cached blocks with the full plan;
-        window and elastic heads name their resolved (sink, recent)."""
-        budgets, pending = self._budgets(seq)
-        seen = tuple(tuple(None if b.full or p else (b.sink, b.recent) for b, p in zip(row, prow))
-                     for row, prow in zip(budgets, pending))
-        return seed_hash(self.model_id, self.config.dtype, self.kv_manager.block_size, seen)
-
-    def _prefix_hashes(self, seq: Sequence) -> list[int]:
-        """Names of the blocks a prefix-cache hit may cover: whole blocks before the last token
-        (the step must compute one to have logits), and for plans that select at the end of
-        the prompt none of the positions whose queries the selection needs."""
-        if seq.params.prompt_logprobs is not None:
-            return []
-        limit = (seq.num_tokens - 1) // self.kv_manager.block_size
-        window = self._capture_window(seq)
-        if window:
-            limit = min(limit, max(0, seq.num_prompt_tokens - window) // self.kv_manager.block_size)
-        return self._block_hashes(seq, limit)
-
-    def _block_hashes(self, seq: Sequence, n: int) -> list[int]:
-        if len(seq.block_hashes) < n:
-            bs = self.kv_manager.block_size
-            have = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if have else seq.hash_seed
-            seq.block_hashes += chain_hashes(parent, seq.all_token_ids[have * bs:n * bs], bs)
-        return seq.block_hashes[:n]
-
-    def _register_blocks(self, seq: Sequence) -> None:
-        """Name the blocks this step completed, while the request's K/V is what a fresh
-        prefill of its tokens would compute (before any select head compacts)."""
-        done = seq.num_computed_tokens // self.kv_manager.block_size
-        if self.kv_manager.prefix_cache is None or not seq.cacheable or done <= seq.num_registered:
-            return
-        first = seq.num_registered
-        self.kv_manager.register(seq.tables, self._block_hashes(seq, done)[first:], first)
-        seq.num_registered = done
-
     def reset_prefix_cache(self) -> None:
         """Forget every cached block no request holds (vLLM's reset_prefix_cache)."""
         if self.kv_manager.prefix_cache is not None:
@@ -341,15 +277,17 @@ class LLMEngine:
         timer.mark("postprocess")
         now = time.monotonic()
         guard = RequestGuard(self._fail)
-        windows = {s.request_id: self._capture_window(s) for s, _ in sched.scheduled if s.needs_selection()}
+        windows = {s.request_id: s.capture_window for s, _ in sched.scheduled
+                   if s.capture_window and s.needs_selection()}
         self.sampler.prefetch_noise(s for s, _ in sched.scheduled)  # drawn on the host while the forward runs
-        hidden, rows = self.runner.execute(sched.scheduled, {k: v for k, v in windows.items() if v}, timer)
+        hidden, rows = self.runner.execute(sched.scheduled, windows, timer)
         timer.mark("forward")
         sample_rows, sample_seqs, lp_rows = [], [], []
         for r in rows:
             seq = r.seq
             seq.num_computed_tokens = r.end
-            self._register_blocks(seq)
+            if self.block_names is not None:
+                self.block_names.register(seq)
             self.kv_manager.finish_step(seq.tables, r.end)
             if seq.needs_selection() and r.end >= seq.num_prompt_tokens:
                 with guard(seq):
@@ -384,7 +322,7 @@ class LLMEngine:
 
     def _take_ended(self) -> list[RequestOutput]:
         ended, self._ended = self._ended, []
-        return [self._output(s) if s.error is None else self._error_output(s) for s in ended]
+        return [self._output(s) for s in ended]
 
     @staticmethod
     def _rows_of(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -396,11 +334,6 @@ class LLMEngine:
         if hidden.is_cuda:
             index = index.pin_memory().to(hidden.device, non_blocking=True)
         return hidden[index]
-
-    def _capture_window(self, seq: Sequence) -> int:
-        plan = seq.plan
-        specs = [plan.dynamic.rest] if plan.dynamic else [s for row in plan.heads for s in row if s.kind == "select"]
-        return max(s.window for s in specs) if specs else 0
 
     def _select(self, seq: Sequence) -> None:
         """End of the prompt: choose full heads (dynamic plans) and middle tokens, from the
@@ -478,18 +411,6 @@ class LLMEngine:
         full = mc.num_layers * mc.num_kv_heads * -(-written // self.kv_manager.block_size)
         self.kv_bytes_saved += max(0, full - seq.peak_blocks) * self.kv_manager.block_bytes
 
-    def _error_output(self, seq: Sequence) -> RequestOutput:
-        """The final output of a failed request, built from plain fields only: the usual
-        output building may be what failed."""
-        self._seqs.pop(seq.request_id, None)
-        return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(seq.output_token_ids), text=seq.text, finished=True, finish_reason="error",
-            kv_bytes=seq.peak_blocks * self.kv_manager.block_bytes, plan=seq.plan.name,
-            arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
-            first_token_time=seq.first_token_time, finished_time=seq.finished_time,
-            num_preemptions=seq.num_preemptions, error=seq.error)
-
     def _output(self, seq: Sequence) -> RequestOutput:
         # running: snapshots of the growing lists, O(1) per step; finished: plain lists,
         # one copy per request
@@ -507,7 +428,7 @@ class LLMEngine:
             first_token_time=seq.first_token_time, finished_time=seq.finished_time,
             num_preemptions=seq.num_preemptions, stop_reason=seq.stop_reason,
             kv_bytes_decode=seq.decode_peak_blocks * self.kv_manager.block_bytes,
-            num_cached_tokens=seq.num_cached_tokens or 0)
+            num_cached_tokens=seq.num_cached_tokens or 0, error=seq.error)
 
     # -- convenience -----------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -534,3 +455,10 @@ class LLMEngine:
         if bar:
             bar.close()
         return [done[i] for i in ids]
+
+
+def _capture_window(plan: Plan) -> int:
+    """The last prompt positions whose queries and outputs `plan`'s selection needs: its
+    select heads' widest scoring window (a dynamic plan's rest), 0 without selection."""
+    specs = [plan.dynamic.rest] if plan.dynamic else [s for row in plan.heads for s in row if s.kind == "select"]
+    return max(s.window for s in specs) if specs else 0

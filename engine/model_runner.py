@@ -148,9 +148,6 @@ class ModelRunner:
         # one transfer for all layers
         return torch.stack(scores).cpu(), torch.stack(outs).cpu() if with_outputs else None
 
-    def forget(self, row: int) -> None:
-        self.captured.pop(row, None)
-
 
 def plan_step(scheduled: list[tuple[Sequence, int]], capture_window: dict[str, int]) -> tuple[StepPlan, list[StepRows]]:
     """The step's plan (prefill chunks first, then decode tokens) and where each sequence's

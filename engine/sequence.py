@@ -56,6 +56,8 @@ class Sequence:
     num_registered: int = 0
     cacheable: bool = True
     num_cached_tokens: int | None = None
+    # the last prompt positions whose queries / outputs the select heads score (0: none)
+    capture_window: int = 0
     # the next exponential draw of a non-greedy request, in flight (engine.sampler)
     noise: Future | None = None
 

@@ -25,6 +25,7 @@ from headwise.engine.config import EngineConfig
 from headwise.engine.distributed import ParallelEnv, TPGroup, free_port
 from headwise.engine.model import Shard
 from headwise.engine.model_runner import ModelRunner, StepPlan
+from headwise.engine.weights import load_model
 from headwise.kvcache.block_tables import DeviceTables
 from headwise.kvcache.buffers import KVBuffers
 from headwise.kvcache.manager import KVCacheManager, apply_moves, make_buffers
@@ -143,8 +144,6 @@ def start(config: EngineConfig, setup: RankSetup) -> tuple[TPGroup, list[mp.Proc
 def worker_main(config: EngineConfig, setup: RankSetup | None, env: ParallelEnv) -> None:
     """A rank > 0: build its part of the model and cache, then follow rank 0's messages.
     `setup` None (torchrun): rank 0 broadcasts it after the group forms."""
-    from headwise.engine.llm_engine import load_model
-
     device = rank_device(config, env.local_rank)
     group = TPGroup.init(env, device)
     if setup is None:

@@ -11,14 +11,21 @@ concatenated q/k/v and gate/up and the conversion of the old loader.
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+
 from pathlib import Path
 
 import torch
 
 from headwise.engine.config import LOAD_FORMATS
-from headwise.engine.loader import ModelConfig, read_safetensors
+from headwise.engine.loader import (ModelConfig, load_tokenizer, model_id, read_config, read_safetensors,
+                                    resolve_model_dir)
 from headwise.engine.distributed import TPGroup
 from headwise.engine.model import LlamaModel, Shard
+
+log = logging.getLogger(__name__)
 
 # Hugging Face's default `initializer_range`: activations stay finite through every layer
 DUMMY_STD = 0.02
@@ -71,3 +78,26 @@ def materialize(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: s
     else:
         model.load_weights(read_safetensors(model_dir, device))
     return model
+
+
+def load_model(model: str, dtype: str = "float32", device: str = "cpu", load_format: str = "auto",
+               shard: Shard | None = None, tp: TPGroup | None = None) -> tuple[ModelConfig, LlamaModel, object]:
+    """(config, model, tokenizer) of `--model`; engines and profilers in one process share
+    the read-only weights. `load_format` "dummy" reads config.json alone (random weights).
+    With `shard` (tensor parallelism) this rank's part of the model, never shared."""
+    if shard is not None:
+        return _load.__wrapped__(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format,
+                                 shard, tp)
+    return _load(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model_dir: str, name: str, dtype: str, device: str, load_format: str = "auto",
+          shard: Shard | None = None, tp: TPGroup | None = None) -> tuple[ModelConfig, LlamaModel, object]:
+    cfg = read_config(Path(model_dir), name)
+    started = time.perf_counter()
+    model = materialize(cfg, Path(model_dir), getattr(torch, dtype), device, load_format, shard, tp)
+    log.info("%s weights of %s (%.1fM parameters, %s, %s) ready in %.1f s",
+             "random" if load_format == "dummy" else "loaded", name,
+             sum(p.numel() for p in model.parameters()) / 1e6, dtype, device, time.perf_counter() - started)
+    return cfg, model, load_tokenizer(Path(model_dir))

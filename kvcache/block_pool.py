@@ -58,10 +58,6 @@ class BlockPool:
     def num_evictable(self) -> int:
         return int(self._num_evictable.sum())
 
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - self.num_free
-
     def rank_of(self, ids: np.ndarray) -> np.ndarray:
         return ids // self.blocks_per_rank
 

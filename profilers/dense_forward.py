@@ -19,7 +19,7 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def load_model(model: str):
     """(ModelConfig, LlamaModel, tokenizer) in fp32 on CPU, shared with engines in this process."""
-    from headwise.engine.llm_engine import load_model as load
+    from headwise.engine.weights import load_model as load
 
     return load(model, "float32", "cpu")
 

@@ -12,6 +12,7 @@ from headwise.engine.async_engine import AsyncEngine, EngineDead
 from headwise.engine.detokenizer import Detokenizer
 from headwise.engine.errors import RequestFailed
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
+from tests.tiny_model import run_to_end
 
 TEXTS = ["The history of the Roman Empire spans", "Photosynthesis is the process by which plants",
          "A short guide to writing unit tests in Python:"]
@@ -29,15 +30,6 @@ def prompts(tok):
 def normal(make_engine, prompts):
     """Each request's output in a batch without the faulty request."""
     return [o.token_ids for o in make_engine(kv_cache_mb=16).generate(prompts, PARAMS)]
-
-
-def run_to_end(eng) -> dict:
-    done = {}
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 def add_batch(eng, prompts) -> None:

@@ -16,7 +16,7 @@ from headwise.kvcache.block_tables import BlockTables
 from headwise.kvcache.budget import FULL_BUDGET, HeadBudget
 from headwise.kvcache.head_tables import PLACEHOLDER, HeadTables
 from headwise.kvcache.prefix_cache import PrefixCache, chain_hashes, seed_hash
-from tests.tiny_model import PLANS, VOCAB, write_plans, write_tiny_llama
+from tests.tiny_model import PLANS, VOCAB, run_to_end, write_plans, write_tiny_llama
 
 BS = 8
 
@@ -172,16 +172,14 @@ def test_mixed_plans_with_preemption_eviction_and_aborts_match_and_leak_nothing(
         eng = _engine(tiny, caching, kv_cache_mb=None, num_blocks=160, max_num_batched_tokens=48)
         for i, (p, sp, plan) in enumerate(zip(prompts, params, plans)):
             eng.add_request(f"r{i}", p, sp, plan)
-        done, steps = {}, 0
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                if out.finished:
-                    done[out.request_id] = out
-            steps += 1
-            if steps == 6:
+
+        def abort_and_count(step: int) -> None:
+            if step == 6:
                 eng.abort_request("r3")
                 eng.abort_request("r11")
             eng.block_census()
+
+        done = run_to_end(eng, abort_and_count)
         assert eng.block_census()["held"] == 0
         return eng, done
 

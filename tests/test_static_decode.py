@@ -10,7 +10,7 @@ from headwise.engine.config import EngineConfig
 from headwise.engine.cuda_graphs import capture_sizes
 from headwise.engine.llm_engine import LLMEngine
 from headwise.engine.sampling_params import SamplingParams
-from tests.tiny_model import PLANS, random_prompts, write_plans, write_tiny_llama
+from tests.tiny_model import PLANS, random_prompts, run_to_end, write_plans, write_tiny_llama
 
 
 def test_capture_sizes_ladder():
@@ -36,15 +36,12 @@ def test_padded_static_decode_equals_eager_for_every_plan(tmp_path):
             eng.runner.capture_decode(8, capture=False)
         for i in range(6):
             eng.add_request(f"r{i}", prompts[i], params[i], names[i])
-        done = {}
-        steps = 0
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                if out.finished:
-                    done[out.request_id] = out
-            steps += 1
-            if steps == 20:
+
+        def late_arrival(step: int) -> None:
+            if step == 20:
                 eng.add_request("r6", prompts[6], params[6], names[6])
+
+        done = run_to_end(eng, late_arrival)
         assert eng.block_census()["held"] == 0
         if static:  # padded (5 -> 8, 3 -> 4) and exact sizes ran as the batch changed
             runs = eng.runner.decode_graphs.runs

@@ -14,7 +14,8 @@ import torch
 
 from headwise.engine.config import EngineConfig
 from headwise.engine.errors import ModelLoadError
-from headwise.engine.llm_engine import LLMEngine, load_model
+from headwise.engine.llm_engine import LLMEngine
+from headwise.engine.weights import load_model
 from headwise.engine.loader import read_config
 from headwise.engine.sampling_params import SamplingParams
 from headwise.engine.weights import DUMMY_STD, build_model, materialize

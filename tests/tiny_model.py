@@ -3,12 +3,14 @@ engine tests that must not need the default model (GPU runs, Triton-interpreter 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from headwise.engine.config import EngineConfig
 from headwise.engine.llm_engine import LLMEngine
+from headwise.engine.outputs import RequestOutput
 from headwise.kvcache.plans import FULL, DynamicSpec, HeadSpec, Plan, save_plan
 
 VOCAB = 512
@@ -70,3 +72,18 @@ def write_plans(model_dir: str, d: Path) -> dict[str, str]:
 def random_prompts(n: int, length: int, step: int = 7) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(0, VOCAB - 2, (length + step * i,), generator=g).tolist() for i in range(n)]
+
+
+def run_to_end(eng: LLMEngine, after_step: Callable[[int], None] | None = None) -> dict[str, RequestOutput]:
+    """Step `eng` until no request is left; its final outputs by request id. `after_step(n)`
+    runs after the n-th step (1-based): to add or abort requests mid-run, or to check."""
+    done: dict[str, RequestOutput] = {}
+    steps = 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        steps += 1
+        if after_step is not None:
+            after_step(steps)
+    return done

@@ -19,7 +19,7 @@ from headwise.engine.config import EngineConfig  # noqa: E402
 from headwise.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from headwise.engine.llm_engine import LLMEngine  # noqa: E402
 from headwise.engine.sampling_params import SamplingParams  # noqa: E402
-from tests.tiny_model import PLANS, random_prompts, write_plans, write_tiny_llama  # noqa: E402
+from tests.tiny_model import PLANS, random_prompts, run_to_end, write_plans, write_tiny_llama  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -36,15 +36,13 @@ def test_graph_replayed_decode_equals_eager_for_every_plan(tmp_path, dtype):
         assert isinstance(eng.runner.decode_graphs, DecodeGraphs) != eager
         for i in range(9):
             eng.add_request(f"r{i}", prompts[i], params[i], names[i])
-        done, steps = {}, 0
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                if out.finished:
-                    done[out.request_id] = out
-            steps += 1
-            if steps == 30:  # the batch grows again after shrinking
+
+        def grow(step: int) -> None:
+            if step == 30:  # the batch grows again after shrinking
                 for i in (9, 10):
                     eng.add_request(f"r{i}", prompts[i], params[i], names[i])
+
+        done = run_to_end(eng, grow)
         assert eng.block_census()["held"] == 0
         if not eager:
             runs = eng.runner.decode_graphs.runs
