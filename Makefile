@@ -17,8 +17,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# imports flow one way (pyproject.toml [tool.importlinter]); a reversed arrow fails CI
+# ruff (pyflakes, imports, bugbear, pyupgrade; ruff format) and one-way imports
+# (pyproject.toml [tool.importlinter]); a reversed arrow fails CI
 lint: setup
+	$(VENV)/bin/ruff check -q .
+	$(VENV)/bin/ruff format --check -q .
 	$(VENV)/bin/lint-imports
 
 test: setup lint

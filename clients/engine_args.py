@@ -23,7 +23,7 @@ def env_default(flag: str, default=None, cast=str):
     try:
         return cast(value)
     except ValueError as e:
-        raise SystemExit(f"headwise: error: environment {name}={value!r}: {e}")
+        raise SystemExit(f"headwise: error: environment {name}={value!r}: {e}")  # noqa: B904
 
 
 def _flag(value: str) -> bool:
@@ -43,38 +43,73 @@ def parse_plan_arg(value: str) -> tuple[str, str]:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=env_default("--model", DEFAULT_MODEL),
-                   help="smollm2-135m, a .gguf file or a Hugging Face model directory")
+    g.add_argument(
+        "--model",
+        default=env_default("--model", DEFAULT_MODEL),
+        help="smollm2-135m, a .gguf file or a Hugging Face model directory",
+    )
     g.add_argument("--dtype", choices=DTYPES, default=env_default("--dtype", "float32"))
     g.add_argument("--device", default=env_default("--device", "cpu"))
-    g.add_argument("--load-format", choices=LOAD_FORMATS, default=env_default("--load-format", "auto"),
-                   help="auto: read the checkpoint; dummy: random weights from config.json alone (benchmarks)")
-    g.add_argument("--kv-cache-mb", type=float, default=env_default("--kv-cache-mb", None, float),
-                   help="KV pool size in MiB (default 1024)")
-    g.add_argument("--num-blocks", type=int, default=env_default("--num-blocks", None, int),
-                   help="KV pool size in blocks (overrides --kv-cache-mb)")
+    g.add_argument(
+        "--load-format",
+        choices=LOAD_FORMATS,
+        default=env_default("--load-format", "auto"),
+        help="auto: read the checkpoint; dummy: random weights from config.json alone (benchmarks)",
+    )
+    g.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=env_default("--kv-cache-mb", None, float),
+        help="KV pool size in MiB (default 1024)",
+    )
+    g.add_argument(
+        "--num-blocks",
+        type=int,
+        default=env_default("--num-blocks", None, int),
+        help="KV pool size in blocks (overrides --kv-cache-mb)",
+    )
     g.add_argument("--block-size", type=int, default=env_default("--block-size", 16, int))
     g.add_argument("--max-num-seqs", type=int, default=env_default("--max-num-seqs", 64, int))
-    g.add_argument("--max-num-batched-tokens", type=int,
-                   default=env_default("--max-num-batched-tokens", 2048, int))
+    g.add_argument("--max-num-batched-tokens", type=int, default=env_default("--max-num-batched-tokens", 2048, int))
     g.add_argument("--max-model-len", type=int, default=env_default("--max-model-len", None, int))
     env_plans = [parse_plan_arg(p) for p in (env_default("--plan", "") or "").split(",") if p]
-    g.add_argument("--plan", action="append", type=parse_plan_arg, default=env_plans or None,
-                   metavar="NAME=PATH", help="load a compression plan (repeatable); 'full' always exists; "
-                   "a NAME of a shipped plan replaces it")
+    g.add_argument(
+        "--plan",
+        action="append",
+        type=parse_plan_arg,
+        default=env_plans or None,
+        metavar="NAME=PATH",
+        help="load a compression plan (repeatable); 'full' always exists; a NAME of a shipped plan replaces it",
+    )
     shipped = ", ".join(shipped_plans(DEFAULT_MODEL)) or "none"
-    g.add_argument("--no-shipped-plans", dest="shipped_plans", action="store_false",
-                   default=not env_default("--no-shipped-plans", False, _flag),
-                   help=f"do not load the plans shipped for --model {DEFAULT_MODEL} ({shipped})")
+    g.add_argument(
+        "--no-shipped-plans",
+        dest="shipped_plans",
+        action="store_false",
+        default=not env_default("--no-shipped-plans", False, _flag),
+        help=f"do not load the plans shipped for --model {DEFAULT_MODEL} ({shipped})",
+    )
     g.add_argument("--default-plan", default=env_default("--default-plan", "full"))
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=env_default("--enable-prefix-caching", True, _flag),
-                   help="reuse the KV of shared prompt prefixes, per head (default on)")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=env_default("--tensor-parallel-size", 1, int),
-                   help="split the model over N processes, one device each (KV heads balanced by the default "
-                        "plan's budgets); under torchrun, its WORLD_SIZE")
-    g.add_argument("--enforce-eager", action="store_true", default=env_default("--enforce-eager", False, _flag),
-                   help="run decode steps eagerly instead of replaying CUDA graphs")
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("--enable-prefix-caching", True, _flag),
+        help="reuse the KV of shared prompt prefixes, per head (default on)",
+    )
+    g.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=env_default("--tensor-parallel-size", 1, int),
+        help="split the model over N processes, one device each (KV heads balanced by the default "
+        "plan's budgets); under torchrun, its WORLD_SIZE",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=env_default("--enforce-eager", False, _flag),
+        help="run decode steps eagerly instead of replaying CUDA graphs",
+    )
 
 
 def plans_from_args(args: argparse.Namespace) -> dict[str, str]:
@@ -85,8 +120,7 @@ def plans_from_args(args: argparse.Namespace) -> dict[str, str]:
     for name, path in plans.items():
         check_plan_file(name, path)
     if args.default_plan != "full" and args.default_plan not in plans:
-        raise CliError(f"--default-plan {args.default_plan!r} is not loaded (loaded: "
-                       f"{', '.join(['full', *plans])})")
+        raise CliError(f"--default-plan {args.default_plan!r} is not loaded (loaded: {', '.join(['full', *plans])})")
     return plans
 
 
@@ -103,9 +137,20 @@ def check_plan_file(name: str, path: str) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     plans = plans_from_args(args)
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-                        block_size=args.block_size, kv_cache_mb=args.kv_cache_mb, num_blocks=args.num_blocks,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_model_len=args.max_model_len, plans=plans, default_plan=args.default_plan,
-                        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                        tensor_parallel_size=args.tensor_parallel_size)
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        load_format=args.load_format,
+        block_size=args.block_size,
+        kv_cache_mb=args.kv_cache_mb,
+        num_blocks=args.num_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        plans=plans,
+        default_plan=args.default_plan,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )

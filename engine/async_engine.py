@@ -68,8 +68,9 @@ class AsyncEngine:
         return len(self._streams)
 
     # -- requests --------------------------------------------------------------------
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       plan: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, plan: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; stopping the iteration aborts it."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()

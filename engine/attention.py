@@ -68,8 +68,13 @@ class AttentionMetadata:
 
 
 def paged_attention(
-    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    meta: AttentionMetadata, buffers: KVBuffers, scale: float,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    buffers: KVBuffers,
+    scale: float,
 ) -> torch.Tensor:
     """q `[T, Hq, D]`, k / v `[T, Hkv, D]` (RoPE applied) -> output `[T, Hq, D]`."""
     p, d = meta.prefill, meta.decode
@@ -79,13 +84,40 @@ def paged_attention(
         pre = ops.causal_prefill(q[:tp], k[:tp], v[:tp], p.cu_seqlens, scale, p.max_seqlen)
     elif p:
         pre = ops.prefill_attention(
-            q[:tp], k[:tp], v[:tp], p.positions, p.seq_index, p.cu_seqlens, buffers.k, buffers.v, buffers.pos,
-            meta.block_tables[layer], p.rows, p.lengths[layer], p.keep[layer], p.sink[layer], p.recent[layer], scale,
-            p.has_cache, p.self_visible)
+            q[:tp],
+            k[:tp],
+            v[:tp],
+            p.positions,
+            p.seq_index,
+            p.cu_seqlens,
+            buffers.k,
+            buffers.v,
+            buffers.pos,
+            meta.block_tables[layer],
+            p.rows,
+            p.lengths[layer],
+            p.keep[layer],
+            p.sink[layer],
+            p.recent[layer],
+            scale,
+            p.has_cache,
+            p.self_visible,
+        )
     ops.kv_write(k, v, meta.positions, meta.slot_mapping[layer], buffers.k, buffers.v, buffers.pos)
     if d:
-        o, _ = ops.paged_decode(q[tp:], buffers.k, buffers.v, buffers.pos, meta.block_tables[layer], d.rows,
-                                d.lengths[layer], d.keep[layer], d.recent[layer], d.positions, scale)
+        o, _ = ops.paged_decode(
+            q[tp:],
+            buffers.k,
+            buffers.v,
+            buffers.pos,
+            meta.block_tables[layer],
+            d.rows,
+            d.lengths[layer],
+            d.keep[layer],
+            d.recent[layer],
+            d.positions,
+            scale,
+        )
         # a step of one kind returns its op's output as is: no scratch, no copy
         out = o if pre is None else torch.cat([pre, o])
     else:

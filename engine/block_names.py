@@ -31,8 +31,10 @@ class BlockNames:
         heads all see everything, so those plans share cached blocks with the full plan;
         window and elastic heads name their resolved (sink, recent)."""
         budgets, pending = self.budgets(seq)
-        seen = tuple(tuple(None if b.full or p else (b.sink, b.recent) for b, p in zip(row, prow))
-                     for row, prow in zip(budgets, pending))
+        seen = tuple(
+            tuple(None if b.full or p else (b.sink, b.recent) for b, p in zip(row, prow))
+            for row, prow in zip(budgets, pending)
+        )
         return seed_hash(self.model_id, self.dtype, self.kv_manager.block_size, seen)
 
     def hit_candidates(self, seq: Sequence) -> list[int]:
@@ -63,5 +65,5 @@ class BlockNames:
             bs = self.kv_manager.block_size
             have = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if have else seq.hash_seed
-            seq.block_hashes += chain_hashes(parent, seq.all_token_ids[have * bs:n * bs], bs)
+            seq.block_hashes += chain_hashes(parent, seq.all_token_ids[have * bs : n * bs], bs)
         return seq.block_hashes[:n]

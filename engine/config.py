@@ -32,8 +32,9 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format {self.load_format!r} is not supported; "
-                             f"choose one of {', '.join(LOAD_FORMATS)}")
+            raise ValueError(
+                f"load_format {self.load_format!r} is not supported; choose one of {', '.join(LOAD_FORMATS)}"
+            )
         if self.block_size not in (8, 16, 32, 64):
             raise ValueError(f"block_size must be 8, 16, 32 or 64, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens"):

@@ -51,9 +51,18 @@ class StaticDecode:
     def forward(self, size: int) -> torch.Tensor:
         """The captured computation: hidden states `[size, hidden]` of the static inputs."""
         tables = self.kv_manager.tables.local
-        meta = build_metadata(tables, self.kv_manager.block_size, self.info[:, :size], num_prefill=0,
-                              num_prefill_tokens=0, num_tokens=size, width=tables.width, max_seqlen=0,
-                              has_cache=False, all_full=True)
+        meta = build_metadata(
+            tables,
+            self.kv_manager.block_size,
+            self.info[:, :size],
+            num_prefill=0,
+            num_prefill_tokens=0,
+            num_tokens=size,
+            width=tables.width,
+            max_seqlen=0,
+            has_cache=False,
+            all_full=True,
+        )
         return self.model(self.ids[:size], meta, self.kv_manager.buffers)
 
     def load(self, packed: torch.Tensor, n: int) -> int:

@@ -24,14 +24,14 @@ class Detokenizer:
         the window restarts at the last emitted token, a character boundary.
         """
         ids = seq.output_token_ids
-        full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
         if len(full) <= len(seq.prefix_text) or full.endswith("\ufffd"):
             return 0
-        new = full[len(seq.prefix_text):]
+        new = full[len(seq.prefix_text) :]
         seq.text += new
         if len(ids) - seq.prefix_offset > WINDOW:
             seq.prefix_offset = seq.read_offset
-            seq.prefix_text = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+            seq.prefix_text = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
         else:
             seq.prefix_text = full
         seq.read_offset = len(ids)
@@ -51,5 +51,5 @@ class Detokenizer:
                 best = (i, s)
         if best is None:
             return None
-        seq.text = seq.text[:best[0]]
+        seq.text = seq.text[: best[0]]
         return best[1]

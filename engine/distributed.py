@@ -30,9 +30,13 @@ class ParallelEnv:
         """The torchrun variables, or None when the process was not launched by torchrun."""
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             return None
-        return ParallelEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                           int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
-                           os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")))
+        return ParallelEnv(
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
+            os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            int(os.environ.get("MASTER_PORT", "29500")),
+        )
 
 
 def free_port() -> int:
@@ -54,8 +58,9 @@ class TPGroup:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                rank=env.rank, world_size=env.world_size)
+        dist.init_process_group(
+            backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank, world_size=env.world_size
+        )
         group = TPGroup(env.rank, env.world_size, device)
         group._control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
         return group

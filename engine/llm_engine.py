@@ -29,9 +29,10 @@ from headwise.engine.weights import load_model
 from headwise.kvcache.budget import resolve_budget
 from headwise.kvcache.manager import KVCacheManager
 from headwise.kvcache.plan_build import request_blocks
-from headwise.kvcache.sharding import balanced, check_divisible, contiguous, rank_plans
 from headwise.kvcache.plans import Plan, load_plans
 from headwise.kvcache.selection import farthest_heads, head_distances
+from headwise.kvcache.sharding import balanced, check_divisible, contiguous, rank_plans
+
 
 @dataclass
 class EngineStats:
@@ -68,9 +69,13 @@ class LLMEngine:
         check_divisible(mc.shape, tp)
         # balanced for the default plan; without one (full), contiguous as usual
         default = self.plans[self.default_plan]
-        self.sharding = (contiguous(mc.shape, tp) if default.name == "full" and default.dynamic is None
-                         and all(s.kind == "full" for row in default.heads for s in row)
-                         else balanced(default, tp, self.max_model_len, config.block_size))
+        self.sharding = (
+            contiguous(mc.shape, tp)
+            if default.name == "full"
+            and default.dynamic is None
+            and all(s.kind == "full" for row in default.heads for s in row)
+            else balanced(default, tp, self.max_model_len, config.block_size)
+        )
         self.workers: TPWorkers | None = None
         device = config.device
         if tp > 1:
@@ -80,26 +85,50 @@ class LLMEngine:
                 group.broadcast(setup)
             device = str(group.device)
             shard = Shard(0, tp, tuple(map(tuple, self.sharding.heads_of(0))))
-            self.model_config, self.model, self.tokenizer = load_model(config.model, config.dtype, device,
-                                                                       config.load_format, shard, group)
+            self.model_config, self.model, self.tokenizer = load_model(
+                config.model, config.dtype, device, config.load_format, shard, group
+            )
         else:
             group = None
-            self.model_config, self.model, self.tokenizer = load_model(config.model, config.dtype, device,
-                                                                       config.load_format)
+            self.model_config, self.model, self.tokenizer = load_model(
+                config.model, config.dtype, device, config.load_format
+            )
         self.device = device
-        self.kv_manager = KVCacheManager(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size,
-                                         num_blocks, self.max_model_len, self.dtype, device,
-                                         config.max_num_seqs, config.enable_prefix_caching, tp)
+        self.kv_manager = KVCacheManager(
+            mc.num_layers,
+            mc.num_kv_heads,
+            mc.head_dim,
+            config.block_size,
+            num_blocks,
+            self.max_model_len,
+            self.dtype,
+            device,
+            config.max_num_seqs,
+            config.enable_prefix_caching,
+            tp,
+        )
         if group is not None:
             self.workers = TPWorkers(group, self.kv_manager, processes)
             atexit.register(self.close)
-        self.eos_ids = tuple(sorted(set(mc.eos_token_ids) | (
-            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())))
+        self.eos_ids = tuple(
+            sorted(
+                set(mc.eos_token_ids)
+                | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+            )
+        )
         # prefix caching: the names of each request's blocks (None: caching off)
-        self.block_names = (BlockNames(self.kv_manager, self.model_id, config.dtype, self._budgets)
-                            if config.enable_prefix_caching else None)
-        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, self._budgets,
-                                   self.block_names.hit_candidates if self.block_names else None)
+        self.block_names = (
+            BlockNames(self.kv_manager, self.model_id, config.dtype, self._budgets)
+            if config.enable_prefix_caching
+            else None
+        )
+        self.scheduler = Scheduler(
+            self.kv_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self._budgets,
+            self.block_names.hit_candidates if self.block_names else None,
+        )
         self.runner = ModelRunner(self.model, self.kv_manager, device)
         self.runner.remote = self.workers
         if torch.device(device).type == "cuda" and not config.enforce_eager:
@@ -116,8 +145,14 @@ class LLMEngine:
         self.step_timings: dict[str, float] = {}
 
     # -- requests --------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    plan: str | None = None, arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        plan: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
         if request_id in self._seqs:
             raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
         if not prompt_token_ids:
@@ -125,16 +160,16 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             bad = [t for t in prompt_token_ids if not 0 <= t < vocab][:5]
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab}) (the vocabulary size), got {bad}",
-                                 "prompt")
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab}) (the vocabulary size), got {bad}", "prompt")
         params.check_vocab(vocab)
         name = plan or self.default_plan
         if name not in self.plans:
             raise UnknownPlan(f"plan {name!r} is not loaded (loaded: {', '.join(self.plans)})", "kv_plan")
         self.check_context(len(prompt_token_ids), params.max_tokens)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
-        seq = Sequence(request_id, list(prompt_token_ids), params, self.plans[name],
-                       torch.Generator().manual_seed(seed))
+        seq = Sequence(
+            request_id, list(prompt_token_ids), params, self.plans[name], torch.Generator().manual_seed(seed)
+        )
         seq.capture_window = self._capture_windows[name]
         if self.block_names is not None:
             seq.hash_seed = self.block_names.seed(seq)
@@ -142,12 +177,23 @@ class LLMEngine:
             seq.arrival_time = arrival_time
         parts = rank_plans(seq.plan, self.sharding) if self.sharding.ranks > 1 else [seq.plan]
         # the least this request can run with (select heads compacting in place)
-        need = max(request_blocks(part, seq.num_prompt_tokens, params.max_tokens, self.kv_manager.block_size,
-                                  self.config.max_num_batched_tokens, prefix_caching=False)[0]
-                   for part in parts)
+        need = max(
+            request_blocks(
+                part,
+                seq.num_prompt_tokens,
+                params.max_tokens,
+                self.kv_manager.block_size,
+                self.config.max_num_batched_tokens,
+                prefix_caching=False,
+            )[0]
+            for part in parts
+        )
         if need > self.kv_manager.num_blocks:
-            raise PromptTooLong(f"the request needs {need} KV blocks but the pool has {self.kv_manager.num_blocks}; "
-                                "shorten the prompt or max_tokens, or start with a larger --kv-cache-mb", "prompt")
+            raise PromptTooLong(
+                f"the request needs {need} KV blocks but the pool has {self.kv_manager.num_blocks}; "
+                "shorten the prompt or max_tokens, or start with a larger --kv-cache-mb",
+                "prompt",
+            )
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -159,7 +205,9 @@ class LLMEngine:
             raise PromptTooLong(
                 f"This model's maximum context length is {self.max_model_len} tokens; you requested "
                 f"{total} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). Please "
-                "reduce the prompt or max_tokens.", "max_tokens")
+                "reduce the prompt or max_tokens.",
+                "max_tokens",
+            )
 
     def abort_request(self, request_id: str) -> None:
         seq = self.scheduler.abort(request_id)
@@ -212,18 +260,27 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         total = self.kv_manager.num_blocks
         cache = self.kv_manager.prefix_cache
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_manager.num_free, total,
-                           1 - self.kv_manager.num_free / total, self.scheduler.num_preemptions,
-                           self.kv_bytes_saved, self.kv_manager.block_bytes,
-                           cache.queries if cache else 0, cache.hits if cache else 0,
-                           self.kv_manager.pool.num_evictable)
+        return EngineStats(
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            self.kv_manager.num_free,
+            total,
+            1 - self.kv_manager.num_free / total,
+            self.scheduler.num_preemptions,
+            self.kv_bytes_saved,
+            self.kv_manager.block_bytes,
+            cache.queries if cache else 0,
+            cache.hits if cache else 0,
+            self.kv_manager.pool.num_evictable,
+        )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if not messages:
             raise InvalidRequest("messages must not be empty", "messages")
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True)
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
         except Exception as e:  # template errors carry the reason in their message
             raise InvalidRequest(f"cannot apply the chat template: {e}", "messages") from e
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -237,8 +294,9 @@ class LLMEngine:
         mc = self.model_config
         if plan.dynamic is not None:
             rest = resolve_budget(plan.dynamic.rest, p, ctx)
-            return [[rest] * mc.num_kv_heads for _ in range(mc.num_layers)], np.ones((mc.num_layers, mc.num_kv_heads),
-                                                                                    dtype=bool)
+            return [[rest] * mc.num_kv_heads for _ in range(mc.num_layers)], np.ones(
+                (mc.num_layers, mc.num_kv_heads), dtype=bool
+            )
         heads = [[row[h] for h in order] for row, order in zip(plan.heads, self.sharding.order)]
         budgets = [[resolve_budget(s, p, ctx) for s in row] for row in heads]
         return budgets, np.array([[s.kind == "select" for s in row] for row in heads])
@@ -277,8 +335,9 @@ class LLMEngine:
         timer.mark("postprocess")
         now = time.monotonic()
         guard = RequestGuard(self._fail)
-        windows = {s.request_id: s.capture_window for s, _ in sched.scheduled
-                   if s.capture_window and s.needs_selection()}
+        windows = {
+            s.request_id: s.capture_window for s, _ in sched.scheduled if s.capture_window and s.needs_selection()
+        }
         self.sampler.prefetch_noise(s for s, _ in sched.scheduled)  # drawn on the host while the forward runs
         hidden, rows = self.runner.execute(sched.scheduled, windows, timer)
         timer.mark("forward")
@@ -313,8 +372,9 @@ class LLMEngine:
                     outputs.append(self._output(seq))
         return outputs + self._take_ended()
 
-    def _sample(self, hidden: torch.Tensor, rows: list[int], seqs: list[Sequence],
-                ix: list[int]) -> list[tuple[int, TokenLogprob | None]]:
+    def _sample(
+        self, hidden: torch.Tensor, rows: list[int], seqs: list[Sequence], ix: list[int]
+    ) -> list[tuple[int, TokenLogprob | None]]:
         """(token, logprob) of the requests `ix` (indexes into `seqs`), from their rows of
         `hidden`; logits are made here, since the sampler edits them in place."""
         logits = self.model.logits(self._rows_of(hidden, [rows[i] for i in ix]))
@@ -366,14 +426,15 @@ class LLMEngine:
         n = min(hi, seq.num_prompt_tokens - 1) - r.start  # rows whose next token is a prompt token
         if n <= 0:
             return
-        lps = self.model.logits(hidden[r.row: r.row + hi - r.start]).log_softmax(-1)[:n]
-        targets = seq.prompt_token_ids[r.start + 1: r.start + 1 + n]
+        lps = self.model.logits(hidden[r.row : r.row + hi - r.start]).log_softmax(-1)[:n]
+        targets = seq.prompt_token_ids[r.start + 1 : r.start + 1 + n]
         # the chunk's rows at once: a few transfers per chunk, not a few per prompt token
         chosen = lps.gather(1, torch.tensor(targets, device=lps.device)[:, None])[:, 0].tolist()
         k = seq.params.prompt_logprobs or 0
         top_vals, top_ids = (t.tolist() for t in lps.topk(k, dim=-1)) if k else ([[]] * n, [[]] * n)
-        seq.prompt_logprobs.extend(TokenLogprob(t, lp, list(zip(ids, vals)))
-                                   for t, lp, ids, vals in zip(targets, chosen, top_ids, top_vals))
+        seq.prompt_logprobs.extend(
+            TokenLogprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in zip(targets, chosen, top_ids, top_vals)
+        )
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
         if seq.tables is not None:
@@ -419,20 +480,35 @@ class LLMEngine:
             self._seqs.pop(seq.request_id, None)
         peak = max(seq.peak_blocks, seq.tables.peak_blocks if seq.tables is not None else 0)
         return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
-            token_ids=cumulative(seq.output_token_ids), text=seq.text, finished=seq.finished,
-            finish_reason=seq.finish_reason, kv_bytes=peak * self.kv_manager.block_bytes, plan=seq.plan.name,
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=cumulative(seq.output_token_ids),
+            text=seq.text,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            kv_bytes=peak * self.kv_manager.block_bytes,
+            plan=seq.plan.name,
             logprobs=cumulative(seq.logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=cumulative(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
-            arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
-            first_token_time=seq.first_token_time, finished_time=seq.finished_time,
-            num_preemptions=seq.num_preemptions, stop_reason=seq.stop_reason,
+            arrival_time=seq.arrival_time,
+            first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time,
+            finished_time=seq.finished_time,
+            num_preemptions=seq.num_preemptions,
+            stop_reason=seq.stop_reason,
             kv_bytes_decode=seq.decode_peak_blocks * self.kv_manager.block_bytes,
-            num_cached_tokens=seq.num_cached_tokens or 0, error=seq.error)
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            error=seq.error,
+        )
 
     # -- convenience -----------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 plans: list[str] | str | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        plans: list[str] | str | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Run prompts to completion together; outputs in input order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         plan_list = plans if isinstance(plans, list) else [plans] * len(prompts)

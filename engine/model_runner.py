@@ -79,8 +79,12 @@ class ModelRunner:
         cls = DecodeGraphs if capture else StaticDecode
         self.decode_graphs = cls(self.model, self.kv_manager, max_batch, self.device)
 
-    def execute(self, scheduled: list[tuple[Sequence, int]], capture_window: dict[str, int],
-                timer: StepTimer | NoStepTimer = NO_STEP_TIMER):
+    def execute(
+        self,
+        scheduled: list[tuple[Sequence, int]],
+        capture_window: dict[str, int],
+        timer: StepTimer | NoStepTimer = NO_STEP_TIMER,
+    ):
         """Run one step. `capture_window[request_id]` asks for the q / outputs of the
         last W prompt positions. Returns (hidden `[T, hidden]`, rows); `timer` is marked
         where the host's preparation ends and the model starts."""
@@ -98,15 +102,27 @@ class ModelRunner:
             packed = packed.pin_memory()
         packed = packed.to(self.device, non_blocking=True)
         t, s = plan.num_tokens, plan.num_seqs
-        if (not plan.num_prefill and not plan.capture and self.decode_graphs is not None
-                and s <= self.decode_graphs.max_batch):
+        if (
+            not plan.num_prefill
+            and not plan.capture
+            and self.decode_graphs is not None
+            and s <= self.decode_graphs.max_batch
+        ):
             timer.mark("prepare")
             return self.decode_graphs.run(packed, s)
         meta = build_metadata(
-            self.kv_manager.tables.local, self.kv_manager.block_size, packed[t:].view(3, s),
-            num_prefill=plan.num_prefill, num_prefill_tokens=plan.num_prefill_tokens, num_tokens=t,
-            width=max(plan.width, 1), max_seqlen=plan.max_seqlen, has_cache=plan.has_cache,
-            all_full=plan.all_full, self_visible=plan.self_visible)
+            self.kv_manager.tables.local,
+            self.kv_manager.block_size,
+            packed[t:].view(3, s),
+            num_prefill=plan.num_prefill,
+            num_prefill_tokens=plan.num_prefill_tokens,
+            num_tokens=t,
+            width=max(plan.width, 1),
+            max_seqlen=plan.max_seqlen,
+            has_cache=plan.has_cache,
+            all_full=plan.all_full,
+            self_visible=plan.self_visible,
+        )
         if plan.capture:
             rows = [i for _, first, n, _ in plan.capture for i in range(first, first + n)]
             meta.capture = CaptureMeta(rows=torch.tensor(rows).to(self.device, non_blocking=True))
@@ -119,8 +135,8 @@ class ModelRunner:
     def _keep_capture(self, plan: StepPlan, capture: CaptureMeta) -> None:
         at = 0
         for row, _, n, starts in plan.capture:
-            qs = [q[at:at + n] for q in capture.q]
-            outs = [o[at:at + n] for o in capture.out]
+            qs = [q[at : at + n] for q in capture.q]
+            outs = [o[at : at + n] for o in capture.out]
             if not starts and row in self.captured:
                 old_q, old_out = self.captured[row]
                 qs = [torch.cat([a, b]) for a, b in zip(old_q, qs)]
@@ -180,6 +196,17 @@ def plan_step(scheduled: list[tuple[Sequence, int]], capture_window: dict[str, i
             has_cache |= start > 0
             all_full &= tables.all_unbounded
             self_visible &= tables.min_recent() >= 1
-    plan = StepPlan(ids + info[0] + info[1] + info[2], len(ids), len(info[0]), len(prefill),
-                    sum(n for _, n in prefill), width, max_seqlen, has_cache, all_full, self_visible, capture)
+    plan = StepPlan(
+        ids + info[0] + info[1] + info[2],
+        len(ids),
+        len(info[0]),
+        len(prefill),
+        sum(n for _, n in prefill),
+        width,
+        max_seqlen,
+        has_cache,
+        all_full,
+        self_visible,
+        capture,
+    )
     return plan, rows

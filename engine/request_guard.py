@@ -59,8 +59,12 @@ def isolate_rows(run: Callable[[list[int]], list[T]], seqs: list[Sequence], guar
     try:
         return run(list(range(len(seqs))))
     except Exception as error:
-        log.warning("a batched step of %d requests raised (%s: %s); retrying them one by one to find "
-                    "the request(s) at fault", len(seqs), type(error).__name__, error)
+        log.warning(
+            "a batched step of %d requests raised (%s: %s); retrying them one by one to find the request(s) at fault",
+            len(seqs),
+            type(error).__name__,
+            error,
+        )
     results: list[T | None] = [None] * len(seqs)
     for i, seq in enumerate(seqs):
         if guard.ok(seq):

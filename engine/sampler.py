@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -30,8 +30,9 @@ from headwise.engine.sequence import Sequence
 def _noise_pool() -> ThreadPoolExecutor:
     # draws of different requests run in parallel (each generator is used by one draw at a
     # time: a request has at most one draw in flight); exponential_ releases the GIL
-    return ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)),
-                              thread_name_prefix="headwise-noise")
+    return ThreadPoolExecutor(
+        max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)), thread_name_prefix="headwise-noise"
+    )
 
 
 def _draw_noise(generator: torch.Generator, vocab_size: int, pin: bool) -> torch.Tensor:
@@ -98,8 +99,11 @@ class Sampler:
             pen = self._tensor(pens, torch.float32)
             vals = logits[r, c]
             logits[r, c] = torch.where(vals > 0, _divide(vals, pen), vals * pen)
-        counted = [i for i, s in enumerate(seqs)
-                   if (s.params.presence_penalty or s.params.frequency_penalty) and s.output_token_ids]
+        counted = [
+            i
+            for i, s in enumerate(seqs)
+            if (s.params.presence_penalty or s.params.frequency_penalty) and s.output_token_ids
+        ]
         if counted:
             vocab = logits.shape[1]
             flat = [j * vocab + t for j, i in enumerate(counted) for t in seqs[i].output_token_ids]
@@ -207,4 +211,3 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     done.record()
     done.synchronize()
     return copies
-

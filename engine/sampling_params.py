@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # a seed is a signed 64-bit integer (vLLM's bounds); torch.Generator takes this whole range
-SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class InvalidRequest(ValueError):
@@ -44,16 +44,31 @@ class SamplingParams:
         _check(self.top_k >= -1, "top_k", f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}")
         _check(0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
         _check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
-        _check(self.repetition_penalty > 0, "repetition_penalty",
-               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        _check(-2 <= self.presence_penalty <= 2, "presence_penalty",
-               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
-               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed",
-               f"seed must be a signed 64-bit integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
-        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               f"stop_token_ids must be >= 0, got {[t for t in self.stop_token_ids if t < 0][:5]}")
+        _check(
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        )
+        _check(
+            -2 <= self.presence_penalty <= 2,
+            "presence_penalty",
+            f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+        )
+        _check(
+            -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty",
+            f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+        )
+        _check(
+            self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+            "seed",
+            f"seed must be a signed 64-bit integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed}",
+        )
+        _check(
+            all(t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            f"stop_token_ids must be >= 0, got {[t for t in self.stop_token_ids if t < 0][:5]}",
+        )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or 0 <= value <= 20, name, f"{name} must be in [0, 20], got {value}")
@@ -61,8 +76,11 @@ class SamplingParams:
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids the request names must be rows of the model's logits."""
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-        _check(not bad, "stop_token_ids",
-               f"stop_token_ids must be in [0, {vocab_size}) (the vocabulary size), got {bad[:5]}")
+        _check(
+            not bad,
+            "stop_token_ids",
+            f"stop_token_ids must be in [0, {vocab_size}) (the vocabulary size), got {bad[:5]}",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -33,8 +33,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, budget_fn,
-                 prefix_fn=None):
+    def __init__(
+        self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, budget_fn, prefix_fn=None
+    ):
         self.kv_manager = kv_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -60,7 +61,7 @@ class Scheduler:
                 continue
             n = self._chunk(seq, budget)
             end = seq.num_computed_tokens + n
-            comp = self._compaction(seq, n, lambda r: self.kv_manager.can_grow(seq.tables, end, r))
+            comp = self._compaction(seq, n, lambda r: self.kv_manager.can_grow(seq.tables, end, r))  # noqa: B023
             while not self.kv_manager.can_grow(seq.tables, end, comp):
                 victim = max((s for s in self.running if s.status == Status.RUNNING), key=lambda s: s.arrival_time)
                 budget += self._preempt(victim, out)

@@ -11,8 +11,8 @@ import torch
 
 from headwise.engine.outputs import TokenLogprob
 from headwise.engine.sampling_params import SamplingParams
-from headwise.kvcache.plans import Plan
 from headwise.kvcache.head_tables import HeadTables
+from headwise.kvcache.plans import Plan
 
 
 class Status(enum.Enum):

@@ -52,9 +52,19 @@ def flat_slots(tables: BlockTables, rows: torch.Tensor, slot: torch.Tensor, bloc
     return torch.where((slot >= 0) & (block >= 0), block * block_size + idx % block_size, torch.full_like(slot, -1))
 
 
-def build_metadata(tables: BlockTables, block_size: int, seq_info: torch.Tensor, num_prefill: int,
-                   num_prefill_tokens: int, num_tokens: int, width: int, max_seqlen: int, has_cache: bool,
-                   all_full: bool, self_visible: bool | None = None) -> AttentionMetadata:
+def build_metadata(
+    tables: BlockTables,
+    block_size: int,
+    seq_info: torch.Tensor,
+    num_prefill: int,
+    num_prefill_tokens: int,
+    num_tokens: int,
+    width: int,
+    max_seqlen: int,
+    has_cache: bool,
+    all_full: bool,
+    self_visible: bool | None = None,
+) -> AttentionMetadata:
     """Metadata of a step from `seq_info [3, S]` on the device: rows, first positions and
     token counts, prefill chunks first then decode sequences (one token each)."""
     rows, start, count = seq_info[0].long(), seq_info[1].long(), seq_info[2].long()
@@ -67,21 +77,40 @@ def build_metadata(tables: BlockTables, block_size: int, seq_info: torch.Tensor,
     token_rows = rows[seq_of]
     params = tables.dev_params[:, :, token_rows, :]  # [P, L, T, Hkv]
     slot = head_slots(params, positions, (start + count)[seq_of], block_size)
-    meta = AttentionMetadata(positions=positions, slot_mapping=flat_slots(tables, token_rows, slot, block_size),
-                             block_tables=tables.dev[..., :width], prefill=None, decode=None)
+    meta = AttentionMetadata(
+        positions=positions,
+        slot_mapping=flat_slots(tables, token_rows, slot, block_size),
+        block_tables=tables.dev[..., :width],
+        prefill=None,
+        decode=None,
+    )
     seq_params = tables.dev_params[:, :, rows, :]  # [P, L, S, Hkv]
     if num_prefill:
         sp = seq_params[:, :, :num_prefill]
         meta.prefill = PrefillMeta(
-            num_tokens=num_prefill_tokens, max_seqlen=max_seqlen, positions=positions[:num_prefill_tokens],
-            seq_index=seq_of[:num_prefill_tokens], cu_seqlens=cu[:num_prefill + 1].int(),
-            has_cache=has_cache, all_full=all_full, self_visible=self_visible, rows=rows[:num_prefill],
+            num_tokens=num_prefill_tokens,
+            max_seqlen=max_seqlen,
+            positions=positions[:num_prefill_tokens],
+            seq_index=seq_of[:num_prefill_tokens],
+            cu_seqlens=cu[: num_prefill + 1].int(),
+            has_cache=has_cache,
+            all_full=all_full,
+            self_visible=self_visible,
+            rows=rows[:num_prefill],
             lengths=head_lengths(sp, start[:num_prefill], block_size).int(),
-            keep=sp[KEEP], sink=sp[SINK], recent=sp[RECENT])
+            keep=sp[KEEP],
+            sink=sp[SINK],
+            recent=sp[RECENT],
+        )
     if num_prefill < s:
         dp = seq_params[:, :, num_prefill:]
         pos = start[num_prefill:]
         meta.decode = DecodeMeta(
-            num_tokens=s - num_prefill, rows=rows[num_prefill:], positions=pos,
-            lengths=head_lengths(dp, pos + 1, block_size).int(), keep=dp[KEEP], recent=dp[RECENT])
+            num_tokens=s - num_prefill,
+            rows=rows[num_prefill:],
+            positions=pos,
+            lengths=head_lengths(dp, pos + 1, block_size).int(),
+            keep=dp[KEEP],
+            recent=dp[RECENT],
+        )
     return meta

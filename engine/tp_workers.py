@@ -50,7 +50,7 @@ class RankSetup:
 class WorkerCache:
     """A worker's KV cache: its pool tensors and its copy of the block tables."""
 
-    tables: "_LocalTables"
+    tables: _LocalTables
     buffers: KVBuffers
     block_size: int
 
@@ -76,8 +76,9 @@ class TPWorkers:
     def check_alive(self) -> None:
         dead = [i + 1 for i, p in enumerate(self.processes) if not p.is_alive()]
         if dead:
-            raise WorkerDied(f"tensor-parallel worker rank {dead[0]} exited "
-                             f"(exit code {self.processes[dead[0] - 1].exitcode})")
+            raise WorkerDied(
+                f"tensor-parallel worker rank {dead[0]} exited (exit code {self.processes[dead[0] - 1].exitcode})"
+            )
 
     def raise_if_dead(self, error: BaseException, wait_s: float = 2.0) -> None:
         """WorkerDied (from `error`) if a worker has exited: a collective that failed because
@@ -132,8 +133,12 @@ def start(config: EngineConfig, setup: RankSetup) -> tuple[TPGroup, list[mp.Proc
         env = ParallelEnv(0, n, 0, "127.0.0.1", free_port())
         ctx = mp.get_context("spawn")
         for rank in range(1, n):
-            p = ctx.Process(target=worker_main, args=(config, setup, replace(env, rank=rank, local_rank=rank)),
-                            name=f"headwise-tp{rank}", daemon=True)
+            p = ctx.Process(
+                target=worker_main,
+                args=(config, setup, replace(env, rank=rank, local_rank=rank)),
+                name=f"headwise-tp{rank}",
+                daemon=True,
+            )
             p.start()
             processes.append(p)
     elif env.world_size != n or env.rank != 0:
@@ -150,14 +155,16 @@ def worker_main(config: EngineConfig, setup: RankSetup | None, env: ParallelEnv)
         setup = group.broadcast()
     n = config.tensor_parallel_size
     k = len(setup.order[0]) // n
-    shard = Shard(env.rank, n, tuple(row[env.rank * k:(env.rank + 1) * k] for row in setup.order))
+    shard = Shard(env.rank, n, tuple(row[env.rank * k : (env.rank + 1) * k] for row in setup.order))
     cfg, model, _ = load_model(config.model, config.dtype, str(device), config.load_format, shard, group)
     dtype = getattr(torch, config.dtype)
     rows = config.max_num_seqs + 1
     width = -(-setup.max_model_len // config.block_size) + 1
-    cache = WorkerCache(_LocalTables(DeviceTables(cfg.num_layers, rows, k, width, device)),
-                        make_buffers(setup.num_blocks, config.block_size, cfg.head_dim, dtype, device),
-                        config.block_size)
+    cache = WorkerCache(
+        _LocalTables(DeviceTables(cfg.num_layers, rows, k, width, device)),
+        make_buffers(setup.num_blocks, config.block_size, cfg.head_dim, dtype, device),
+        config.block_size,
+    )
     runner = ModelRunner(model, cache, str(device))
     if device.type == "cuda" and not config.enforce_eager:
         runner.capture_decode(config.max_num_seqs)  # in step with rank 0's capture (all-reduces inside)

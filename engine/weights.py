@@ -14,15 +14,20 @@ from __future__ import annotations
 import functools
 import logging
 import time
-
 from pathlib import Path
 
 import torch
 
 from headwise.engine.config import LOAD_FORMATS
-from headwise.engine.loader import (ModelConfig, load_tokenizer, model_id, read_config, read_safetensors,
-                                    resolve_model_dir)
 from headwise.engine.distributed import TPGroup
+from headwise.engine.loader import (
+    ModelConfig,
+    load_tokenizer,
+    model_id,
+    read_config,
+    read_safetensors,
+    resolve_model_dir,
+)
 from headwise.engine.model import LlamaModel, Shard
 
 log = logging.getLogger(__name__)
@@ -33,8 +38,9 @@ DUMMY_STD = 0.02
 DUMMY_SEED = 1234
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str, shard: Shard | None = None,
-                tp: TPGroup | None = None) -> LlamaModel:
+def build_model(
+    cfg: ModelConfig, dtype: torch.dtype, device: str, shard: Shard | None = None, tp: TPGroup | None = None
+) -> LlamaModel:
     """An uninitialised model (or one tensor-parallel rank's part of it) whose parameters
     already live on `device` in `dtype` (RoPE frequencies stay fp32)."""
     with torch.device("meta"):
@@ -65,8 +71,15 @@ def init_dummy_weights(model: LlamaModel, seed: int = DUMMY_SEED) -> None:
             param.normal_(0.0, DUMMY_STD, generator=generator)
 
 
-def materialize(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: str,
-                load_format: str = "auto", shard: Shard | None = None, tp: TPGroup | None = None) -> LlamaModel:
+def materialize(
+    cfg: ModelConfig,
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: str,
+    load_format: str = "auto",
+    shard: Shard | None = None,
+    tp: TPGroup | None = None,
+) -> LlamaModel:
     """The model of `cfg` (or `shard` of it) on `device` in `dtype`, its weights streamed from
     `model_dir`'s safetensors (`auto`) or random (`dummy`: no checkpoint is read; each rank
     draws its own part)."""
@@ -80,24 +93,42 @@ def materialize(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: s
     return model
 
 
-def load_model(model: str, dtype: str = "float32", device: str = "cpu", load_format: str = "auto",
-               shard: Shard | None = None, tp: TPGroup | None = None) -> tuple[ModelConfig, LlamaModel, object]:
+def load_model(
+    model: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    load_format: str = "auto",
+    shard: Shard | None = None,
+    tp: TPGroup | None = None,
+) -> tuple[ModelConfig, LlamaModel, object]:
     """(config, model, tokenizer) of `--model`; engines and profilers in one process share
     the read-only weights. `load_format` "dummy" reads config.json alone (random weights).
     With `shard` (tensor parallelism) this rank's part of the model, never shared."""
     if shard is not None:
-        return _load.__wrapped__(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format,
-                                 shard, tp)
+        return _load.__wrapped__(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format, shard, tp)
     return _load(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(model_dir: str, name: str, dtype: str, device: str, load_format: str = "auto",
-          shard: Shard | None = None, tp: TPGroup | None = None) -> tuple[ModelConfig, LlamaModel, object]:
+def _load(
+    model_dir: str,
+    name: str,
+    dtype: str,
+    device: str,
+    load_format: str = "auto",
+    shard: Shard | None = None,
+    tp: TPGroup | None = None,
+) -> tuple[ModelConfig, LlamaModel, object]:
     cfg = read_config(Path(model_dir), name)
     started = time.perf_counter()
     model = materialize(cfg, Path(model_dir), getattr(torch, dtype), device, load_format, shard, tp)
-    log.info("%s weights of %s (%.1fM parameters, %s, %s) ready in %.1f s",
-             "random" if load_format == "dummy" else "loaded", name,
-             sum(p.numel() for p in model.parameters()) / 1e6, dtype, device, time.perf_counter() - started)
+    log.info(
+        "%s weights of %s (%.1fM parameters, %s, %s) ready in %.1f s",
+        "random" if load_format == "dummy" else "loaded",
+        name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        dtype,
+        device,
+        time.perf_counter() - started,
+    )
     return cfg, model, load_tokenizer(Path(model_dir))

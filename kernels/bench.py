@@ -17,18 +17,34 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 # (substring of torch.cuda.get_device_name(), peak HBM GB/s); first match wins, so the
 # more specific names come first ("GH200" before "H200", "A100" before "A10", "L40" before "L4")
 PEAK_GBPS = [
-    ("GH200", 4000), ("H200", 4800), ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350), ("H800", 3350),
-    ("B200", 8000), ("A100 80GB PCIe", 1935), ("A100-SXM4-80GB", 2039), ("A100 80GB", 2039), ("A100", 1555),
-    ("A800", 2039), ("L40S", 864), ("L40", 864), ("L4", 300), ("A10G", 600), ("A10", 600),
-    ("RTX 4090", 1008), ("RTX 3090", 936), ("V100", 900),
+    ("GH200", 4000),
+    ("H200", 4800),
+    ("H100 NVL", 3900),
+    ("H100 PCIe", 2000),
+    ("H100", 3350),
+    ("H800", 3350),
+    ("B200", 8000),
+    ("A100 80GB PCIe", 1935),
+    ("A100-SXM4-80GB", 2039),
+    ("A100 80GB", 2039),
+    ("A100", 1555),
+    ("A800", 2039),
+    ("L40S", 864),
+    ("L40", 864),
+    ("L4", 300),
+    ("A10G", 600),
+    ("A10", 600),
+    ("RTX 4090", 1008),
+    ("RTX 3090", 936),
+    ("V100", 900),
 ]
 
 
@@ -86,10 +102,18 @@ def _fractions(text: str) -> list[float]:
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=_ints, default=[1, 4, 16, 64], help="batch sizes (default 1,4,16,64)")
-    parser.add_argument("--context", type=_ints, default=[4096, 16384, 32768, 131072],
-                        help="context lengths (default 4096,16384,32768,131072)")
-    parser.add_argument("--window-fraction", type=_fractions, default=[0.0, 0.5, 0.75],
-                        help="fractions of KV heads that are sink 64 + window 256 heads (default 0,0.5,0.75)")
+    parser.add_argument(
+        "--context",
+        type=_ints,
+        default=[4096, 16384, 32768, 131072],
+        help="context lengths (default 4096,16384,32768,131072)",
+    )
+    parser.add_argument(
+        "--window-fraction",
+        type=_fractions,
+        default=[0.0, 0.5, 0.75],
+        help="fractions of KV heads that are sink 64 + window 256 heads (default 0,0.5,0.75)",
+    )
     parser.add_argument("--peak-gbps", type=float, default=None, help="peak HBM GB/s (default: table by device name)")
     parser.add_argument("--check-seqs", type=int, default=2, help="sequences checked against the reference per cell")
     parser.add_argument("--rep-ms", type=int, default=100, help="timed repetition window per measurement")
@@ -183,16 +207,34 @@ def _paged_cell(
     from headwise.kernels.triton_cases import allocate, rows_of
 
     lengths = _plan_lengths(shape, row.batch, row.context, window_frac, q.device)
-    cache = allocate(lengths.cpu(), shape.block_size, shape.head_dim, shape.dtype, q.device,
-                     torch.Generator().manual_seed(0), fill="empty")
+    cache = allocate(
+        lengths.cpu(),
+        shape.block_size,
+        shape.head_dim,
+        shape.dtype,
+        q.device,
+        torch.Generator().manual_seed(0),
+        fill="empty",
+    )
     cache.k_cache.normal_()
     cache.v_cache.normal_()
     cache.lengths.copy_(lengths)
     windows = round(window_frac * shape.kv_heads)
     keep, recent, q_pos = _window_mask(cache, shape, row.context, windows)
     scale = shape.head_dim**-0.5
-    args = (q, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables, rows_of(cache), cache.lengths,
-            keep, recent, q_pos, scale)
+    args = (
+        q,
+        cache.k_cache,
+        cache.v_cache,
+        cache.pos_cache,
+        cache.block_tables,
+        rows_of(cache),
+        cache.lengths,
+        keep,
+        recent,
+        q_pos,
+        scale,
+    )
     row.paged_ms = timer(lambda: triton_ops.paged_decode(*args), rep_ms)
     elt = cache.k_cache.element_size()
     read = int(lengths.sum()) * shape.head_dim * 2 * elt + q.numel() * q.element_size()
@@ -213,18 +255,24 @@ def _bytes_needed(shape: Shape, batch: int, context: int) -> int:
 
 
 def _print_table(rows: list[Row], peak: float | None, device: str) -> None:
-    print(f"\npaged_decode on {device}; peak {peak or 'unknown'} GB/s; "
-          f"dense = SDPA on an unpaged cache (fa = flash-attn, '-' if not installed)")
-    head = f"{'context':>8} {'batch':>5} {'window%':>7} {'paged ms':>9} {'GB/s':>7} {'%peak':>6} " \
-           f"{'dense ms':>9} {'fa ms':>8} {'speedup':>7} {'max err':>8}  note"
+    print(
+        f"\npaged_decode on {device}; peak {peak or 'unknown'} GB/s; "
+        f"dense = SDPA on an unpaged cache (fa = flash-attn, '-' if not installed)"
+    )
+    head = (
+        f"{'context':>8} {'batch':>5} {'window%':>7} {'paged ms':>9} {'GB/s':>7} {'%peak':>6} "
+        f"{'dense ms':>9} {'fa ms':>8} {'speedup':>7} {'max err':>8}  note"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         frac = f"{100 * r.gbps / peak:5.1f}%" if peak and not math.isnan(r.gbps) else "   n/a"
         fa = "-" if math.isnan(r.flash_ms) else f"{r.flash_ms:8.3f}"
         speedup = _baseline_ms(r) / r.paged_ms if r.paged_ms > 0 else math.nan
-        print(f"{r.context:>8} {r.batch:>5} {r.window_pct:>6}% {r.paged_ms:9.3f} {r.gbps:7.0f} {frac:>6} "
-              f"{r.dense_ms:9.3f} {fa:>8} {speedup:6.2f}x {r.max_err:8.1e}  {r.note}".rstrip())
+        print(
+            f"{r.context:>8} {r.batch:>5} {r.window_pct:>6}% {r.paged_ms:9.3f} {r.gbps:7.0f} {frac:>6} "
+            f"{r.dense_ms:9.3f} {fa:>8} {speedup:6.2f}x {r.max_err:8.1e}  {r.note}".rstrip()
+        )
 
 
 def _summary(rows: list[Row], peak: float | None) -> str:
@@ -240,8 +288,10 @@ def _summary(rows: list[Row], peak: float | None) -> str:
         top = max(half, key=lambda r: (r.context, r.batch))
         gain = _baseline_ms(top) / top.paged_ms
         speed = f"; 50%-window plan at ctx {top.context} B {top.batch}: {gain:.2f}x vs dense"
-    return (f"paged_decode: best {best.gbps:.0f} GB/s{frac} at ctx {best.context} B {best.batch} "
-            f"{best.window_pct}% window{speed}; {len(measured) - bad}/{len(measured)} cells match the reference")
+    return (
+        f"paged_decode: best {best.gbps:.0f} GB/s{frac} at ctx {best.context} B {best.batch} "
+        f"{best.window_pct}% window{speed}; {len(measured) - bad}/{len(measured)} cells match the reference"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -289,8 +339,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m headwise.kernels.bench", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="python -m headwise.kernels.bench", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     _add_arguments(parser)
     return run(parser.parse_args(argv))
 

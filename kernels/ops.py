@@ -58,8 +58,9 @@ def kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache) -> None
 
 
 def paged_decode(q, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, q_pos, scale):
-    return backend_for(q).paged_decode(q, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent,
-                                       q_pos, scale)
+    return backend_for(q).paged_decode(
+        q, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, q_pos, scale
+    )
 
 
 def paged_prefix(q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, scale):
@@ -111,8 +112,9 @@ def _varlen_attention():
     except ImportError:
         pass
     else:
-        return lambda q, k, v, cu, n, scale: flash_attn_varlen_func(q, k, v, cu, cu, n, n, softmax_scale=scale,
-                                                                    causal=True)
+        return lambda q, k, v, cu, n, scale: flash_attn_varlen_func(
+            q, k, v, cu, cu, n, n, softmax_scale=scale, causal=True
+        )
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -129,8 +131,26 @@ def _varlen_attention():
     return lambda q, k, v, cu, n, scale: varlen_attn(q, k, v, cu, cu, n, n, scale=scale, enable_gqa=True, **causal)
 
 
-def prefill_attention(q, k, v, positions, seq_index, cu_seqlens, k_cache, v_cache, pos_cache, block_tables, rows,
-                      lengths, keep, sink, recent, scale, has_cache: bool, self_visible: bool | None = None):
+def prefill_attention(
+    q,
+    k,
+    v,
+    positions,
+    seq_index,
+    cu_seqlens,
+    k_cache,
+    v_cache,
+    pos_cache,
+    block_tables,
+    rows,
+    lengths,
+    keep,
+    sink,
+    recent,
+    scale,
+    has_cache: bool,
+    self_visible: bool | None = None,
+):
     """Chunk queries over their sequence's cached slots and the chunk itself, with the
     docs/design.md position mask; returns `[T, Hq, D]`.
 
@@ -144,11 +164,27 @@ def prefill_attention(q, k, v, positions, seq_index, cu_seqlens, k_cache, v_cach
         if self_visible is None:
             self_visible = bool((recent >= 1).all())
         if self_visible:
-            return reference.masked_prefill(q, k, v, positions, cu_seqlens, k_cache, v_cache, pos_cache,
-                                            block_tables, rows, lengths, keep, sink, recent, scale)
+            return reference.masked_prefill(
+                q,
+                k,
+                v,
+                positions,
+                cu_seqlens,
+                k_cache,
+                v_cache,
+                pos_cache,
+                block_tables,
+                rows,
+                lengths,
+                keep,
+                sink,
+                recent,
+                scale,
+            )
     o, lse = be.sink_window_prefill(q, k, v, positions, cu_seqlens, sink, recent, scale)
     if has_cache:
-        oc, lsec = be.paged_prefix(q, positions, seq_index, k_cache, v_cache, pos_cache, block_tables, rows,
-                                   lengths, keep, recent, scale)
+        oc, lsec = be.paged_prefix(
+            q, positions, seq_index, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, scale
+        )
         o, _ = be.merge_states(o, lse, oc, lsec)
     return o

@@ -80,7 +80,8 @@ def _cached_keys(k_cache, v_cache, pos_cache, table, lengths, keep, recent, q_po
     r = torch.arange(nb * bs, device=k.device)[None, None, :]
     qp = q_pos.long()[None, :, None]
     visible = (r < lengths.long()[:, None, None]) & (
-        (r < keep.long()[:, None, None]) | (kpos[:, None, :] > qp - recent.long()[:, None, None]))
+        (r < keep.long()[:, None, None]) | (kpos[:, None, :] > qp - recent.long()[:, None, None])
+    )
     return k, v, visible
 
 
@@ -125,7 +126,8 @@ def paged_decode(
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
     n = torch.arange(nblocks * bs, device=q.device)[None, None, :]
     visible = (n < lengths[:, :, None]) & (
-        (n < keep[:, :, None]) | (kpos > (q_pos.long()[:, None] - recent.long())[:, :, None]))
+        (n < keep[:, :, None]) | (kpos > (q_pos.long()[:, None] - recent.long())[:, :, None])
+    )
     scores.masked_fill_(~visible[:, :, None, :], float("-inf"))
     out, lse = _softmax_av(scores, v, q.dtype)
     return out.reshape(b, hq, d), lse.reshape(b, hq)
@@ -160,8 +162,17 @@ def paged_prefix(
     for s in torch.unique(q_seq).tolist():
         tokens = (q_seq == s).nonzero().flatten()
         row = table_rows[s]
-        cached = _cached_keys(k_cache, v_cache, pos_cache, block_tables[row:row + 1], lengths[s], keep[s],
-                              recent[s], q_pos[tokens], torch.float32)
+        cached = _cached_keys(
+            k_cache,
+            v_cache,
+            pos_cache,
+            block_tables[row : row + 1],
+            lengths[s],
+            keep[s],
+            recent[s],
+            q_pos[tokens],
+            torch.float32,
+        )
         if cached is None:
             continue
         k, v, visible = cached
@@ -264,8 +275,17 @@ def masked_prefill(
         visible = _chunk_visible(positions[a:b], sink[s], recent[s])  # [Hkv, n, n]
         ks, vs = k[a:b].permute(1, 0, 2), v[a:b].permute(1, 0, 2)  # [Hkv, n, D]
         row = table_rows[s]
-        cached = _cached_keys(k_cache, v_cache, pos_cache, block_tables[row:row + 1], lengths[s], keep[s],
-                              recent[s], positions[a:b], q.dtype)
+        cached = _cached_keys(
+            k_cache,
+            v_cache,
+            pos_cache,
+            block_tables[row : row + 1],
+            lengths[s],
+            keep[s],
+            recent[s],
+            positions[a:b],
+            q.dtype,
+        )
         if cached is not None:
             kc, vc, vis_cache = cached
             ks, vs = torch.cat([kc, ks], 1), torch.cat([vc, vs], 1)
@@ -274,11 +294,13 @@ def masked_prefill(
         uniform = bool((visible == visible[:1]).all())
         if uniform:  # one mask for every head: a single call over all query heads
             o = torch.nn.functional.scaled_dot_product_attention(
-                qs.reshape(1, hq, n, d), ks[None], vs[None], attn_mask=visible[0], scale=scale, enable_gqa=True)
+                qs.reshape(1, hq, n, d), ks[None], vs[None], attn_mask=visible[0], scale=scale, enable_gqa=True
+            )
             o = o[0].view(hkv, g, n, d)
         else:
             o = torch.nn.functional.scaled_dot_product_attention(
-                qs, ks[:, None], vs[:, None], attn_mask=visible[:, None], scale=scale)  # [Hkv, G, n, D]
+                qs, ks[:, None], vs[:, None], attn_mask=visible[:, None], scale=scale
+            )  # [Hkv, G, n, D]
         out[a:b] = o.permute(2, 0, 1, 3).reshape(n, hq, d)
     return out
 
@@ -295,8 +317,13 @@ def causal_prefill(
             continue
         # 4-d inputs: 3-d ones take SDPA's unfused math path on CPU (5x slower)
         o = torch.nn.functional.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
-            is_causal=True, scale=scale, enable_gqa=True)
+            q[a:b].transpose(0, 1)[None],
+            k[a:b].transpose(0, 1)[None],
+            v[a:b].transpose(0, 1)[None],
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
         out[a:b] = o[0].transpose(0, 1)
     return out
 

@@ -116,11 +116,23 @@ def rows_of(cache: PagedCache) -> torch.Tensor:
     return torch.arange(cache.block_tables.shape[0], dtype=torch.int32, device=cache.block_tables.device)
 
 
-def decode_args(cache: PagedCache, q: torch.Tensor, q_pos: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor,
-                scale: float) -> tuple:
+def decode_args(
+    cache: PagedCache, q: torch.Tensor, q_pos: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor, scale: float
+) -> tuple:
     """paged_decode's arguments for one newest token per sequence at `q_pos [S]`."""
-    return (q, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables, rows_of(cache), cache.lengths,
-            keep_of(cache, sink), recent.to(cache.lengths), q_pos.to(cache.lengths), scale)
+    return (
+        q,
+        cache.k_cache,
+        cache.v_cache,
+        cache.pos_cache,
+        cache.block_tables,
+        rows_of(cache),
+        cache.lengths,
+        keep_of(cache, sink),
+        recent.to(cache.lengths),
+        q_pos.to(cache.lengths),
+        scale,
+    )
 
 
 def prefill_in_chunks(
@@ -163,8 +175,18 @@ def prefill_in_chunks(
         cu_t = torch.tensor(cu, device=device, dtype=torch.int32)
         qc = q[idx]
         o1, l1 = ops.paged_prefix(
-            qc, pos_t, seq_t, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables,
-            rows_of(cache), cache.lengths, keep_of(cache, sink), recent, scale,
+            qc,
+            pos_t,
+            seq_t,
+            cache.k_cache,
+            cache.v_cache,
+            cache.pos_cache,
+            cache.block_tables,
+            rows_of(cache),
+            cache.lengths,
+            keep_of(cache, sink),
+            recent,
+            scale,
         )
         o2, l2 = ops.sink_window_prefill(qc, k[idx], v[idx], pos_t, cu_t, sink, recent, scale)
         out[idx], lse[idx] = ops.merge_states(o1, l1, o2, l2)
@@ -174,8 +196,14 @@ def prefill_in_chunks(
 
 
 def position_aligned_cache(
-    newest: list[int], sink: torch.Tensor, recent: torch.Tensor, block_size: int, head_dim: int,
-    dtype: torch.dtype, device: torch.device | str, generator: torch.Generator,
+    newest: list[int],
+    sink: torch.Tensor,
+    recent: torch.Tensor,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    generator: torch.Generator,
 ) -> tuple[PagedCache, torch.Tensor, torch.Tensor]:
     """The engine's layout: each (sequence, head) keeps its sink blocks, then the blocks that
     overlap its window (newest - recent, newest]; blocks in between were freed. The oldest
@@ -218,6 +246,11 @@ def position_aligned_cache(
                     v_cache[blk, j % block_size] = v_all[s, j, h]
                     pos_cache[blk, j % block_size] = j
             lengths[s, h] = (len(kept[s][h]) - 1) * block_size + p % block_size + 1
-    cache = PagedCache(k_cache.to(device=device, dtype=dtype), v_cache.to(device=device, dtype=dtype),
-                       pos_cache.to(device), tables.to(device), lengths.to(device))
+    cache = PagedCache(
+        k_cache.to(device=device, dtype=dtype),
+        v_cache.to(device=device, dtype=dtype),
+        pos_cache.to(device),
+        tables.to(device),
+        lengths.to(device),
+    )
     return cache, k_all, v_all

@@ -76,8 +76,11 @@ class _CompileOnLaunch:
         signature.update({name: "constexpr" for name in meta})
         backend = triton.compiler.make_backend(self.target)
         start = time.perf_counter()
-        kernel = triton.compile(ASTSource(self.fn, signature, meta, attrs), target=self.target,
-                                options=backend.parse_options(options).__dict__)
+        kernel = triton.compile(
+            ASTSource(self.fn, signature, meta, attrs),
+            target=self.target,
+            options=backend.parse_options(options).__dict__,
+        )
         consts = ",".join(f"{k}={v}" for k, v in meta.items())
         smem = kernel.metadata.shared
         limit = _SMEM_LIMIT.get(self.target.arch, 101376)
@@ -120,9 +123,12 @@ def _drive_ops(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -
     triton_ops.add_rms_norm(x, x, w, 1e-5)
     qkv = torch.zeros(t, (hkv * group + 2 * hkv) * head_dim, dtype=dtype)  # q and k as views of one projection
     cos_sin = torch.zeros(t, head_dim)
-    triton_ops.apply_rotary(qkv[:, :hkv * group * head_dim].view(t, hkv * group, head_dim),
-                            qkv[:, hkv * group * head_dim:(hkv * group + hkv) * head_dim].view(t, hkv, head_dim),
-                            cos_sin[:, :head_dim // 2], cos_sin[:, head_dim // 2:])
+    triton_ops.apply_rotary(
+        qkv[:, : hkv * group * head_dim].view(t, hkv * group, head_dim),
+        qkv[:, hkv * group * head_dim : (hkv * group + hkv) * head_dim].view(t, hkv, head_dim),
+        cos_sin[:, : head_dim // 2],
+        cos_sin[:, head_dim // 2 :],
+    )
 
 
 def compile_all(arch: int, configs: list[tuple[torch.dtype, int, int, int]]) -> list[str]:

@@ -13,8 +13,16 @@ ROWS = 16  # rows of [D] per program
 
 @triton.jit
 def _merge_kernel(
-    o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, lse_ptr, num_rows,
-    ROWS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    o1_ptr,
+    l1_ptr,
+    o2_ptr,
+    l2_ptr,
+    out_ptr,
+    lse_ptr,
+    num_rows,
+    ROWS: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     d = tl.arange(0, D_PAD)

@@ -17,10 +17,19 @@ from headwise.kernels.triton_common import next_pow2
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, r_ptr, w_ptr, y_ptr, s_ptr,
-    n_cols, eps,
-    s_x, s_r, s_y, s_s,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    s_ptr,
+    n_cols,
+    eps,
+    s_x,
+    s_r,
+    s_y,
+    s_s,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -52,9 +61,19 @@ def launch_rms_norm(
     block = next_pow2(h)
     r = residual if residual is not None else x
     _rms_norm_kernel[(rows,)](
-        x, r, weight, y, s if s is not None else y,
-        h, float(eps),
-        x.stride(0), r.stride(0), y.stride(0), y.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)),
+        x,
+        r,
+        weight,
+        y,
+        s if s is not None else y,
+        h,
+        float(eps),
+        x.stride(0),
+        r.stride(0),
+        y.stride(0),
+        y.stride(0),
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=min(16, max(4, block // 512)),
     )
     return y, s

@@ -35,8 +35,16 @@ from headwise.kernels.triton_prefill import launch_sink_window
 from headwise.kernels.triton_prefix import launch_prefix
 from headwise.kernels.triton_rope import launch_rotary
 
-__all__ = ["kv_write", "paged_decode", "paged_prefix", "sink_window_prefill", "merge_states", "rms_norm",
-           "add_rms_norm", "apply_rotary"]
+__all__ = [
+    "kv_write",
+    "paged_decode",
+    "paged_prefix",
+    "sink_window_prefill",
+    "merge_states",
+    "rms_norm",
+    "add_rms_norm",
+    "apply_rotary",
+]
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -124,8 +132,9 @@ def paged_decode(
             check_int(name, x, heads)
         require(block_tables.stride(-1) == 1, "block_tables must have a unit stride along its blocks")
         check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, rows=rows, lengths=lengths, q_pos=q_pos)
-    return launch_decode(_rows_contiguous(q), k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent,
-                         q_pos, float(scale))
+    return launch_decode(
+        _rows_contiguous(q), k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, q_pos, float(scale)
+    )
 
 
 def paged_prefix(
@@ -160,8 +169,18 @@ def paged_prefix(
         check_same_device(q=q, q_pos=q_pos, q_seq=q_seq, k_cache=k_cache, block_tables=block_tables, lengths=lengths)
         require(block_tables.stride(-1) == 1, "block_tables must have a unit stride along its blocks")
     return launch_prefix(
-        _rows_contiguous(q), q_pos.contiguous(), q_seq.contiguous(), k_cache, v_cache, pos_cache,
-        block_tables, rows.contiguous(), lengths, keep, recent, float(scale),
+        _rows_contiguous(q),
+        q_pos.contiguous(),
+        q_seq.contiguous(),
+        k_cache,
+        v_cache,
+        pos_cache,
+        block_tables,
+        rows.contiguous(),
+        lengths,
+        keep,
+        recent,
+        float(scale),
     )
 
 
@@ -182,8 +201,14 @@ def sink_window_prefill(
     if CHECKS:
         _check_sink_window(q, k, v, positions, cu_seqlens, sink, recent)
     return launch_sink_window(
-        _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), positions.contiguous(), cu_seqlens.contiguous(),
-        sink, recent, float(scale),
+        _rows_contiguous(q),
+        _rows_contiguous(k),
+        _rows_contiguous(v),
+        positions.contiguous(),
+        cu_seqlens.contiguous(),
+        sink,
+        recent,
+        float(scale),
     )
 
 
@@ -281,8 +306,9 @@ def apply_rotary(
 
 
 def _check_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    require(q.dim() == 3 and k.dim() == 3,
-            f"q, k must be [tokens, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}")
+    require(
+        q.dim() == 3 and k.dim() == 3, f"q, k must be [tokens, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}"
+    )
     t, _, d = q.shape
     require(k.shape[0] == t and k.shape[2] == d, f"k shape {tuple(k.shape)} does not match q {tuple(q.shape)}")
     require(d % 2 == 0, f"head_dim {d} must be even")

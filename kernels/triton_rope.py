@@ -30,10 +30,28 @@ def _rotate_heads(x_row, o_row, s_h, s_oh, num_heads, c, s, j, j_ok, HALF: tl.co
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-    num_q_heads, num_kv_heads,
-    s_qt, s_qh, s_kt, s_kh, s_ct, s_st, s_qot, s_qoh, s_kot, s_koh,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    qo_ptr,
+    ko_ptr,
+    num_q_heads,
+    num_kv_heads,
+    s_qt,
+    s_qh,
+    s_kt,
+    s_kh,
+    s_ct,
+    s_st,
+    s_qot,
+    s_qoh,
+    s_kot,
+    s_koh,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    HQ_PAD: tl.constexpr,
+    HKV_PAD: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, HALF_PAD)
@@ -56,11 +74,29 @@ def launch_rotary(
         return qo, ko
     half = d // 2
     _rope_kernel[(t,)](
-        q, k, cos, sin, qo, ko,
-        hq, hkv,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
-        HALF=half, HALF_PAD=next_pow2(half), HQ_PAD=next_pow2(hq), HKV_PAD=next_pow2(hkv),
-        num_warps=4, enable_fp_fusion=False,
+        q,
+        k,
+        cos,
+        sin,
+        qo,
+        ko,
+        hq,
+        hkv,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        qo.stride(0),
+        qo.stride(1),
+        ko.stride(0),
+        ko.stride(1),
+        HALF=half,
+        HALF_PAD=next_pow2(half),
+        HQ_PAD=next_pow2(hq),
+        HKV_PAD=next_pow2(hkv),
+        num_warps=4,
+        enable_fp_fusion=False,
     )
     return qo, ko

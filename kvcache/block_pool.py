@@ -18,7 +18,7 @@ eviction order, and every count is per rank (`num_free_per_rank`).
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,13 +32,15 @@ class BlockPool:
         self.ref = np.zeros(self.num_blocks, dtype=np.int32)
         self.block_hash = np.zeros(self.num_blocks, dtype=np.int64)
         # per rank, a stack popped from the end (its lowest ids first)
-        self._free = [np.arange((r + 1) * blocks_per_rank - 1, r * blocks_per_rank - 1, -1, dtype=np.int32)
-                      for r in range(ranks)]
+        self._free = [
+            np.arange((r + 1) * blocks_per_rank - 1, r * blocks_per_rank - 1, -1, dtype=np.int32) for r in range(ranks)
+        ]
         self._num_free = np.full(ranks, blocks_per_rank, dtype=np.int64)
         # evictable blocks in release order per rank and tier (cold, warm); an entry is live
         # while its epoch matches
         self._lru: list[tuple[deque[tuple[int, int]], deque[tuple[int, int]]]] = [
-            (deque(), deque()) for _ in range(ranks)]
+            (deque(), deque()) for _ in range(ranks)
+        ]
         self._epoch = np.zeros(self.num_blocks, dtype=np.int64)
         self._evictable = np.zeros(self.num_blocks, dtype=bool)
         self._num_evictable = np.zeros(ranks, dtype=np.int64)
@@ -63,12 +65,13 @@ class BlockPool:
 
     def allocate(self, n: int, rank: int = 0) -> np.ndarray:
         """`n` blocks of `rank` with refcount 1 (the caller checked `num_free_per_rank`)."""
-        assert n <= self.num_free_per_rank[rank], f"allocate({n}) on rank {rank} with " \
-                                                  f"{self.num_free_per_rank[rank]} available"
+        assert n <= self.num_free_per_rank[rank], (
+            f"allocate({n}) on rank {rank} with {self.num_free_per_rank[rank]} available"
+        )
         if n > self._num_free[rank]:
             self._evict(n - int(self._num_free[rank]), rank)
         top = int(self._num_free[rank])
-        ids = self._free[rank][top - n:top][::-1].copy()
+        ids = self._free[rank][top - n : top][::-1].copy()
         self._num_free[rank] -= n
         self.ref[ids] = 1
         return ids
@@ -142,5 +145,5 @@ class BlockPool:
         for r in np.unique(ranks).tolist():
             mine = ids[ranks == r]
             top = int(self._num_free[r])
-            self._free[r][top:top + len(mine)] = mine[::-1]
+            self._free[r][top : top + len(mine)] = mine[::-1]
             self._num_free[r] += len(mine)

@@ -35,8 +35,16 @@ class DeviceTables:
     """One rank's block tables on its device: `dev [L, R + 1, k, W]` rank-local block ids and
     `dev_params [P, L, R + 1, k]`."""
 
-    def __init__(self, num_layers: int, rows: int, heads: int, width: int, device: torch.device,
-                 host: torch.Tensor | None = None, host_params: torch.Tensor | None = None):
+    def __init__(
+        self,
+        num_layers: int,
+        rows: int,
+        heads: int,
+        width: int,
+        device: torch.device,
+        host: torch.Tensor | None = None,
+        host_params: torch.Tensor | None = None,
+    ):
         self.device = device
         self.width = width
         self.pad_row = rows - 1
@@ -68,8 +76,16 @@ class DeviceTables:
 
 
 class BlockTables:
-    def __init__(self, num_layers: int, num_kv_heads: int, max_rows: int, max_blocks_per_head: int,
-                 device: str | torch.device = "cpu", ranks: int = 1, blocks_per_rank: int = 0):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        max_rows: int,
+        max_blocks_per_head: int,
+        device: str | torch.device = "cpu",
+        ranks: int = 1,
+        blocks_per_rank: int = 0,
+    ):
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.max_rows = max_rows
         self.width = max_blocks_per_head
@@ -78,16 +94,20 @@ class BlockTables:
         self.ranks, self.blocks_per_rank = ranks, blocks_per_rank
         rows = max_rows + 1
         pin = self.device.type == "cuda"
-        self.host = torch.zeros(num_layers, rows, num_kv_heads, max_blocks_per_head, dtype=torch.int32,
-                                pin_memory=pin)
-        self.host_params = torch.zeros(len(PARAMS), num_layers, rows, num_kv_heads, dtype=torch.int32,
-                                       pin_memory=pin)
+        self.host = torch.zeros(num_layers, rows, num_kv_heads, max_blocks_per_head, dtype=torch.int32, pin_memory=pin)
+        self.host_params = torch.zeros(len(PARAMS), num_layers, rows, num_kv_heads, dtype=torch.int32, pin_memory=pin)
         self.table = self.host.numpy()  # [L, R + 1, Hkv, W]
         self.params = self.host_params.numpy()  # [P, L, R + 1, Hkv]
         self.params[PARAMS.index("ring"), :, self.pad_row] = 0
         self._mirrored = self.device.type == "cpu" and ranks == 1
-        self.local = DeviceTables(num_layers, rows, num_kv_heads // ranks, max_blocks_per_head, self.device,
-                                  *((self.host, self.host_params) if self._mirrored else ()))
+        self.local = DeviceTables(
+            num_layers,
+            rows,
+            num_kv_heads // ranks,
+            max_blocks_per_head,
+            self.device,
+            *((self.host, self.host_params) if self._mirrored else ()),
+        )
         self._dirty: list[np.ndarray] = []
         self._dirty_params: list[np.ndarray] = []
         self._free_rows = list(range(max_rows - 1, -1, -1))
@@ -112,8 +132,7 @@ class BlockTables:
         self._free_rows.append(row)
 
     # -- edits (host mirror + the flat indices to copy) ------------------------------
-    def set_entries(self, row: int, layer: np.ndarray, head: np.ndarray, index: np.ndarray,
-                    blocks: np.ndarray) -> None:
+    def set_entries(self, row: int, layer: np.ndarray, head: np.ndarray, index: np.ndarray, blocks: np.ndarray) -> None:
         """table[layer, row, head, index] = blocks (arrays of one length)."""
         self.table[layer, row, head, index] = blocks
         if not self._mirrored:
@@ -122,7 +141,7 @@ class BlockTables:
 
     def set_row_span(self, row: int, layer: int, head: int, start: int, blocks: np.ndarray) -> None:
         """table[layer, row, head, start:start + len(blocks)] = blocks."""
-        self.table[layer, row, head, start:start + len(blocks)] = blocks
+        self.table[layer, row, head, start : start + len(blocks)] = blocks
         if not self._mirrored and len(blocks):
             rows, hkv, w = self.table.shape[1:]
             base = ((layer * rows + row) * hkv + head) * w

@@ -30,8 +30,16 @@ PLACEHOLDER = -1  # a row entry for a logical block a window head skipped: its p
 
 
 class HeadTables:
-    def __init__(self, budgets: list[list[HeadBudget]], pending: np.ndarray, block_size: int, context_len: int,
-                 tables: BlockTables, row: int, ranks: int = 1):
+    def __init__(
+        self,
+        budgets: list[list[HeadBudget]],
+        pending: np.ndarray,
+        block_size: int,
+        context_len: int,
+        tables: BlockTables,
+        row: int,
+        ranks: int = 1,
+    ):
         self.budgets = budgets
         self.block_size = block_size
         self.context_len = context_len
@@ -43,8 +51,9 @@ class HeadTables:
         self.window = ~full & ~self.pending  # positional heads that drop blocks
         self.ring_mode = np.zeros_like(self.pending)
         self.sink = np.array([[b.sink for b in r] for r in budgets], dtype=np.int64)
-        recent = np.array([[b.recent if b.recent is not None else UNBOUNDED for b in r] for r in budgets],
-                          dtype=np.int64)
+        recent = np.array(
+            [[b.recent if b.recent is not None else UNBOUNDED for b in r] for r in budgets], dtype=np.int64
+        )
         self.recent = np.where(self.window, recent, UNBOUNDED)
         self.ns = np.where(self.window, -(-self.sink // block_size), 0)  # sink blocks
         shape = self.pending.shape
@@ -86,7 +95,7 @@ class HeadTables:
         return int(np.where(self.ring_mode, self.ring, self.recent).min())
 
     def row_blocks(self, layer: int, head: int) -> np.ndarray:
-        return self.tables.table[layer, self.row, head, :self.nent[layer, head]]
+        return self.tables.table[layer, self.row, head, : self.nent[layer, head]]
 
     def kept_from(self, end: int) -> np.ndarray:
         """First logical block a positional head keeps after `end` positions `[L, Hkv]`."""
@@ -196,11 +205,11 @@ class HeadTables:
         for layer, head in zip(*np.nonzero(shift)):
             n, ns, total = int(shift[layer, head]), int(self.ns[layer, head]), int(self.nent[layer, head])
             row = self.tables.table[layer, self.row, head]
-            gone = row[ns:ns + n]
+            gone = row[ns : ns + n]
             gone = gone[gone != PLACEHOLDER].copy()
             out.append(gone)
             self.held[layer, head] -= len(gone) - int(np.isin(gone, self.transient).sum())
-            self.tables.set_row_span(self.row, layer, head, ns, row[ns + n:total].copy())
+            self.tables.set_row_span(self.row, layer, head, ns, row[ns + n : total].copy())
             self.nent[layer, head] = total - n
         if shift.any():
             self.gap += shift
@@ -256,7 +265,10 @@ class HeadTables:
         self.ring[layer, head] = ring
 
     def commit_ring_params(self) -> None:
-        self.tables.set_params(self.row, ring=np.where(self.ring_mode, self.ring, -1),
-                               sink=np.where(self.ring_mode | self.window, self.sink, 0),
-                               keep=np.where(self.ring_mode, self.ring_keep, np.where(self.window, self.sink, 0)),
-                               recent=np.where(self.ring_mode, self.ring, self.recent))
+        self.tables.set_params(
+            self.row,
+            ring=np.where(self.ring_mode, self.ring, -1),
+            sink=np.where(self.ring_mode | self.window, self.sink, 0),
+            keep=np.where(self.ring_mode, self.ring_keep, np.where(self.window, self.sink, 0)),
+            recent=np.where(self.ring_mode, self.ring, self.recent),
+        )

@@ -27,9 +27,20 @@ from headwise.kvcache.prefix_cache import PrefixCache
 
 
 class KVCacheManager:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 num_blocks: int, max_model_len: int, dtype: torch.dtype, device: str = "cpu",
-                 max_num_seqs: int = 64, enable_prefix_caching: bool = False, ranks: int = 1):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        num_blocks: int,
+        max_model_len: int,
+        dtype: torch.dtype,
+        device: str = "cpu",
+        max_num_seqs: int = 64,
+        enable_prefix_caching: bool = False,
+        ranks: int = 1,
+    ):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size = block_size
         self.ranks = ranks
@@ -37,8 +48,9 @@ class KVCacheManager:
         self.max_blocks_per_head = -(-max_model_len // block_size) + 1
         self.pool = BlockPool(num_blocks, ranks)
         self.buffers = make_buffers(num_blocks, block_size, head_dim, dtype, device)
-        self.tables = BlockTables(num_layers, num_kv_heads, max_num_seqs, self.max_blocks_per_head, device,
-                                  ranks, num_blocks)
+        self.tables = BlockTables(
+            num_layers, num_kv_heads, max_num_seqs, self.max_blocks_per_head, device, ranks, num_blocks
+        )
         self.prefix_cache = PrefixCache(self.pool, num_layers, num_kv_heads) if enable_prefix_caching else None
         # blocks per rank the running requests' window heads may still take (HeadTables.promise)
         self.promised = np.zeros(ranks, dtype=np.int64)
@@ -72,8 +84,9 @@ class KVCacheManager:
         """Tables in a fresh row, or None when every row is taken."""
         if not self.tables.num_free_rows:
             return None
-        return HeadTables(budgets, pending, self.block_size, context_len, self.tables, self.tables.allocate_row(),
-                          self.ranks)
+        return HeadTables(
+            budgets, pending, self.block_size, context_len, self.tables, self.tables.allocate_row(), self.ranks
+        )
 
     def can_grow(self, tables: HeadTables, end: int, compaction: np.ndarray | int = 0) -> bool:
         """Whether a step computing positions up to `end` (plus a compaction reserve) can
@@ -83,8 +96,9 @@ class KVCacheManager:
         need = other + compaction + np.maximum(window - tables.promise(), 0)
         return bool((need <= self.available).all())
 
-    def can_admit(self, tables: HeadTables, prompt_end: int, first_end: int, taken: np.ndarray,
-                  compaction: np.ndarray | int = 0) -> bool:
+    def can_admit(
+        self, tables: HeadTables, prompt_end: int, first_end: int, taken: np.ndarray, compaction: np.ndarray | int = 0
+    ) -> bool:
         """Whether a request (its tables laid out over a cached prefix whose blocks are
         `taken`) fits on every rank: its prompt, its windows' most, the cached blocks it
         revives, what its first chunk (up to `first_end`) needs beyond its windows' promise,
@@ -138,8 +152,9 @@ class KVCacheManager:
         equals the number of live requests' tables (compaction reserves included) naming it.
         Raises AssertionError on a leak or a double free; returns the three counts."""
         named = [t.all_blocks() for t in live] + [r for t in live for r in t.reserve]
-        counts = np.bincount(np.concatenate(named or [np.zeros(0, dtype=np.int32)]).astype(np.int64),
-                             minlength=self.pool.num_blocks)
+        counts = np.bincount(
+            np.concatenate(named or [np.zeros(0, dtype=np.int32)]).astype(np.int64), minlength=self.pool.num_blocks
+        )
         assert (counts == self.pool.ref).all(), "block refcounts disagree with the live tables"
         held = int((self.pool.ref > 0).sum())
         evictable = self.pool.num_evictable
@@ -194,7 +209,7 @@ class KVCacheManager:
         for l, h in zip(*np.nonzero(tables.pending)):
             nkeep = -(-compacted_capacity(tables.budgets[l][h], prompt_len, tables.context_len) // self.block_size)
             row = tables.row_blocks(l, h)
-            tail = row[max(0, prompt_blocks - nkeep):]  # the part of the tail already laid out
+            tail = row[max(0, prompt_blocks - nkeep) :]  # the part of the tail already laid out
             tails.append(tail[tail >= 0])
         tail = np.concatenate(tails) if tails else np.zeros(0, dtype=np.int32)
         if (self.pool.ref[tail] > 1).any():
@@ -227,18 +242,19 @@ class KVCacheManager:
             tail = torch.arange(max(mid_hi, min(sink, p)), p)
             src = torch.cat([torch.arange(min(sink, p)), chosen, tail])
             base = sink + nsel
-            dst = torch.cat([torch.arange(min(sink, p)), sink + torch.arange(nsel),
-                             base + (tail - sink) % max(ring, 1)])
+            dst = torch.cat(
+                [torch.arange(min(sink, p)), sink + torch.arange(nsel), base + (tail - sink) % max(ring, 1)]
+            )
             old = tables.row_blocks(l, h).astype(np.int64)
             nkeep = -(-compacted_capacity(b, p, tables.context_len) // bs)
             own = min(nkeep, len(old)) if tables.compact_in_place else 0
             # in place: the prompt's last blocks become the head's private blocks (the head of
             # the prompt stays cached); the rest, or everything, comes from the reserve
             extra = nkeep - own
-            new = np.concatenate([old[len(old) - own:], np.array(reserve[rank][:extra], dtype=np.int64)])
+            new = np.concatenate([old[len(old) - own :], np.array(reserve[rank][:extra], dtype=np.int64)])
             reserve[rank] = reserve[rank][extra:]
-            self.pool.clear_hash(old[len(old) - own:])
-            released.append(old[:len(old) - own])
+            self.pool.clear_hash(old[len(old) - own :])
+            released.append(old[: len(old) - own])
             offset = rank * self.pool.blocks_per_rank
             old_t, new_t = torch.from_numpy(old - offset), torch.from_numpy(new - offset)
             moves[rank][0].append(old_t[src // bs] * bs + src % bs)

@@ -16,8 +16,9 @@ class InfeasibleRules(ValueError):
     """No assignment meets the density bound (or the solver found none in time)."""
 
 
-def solve_rules(cost: np.ndarray, density: np.ndarray, layer_of: list[int], bound: float, max_rules: int,
-                time_limit: float = 120.0) -> list[int]:
+def solve_rules(
+    cost: np.ndarray, density: np.ndarray, layer_of: list[int], bound: float, max_rules: int, time_limit: float = 120.0
+) -> list[int]:
     """cost `[H, R]`, density `[R, N]` (rule r's density at length n) -> a rule index per head."""
     h, r = cost.shape
     layers = sorted(set(layer_of))
@@ -48,11 +49,17 @@ def solve_rules(cost: np.ndarray, density: np.ndarray, layer_of: list[int], boun
     for n in range(density.shape[1]):  # mean density over heads at each length
         add([(i * r + k, float(density[k, n])) for i in range(h) for k in range(r)], -np.inf, bound * h)
     a = coo_matrix((vals, (rows, cols)), shape=(row, nx + ny)).tocsr()
-    res = milp(c, constraints=LinearConstraint(a, lo, hi), integrality=np.ones(nx + ny),
-               bounds=Bounds(0, 1), options={"time_limit": time_limit, "disp": False})
+    res = milp(
+        c,
+        constraints=LinearConstraint(a, lo, hi),
+        integrality=np.ones(nx + ny),
+        bounds=Bounds(0, 1),
+        options={"time_limit": time_limit, "disp": False},
+    )
     if res.x is None:
-        raise InfeasibleRules(f"no rule assignment meets density {bound} with at most {max_rules} rules per "
-                              f"layer ({res.message})")
+        raise InfeasibleRules(
+            f"no rule assignment meets density {bound} with at most {max_rules} rules per layer ({res.message})"
+        )
     x = res.x[:nx].reshape(h, r)
     return [int(k) for k in x.argmax(1)]
 

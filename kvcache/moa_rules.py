@@ -27,8 +27,10 @@ def plan_for_density(shape, params: dict, density: float, name: str) -> tuple[Pl
     rule_list = rules()
     cost = np.array(params["rule_costs"], dtype=np.float64)
     if cost.shape != (shape.layers * shape.kv_heads, len(rule_list)):
-        raise PlanError(f"moa rule_costs: expected {shape.layers * shape.kv_heads} x {len(rule_list)}, "
-                        f"got {' x '.join(map(str, cost.shape))}")
+        raise PlanError(
+            f"moa rule_costs: expected {shape.layers * shape.kv_heads} x {len(rule_list)}, "
+            f"got {' x '.join(map(str, cost.shape))}"
+        )
     dens = np.array([[band_density(sink, a + b * n, n) for n in lengths] for a, b in rule_list])
     layer_of = [l for l in range(shape.layers) for _ in range(shape.kv_heads)]
     choice = solve_rules(cost, dens, layer_of, density, max_rules)
@@ -41,13 +43,22 @@ def plan_for_density(shape, params: dict, density: float, name: str) -> tuple[Pl
         heads.append(row)
     # a head's score: the share of its influence a sink + 256 band would drop, mean over lengths
     ref = rule_list.index((256, 0.0))
-    scores = [[round(float(cost[l * shape.kv_heads + j, ref]), 6) for j in range(shape.kv_heads)]
-              for l in range(shape.layers)]
+    scores = [
+        [round(float(cost[l * shape.kv_heads + j, ref]), 6) for j in range(shape.kv_heads)] for l in range(shape.layers)
+    ]
     mean_density = [float(np.mean([dens[choice[i], c] for i in range(len(choice))])) for c in range(len(lengths))]
-    params = {**params, "density": density, "alphas": list(ALPHAS), "betas": list(BETAS),
-              "mean_density": [round(d, 4) for d in mean_density],
-              "cost": round(float(sum(cost[i, choice[i]] for i in range(len(choice)))), 6)}
+    params = {
+        **params,
+        "density": density,
+        "alphas": list(ALPHAS),
+        "betas": list(BETAS),
+        "mean_density": [round(d, 4) for d in mean_density],
+        "cost": round(float(sum(cost[i, choice[i]] for i in range(len(choice)))), 6),
+    }
     plan = Plan(name, shape, heads, scores, plan_source("moa", params))
-    note = ("mean density " + ", ".join(f"{d:.3f}@{n}" for d, n in zip(mean_density, lengths))
-            + f", {len(set(choice))} distinct rules")
+    note = (
+        "mean density "
+        + ", ".join(f"{d:.3f}@{n}" for d, n in zip(mean_density, lengths))
+        + f", {len(set(choice))} distinct rules"
+    )
     return plan, note

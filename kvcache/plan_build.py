@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
 from headwise.kvcache.budget import compacted_capacity, resolve_budget, window_blocks
-from headwise.kvcache.plans import (FULL, DynamicSpec, HeadSpec, ModelShape, Plan, PlanError, check_spec, full_plan,
-                                    parse_scores)
+from headwise.kvcache.plans import (
+    FULL,
+    DynamicSpec,
+    HeadSpec,
+    ModelShape,
+    Plan,
+    PlanError,
+    check_spec,
+    full_plan,
+    parse_scores,
+)
 
 
 def plan_source(method: str, params: dict | None = None) -> dict:
     """The `source` record of a plan made now."""
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     return {"method": method, "params": dict(params or {}), "created": created}
 
 
@@ -43,48 +52,59 @@ def streaming_plan(shape: ModelShape, sink: int, recent: int, name: str | None =
     """StreamingLLM: every KV head keeps `sink` first tokens and a ring of `recent`."""
     spec = HeadSpec("window", sink=sink, recent=recent)
     check_spec(spec)
-    return Plan(name or f"streaming-{sink}-{recent}", shape,
-                [[spec] * shape.kv_heads for _ in range(shape.layers)],
-                source=plan_source("streaming", {"sink": sink, "recent": recent}))
+    return Plan(
+        name or f"streaming-{sink}-{recent}",
+        shape,
+        [[spec] * shape.kv_heads for _ in range(shape.layers)],
+        source=plan_source("streaming", {"sink": sink, "recent": recent}),
+    )
 
 
-def select_plan(shape: ModelShape, sink: int, recent: int, select: int, window: int,
-                name: str | None = None) -> Plan:
+def select_plan(shape: ModelShape, sink: int, recent: int, select: int, window: int, name: str | None = None) -> Plan:
     """Every KV head keeps sink + recent + the `select` middle tokens the last `window`
     prompt queries attend to most (Task-KV middle activations / SnapKV)."""
     spec = HeadSpec("select", sink=sink, recent=recent, select=select, window=window)
     check_spec(spec)
-    return Plan(name or f"select-{sink}-{select}-{recent}", shape,
-                [[spec] * shape.kv_heads for _ in range(shape.layers)],
-                source=plan_source("select", {"sink": sink, "recent": recent, "select": select,
-                                              "window": window}))
+    return Plan(
+        name or f"select-{sink}-{select}-{recent}",
+        shape,
+        [[spec] * shape.kv_heads for _ in range(shape.layers)],
+        source=plan_source("select", {"sink": sink, "recent": recent, "select": select, "window": window}),
+    )
 
 
-def dynamic_plan(shape: ModelShape, ratio: float, sink: int, recent: int, select: int, window: int,
-                 name: str | None = None) -> Plan:
+def dynamic_plan(
+    shape: ModelShape, ratio: float, sink: int, recent: int, select: int, window: int, name: str | None = None
+) -> Plan:
     """Task-KV per request: on each prompt the `ratio` of each layer's KV heads farthest
     from the layer's semantic center stay full, the others get a select budget."""
     full_head_count(ratio, shape.kv_heads)  # validates ratio
     rest = HeadSpec("select", sink=sink, recent=recent, select=select, window=window)
     check_spec(rest)
-    return Plan(name or ratio_plan_name("dynamic", ratio), shape,
-                [[FULL] * shape.kv_heads for _ in range(shape.layers)],
-                source=plan_source("dynamic", {"ratio": ratio, "sink": sink, "recent": recent,
-                                               "select": select, "window": window}),
-                dynamic=DynamicSpec(ratio, rest))
+    return Plan(
+        name or ratio_plan_name("dynamic", ratio),
+        shape,
+        [[FULL] * shape.kv_heads for _ in range(shape.layers)],
+        source=plan_source(
+            "dynamic", {"ratio": ratio, "sink": sink, "recent": recent, "select": select, "window": window}
+        ),
+        dynamic=DynamicSpec(ratio, rest),
+    )
 
 
-def plan_from_scores(shape: ModelShape, scores: list[list[float]], ratio: float, rest: HeadSpec,
-                     name: str, source: dict | None = None) -> Plan:
+def plan_from_scores(
+    shape: ModelShape, scores: list[list[float]], ratio: float, rest: HeadSpec, name: str, source: dict | None = None
+) -> Plan:
     """Keep the full_head_count(ratio, L * Hkv) highest-scored KV heads full, give the rest
     `rest`; ties go to the lower (layer, head). The scores are stored for rethreshold."""
     scores = parse_scores(scores, shape)
     if rest.kind == "full":
         raise PlanError("rest: the non-full heads need a bounded kind, got 'full'")
     check_spec(rest)
-    order = sorted(((i, j) for i in range(shape.layers) for j in range(shape.kv_heads)),
-                   key=lambda ij: (-scores[ij[0]][ij[1]], ij))
-    keep = set(order[:full_head_count(ratio, len(order))])
+    order = sorted(
+        ((i, j) for i in range(shape.layers) for j in range(shape.kv_heads)), key=lambda ij: (-scores[ij[0]][ij[1]], ij)
+    )
+    keep = set(order[: full_head_count(ratio, len(order))])
     heads = [[FULL if (i, j) in keep else rest for j in range(shape.kv_heads)] for i in range(shape.layers)]
     source = dict(source or plan_source("scores"))
     source["params"] = {**source.get("params", {}), "ratio": ratio}
@@ -100,8 +120,10 @@ def rethreshold(plan: Plan, ratio: float, name: str | None = None) -> Plan:
         # MoA heads have per-head rules, not one rest spec: re-solve the MILP at density `ratio`
         params = plan.source.get("params", {})
         if "rule_costs" not in params:
-            raise PlanError(f"plan {plan.name!r} is a moa plan without rule_costs (made by an older "
-                            "headwise); run `headwise profile moa --density ...` again")
+            raise PlanError(
+                f"plan {plan.name!r} is a moa plan without rule_costs (made by an older "
+                "headwise); run `headwise profile moa --density ...` again"
+            )
         if not 0 < ratio <= 1:
             raise PlanError(f"ratio: a moa plan's density bound must be in (0, 1], got {ratio!r}")
         from headwise.kvcache.moa_rules import plan_for_density
@@ -110,8 +132,9 @@ def rethreshold(plan: Plan, ratio: float, name: str | None = None) -> Plan:
     if plan.dynamic is not None:
         full_head_count(ratio, plan.model.kv_heads)  # validates ratio
         source = {**plan.source, "params": {**plan.source.get("params", {}), "ratio": ratio}}
-        return dataclasses.replace(plan, name=name, source=source,
-                                   dynamic=dataclasses.replace(plan.dynamic, ratio=ratio))
+        return dataclasses.replace(
+            plan, name=name, source=source, dynamic=dataclasses.replace(plan.dynamic, ratio=ratio)
+        )
     if plan.scores is None:
         raise PlanError(f"plan {plan.name!r} has no scores to re-threshold (it was not built from scores)")
     rest = {s for row in plan.heads for s in row if s.kind != "full"}
@@ -129,7 +152,7 @@ def reduce_query_scores(q_scores: list[list[float]], kv_heads: int) -> list[list
         if kv_heads < 1 or len(row) % kv_heads:
             raise PlanError(f"scores[{i}]: {len(row)} query heads do not split into {kv_heads} kv heads")
         group = len(row) // kv_heads
-        out.append([max(row[k * group:(k + 1) * group]) for k in range(kv_heads)])
+        out.append([max(row[k * group : (k + 1) * group]) for k in range(kv_heads)])
     return out
 
 
@@ -146,24 +169,27 @@ def static_heads(plan: Plan) -> list[list[HeadSpec]]:
 def head_capacities(plan: Plan, context_len: int, prompt_len: int | None = None) -> list[list[int]]:
     """Slots each (layer, kv head) holds for one request after prefill."""
     prompt = context_len if prompt_len is None else prompt_len
-    return [[resolve_budget(s, prompt, context_len).capacity(context_len) for s in row]
-            for row in static_heads(plan)]
+    return [[resolve_budget(s, prompt, context_len).capacity(context_len) for s in row] for row in static_heads(plan)]
 
 
-def layer_kv_bytes(plan: Plan, context_len: int, prompt_len: int | None = None, dtype_bytes: int = 4,
-                   block_size: int = 16) -> list[int]:
+def layer_kv_bytes(
+    plan: Plan, context_len: int, prompt_len: int | None = None, dtype_bytes: int = 4, block_size: int = 16
+) -> list[int]:
     """KV bytes per layer of one request of `context_len` tokens after prefill (select heads
     and dynamic plans hold the whole prompt during prefill: that peak is not counted here).
     Each head rounds its capacity up to whole blocks, as the block pool allocates."""
     if context_len < 0 or block_size < 1:
         raise PlanError(f"context_len must be >= 0 and block_size >= 1, got {context_len}, {block_size}")
     slot_bytes = 2 * plan.model.head_dim * dtype_bytes
-    return [sum(-(-cap // block_size) * block_size for cap in row) * slot_bytes
-            for row in head_capacities(plan, context_len, prompt_len)]
+    return [
+        sum(-(-cap // block_size) * block_size for cap in row) * slot_bytes
+        for row in head_capacities(plan, context_len, prompt_len)
+    ]
 
 
-def kv_bytes(plan: Plan, context_len: int, prompt_len: int | None = None, dtype_bytes: int = 4,
-             block_size: int = 16) -> int:
+def kv_bytes(
+    plan: Plan, context_len: int, prompt_len: int | None = None, dtype_bytes: int = 4, block_size: int = 16
+) -> int:
     """Sum of layer_kv_bytes: one request's KV footprint under this plan."""
     return sum(layer_kv_bytes(plan, context_len, prompt_len, dtype_bytes, block_size))
 
@@ -174,8 +200,9 @@ def kv_ratio(plan: Plan, context_len: int, prompt_len: int | None = None, block_
     return kv_bytes(plan, context_len, prompt_len, 1, block_size) / full if full else 1.0
 
 
-def request_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size: int = 16, chunk: int = 2048,
-                   prefix_caching: bool = True) -> tuple[int, int]:
+def request_blocks(
+    plan: Plan, prompt_len: int, max_tokens: int, block_size: int = 16, chunk: int = 2048, prefix_caching: bool = True
+) -> tuple[int, int]:
     """KV blocks one request of this plan holds alone in the engine: (peak, decode peak).
 
     The engine's accounting replayed step by step: the prompt in chunks of `chunk` tokens,
@@ -198,8 +225,9 @@ def decode_head_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size:
     return after[:, :, sampled[after.sum(axis=(0, 1))[sampled].argmax()]]
 
 
-def _replay(plan: Plan, prompt_len: int, max_tokens: int, block_size: int, chunk: int,
-            prefix_caching: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _replay(
+    plan: Plan, prompt_len: int, max_tokens: int, block_size: int, chunk: int, prefix_caching: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """request_blocks' replay per head: the steps' last positions `[steps]`, and the blocks
     each head holds while a step lays out what it writes and after its window heads released
     what left their window, `[L, Hkv, steps]` each."""
@@ -218,8 +246,10 @@ def _replay(plan: Plan, prompt_len: int, max_tokens: int, block_size: int, chunk
             if spec not in per_spec:
                 b = resolve_budget(spec, prompt_len, ctx)
                 if spec.kind in ("window", "elastic"):
-                    g, a = window_blocks(b.sink, b.recent, prev, ends, block_size), window_blocks(
-                        b.sink, b.recent, ends, ends, block_size)
+                    g, a = (
+                        window_blocks(b.sink, b.recent, prev, ends, block_size),
+                        window_blocks(b.sink, b.recent, ends, ends, block_size),
+                    )
                 elif spec.kind == "select":
                     n = cdiv(compacted_capacity(b, prompt_len, ctx))
                     g = np.where(ends < prompt_len, cdiv(ends), np.where(ends > prompt_len, n, cdiv(prompt_len)))
@@ -229,8 +259,9 @@ def _replay(plan: Plan, prompt_len: int, max_tokens: int, block_size: int, chunk
                 g = np.array(g, dtype=np.int64)
                 if prefix_caching and (rest is not None or spec.kind == "select"):
                     # every pending head gets its reserve (a dynamic plan's too: which stay full is per request)
-                    g[last_prompt] += cdiv(compacted_capacity(resolve_budget(rest or spec, prompt_len, ctx),
-                                                              prompt_len, ctx))
+                    g[last_prompt] += cdiv(
+                        compacted_capacity(resolve_budget(rest or spec, prompt_len, ctx), prompt_len, ctx)
+                    )
                 per_spec[spec] = (g, a)
             grown[l, h], after[l, h] = per_spec[spec]
     return ends, grown, after

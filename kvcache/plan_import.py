@@ -8,8 +8,7 @@ import re
 from pathlib import Path
 
 from headwise.kvcache.plan_build import plan_from_scores, plan_source, ratio_plan_name, reduce_query_scores
-from headwise.kvcache.plans import (HeadSpec, ModelShape, Plan, PlanError, plan_from_dict,
-                                    plan_to_dict, read_json)
+from headwise.kvcache.plans import HeadSpec, ModelShape, Plan, PlanError, plan_from_dict, plan_to_dict, read_json
 
 # DuoAttention's deployment: streaming heads keep 64 sinks and 256 recent tokens.
 DEFAULT_SINK = 64
@@ -24,8 +23,14 @@ def duo_default_ratio(shape: ModelShape) -> float:
     return 0.5 if shape.heads > shape.kv_heads else 0.25
 
 
-def import_duo(path: str | Path, shape: ModelShape, ratio: float | None = None,
-               sink: int = DEFAULT_SINK, recent: int = DEFAULT_RECENT, name: str | None = None) -> Plan:
+def import_duo(
+    path: str | Path,
+    shape: ModelShape,
+    ratio: float | None = None,
+    sink: int = DEFAULT_SINK,
+    recent: int = DEFAULT_RECENT,
+    name: str | None = None,
+) -> Plan:
     """DuoAttention `full_attention_heads.tsv`: a row of per-KV-head gates in [0, 1] per layer;
     the `ratio` highest gates stay full (default duo_default_ratio), the rest stream."""
     ratio = duo_default_ratio(shape) if ratio is None else ratio
@@ -44,24 +49,38 @@ def import_duo(path: str | Path, shape: ModelShape, ratio: float | None = None,
     if len(gates) != shape.layers:
         raise PlanError(f"{path}: gates for {len(gates)} layers, model has {shape.layers}")
     params = {"file": Path(path).name, "sink": sink, "recent": recent}
-    return _checked(path, plan_from_scores(shape, gates, ratio, HeadSpec("window", sink=sink, recent=recent),
-                                           name or ratio_plan_name("duo", ratio), plan_source("duo", params)))
+    return _checked(
+        path,
+        plan_from_scores(
+            shape,
+            gates,
+            ratio,
+            HeadSpec("window", sink=sink, recent=recent),
+            name or ratio_plan_name("duo", ratio),
+            plan_source("duo", params),
+        ),
+    )
 
 
-def import_retrieval_head(path: str | Path, shape: ModelShape, ratio: float = RETRIEVAL_RATIO,
-                          sink: int = DEFAULT_SINK, recent: int = DEFAULT_RECENT,
-                          name: str | None = None) -> Plan:
+def import_retrieval_head(
+    path: str | Path,
+    shape: ModelShape,
+    ratio: float = RETRIEVAL_RATIO,
+    sink: int = DEFAULT_SINK,
+    recent: int = DEFAULT_RECENT,
+    name: str | None = None,
+) -> Plan:
     """Retrieval-Head `{"L-H": [score per test, ...]}` (H a query head): a head scores its mean,
     a KV head the max of its group; the `ratio` best KV heads stay full, the rest stream."""
     d = read_json(path)
     if not isinstance(d, dict):
-        raise PlanError(f"{path}: expected a JSON object of \"layer-head\" keys, got {type(d).__name__}")
+        raise PlanError(f'{path}: expected a JSON object of "layer-head" keys, got {type(d).__name__}')
     q_scores = [[0.0] * shape.heads for _ in range(shape.layers)]
     seen_layers, seen_heads = 0, 0
     for key, tests in d.items():
         m = re.fullmatch(r"(\d+)-(\d+)", key)
         if not m:
-            raise PlanError(f"{path}: key {key!r}: expected \"layer-head\" such as \"12-3\"")
+            raise PlanError(f'{path}: key {key!r}: expected "layer-head" such as "12-3"')
         layer, head = int(m[1]), int(m[2])
         seen_layers, seen_heads = max(seen_layers, layer + 1), max(seen_heads, head + 1)
         if layer >= shape.layers or head >= shape.heads:
@@ -72,12 +91,21 @@ def import_retrieval_head(path: str | Path, shape: ModelShape, ratio: float = RE
         # A head never scored on a test (no correct answer) counts as no retrieval.
         q_scores[layer][head] = sum(values) / len(values) if values else 0.0
     if (seen_layers, seen_heads) != (shape.layers, shape.heads):
-        raise PlanError(f"{path}: scores cover {seen_layers} layers x {seen_heads} heads, "
-                        f"model has {shape.layers} x {shape.heads}")
+        raise PlanError(
+            f"{path}: scores cover {seen_layers} layers x {seen_heads} heads, model has {shape.layers} x {shape.heads}"
+        )
     params = {"file": Path(path).name, "sink": sink, "recent": recent}
-    return _checked(path, plan_from_scores(shape, reduce_query_scores(q_scores, shape.kv_heads), ratio,
-                                           HeadSpec("window", sink=sink, recent=recent),
-                                           name or ratio_plan_name("retrieval", ratio), plan_source("retrieval", params)))
+    return _checked(
+        path,
+        plan_from_scores(
+            shape,
+            reduce_query_scores(q_scores, shape.kv_heads),
+            ratio,
+            HeadSpec("window", sink=sink, recent=recent),
+            name or ratio_plan_name("retrieval", ratio),
+            plan_source("retrieval", params),
+        ),
+    )
 
 
 def import_moa(path: str | Path, shape: ModelShape, sink: int = DEFAULT_SINK, name: str | None = None) -> Plan:
@@ -86,10 +114,12 @@ def import_moa(path: str | Path, shape: ModelShape, sink: int = DEFAULT_SINK, na
     head keeps enough for its widest query head."""
     d = read_json(path)
     if not isinstance(d, dict):
-        raise PlanError(f"{path}: expected a JSON object with \"alphas\" and \"betas\", got {type(d).__name__}")
+        raise PlanError(f'{path}: expected a JSON object with "alphas" and "betas", got {type(d).__name__}')
     tables = {k: _moa_table(path, d, k, shape) for k in ("alphas", "betas")}
-    heads = [[HeadSpec("elastic", sink=sink, alpha=a, beta=b) for a, b in zip(ra, rb)]
-             for ra, rb in zip(tables["alphas"], tables["betas"])]
+    heads = [
+        [HeadSpec("elastic", sink=sink, alpha=a, beta=b) for a, b in zip(ra, rb)]
+        for ra, rb in zip(tables["alphas"], tables["betas"])
+    ]
     source = plan_source("moa", {"file": Path(path).name, "sink": sink})
     return _checked(path, Plan(name or "moa", shape, heads, source=source))
 

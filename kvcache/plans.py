@@ -60,8 +60,7 @@ class Plan:
 
 
 def full_plan(shape: ModelShape) -> Plan:
-    return Plan("full", shape, [[FULL] * shape.kv_heads for _ in range(shape.layers)],
-                source={"method": "full"})
+    return Plan("full", shape, [[FULL] * shape.kv_heads for _ in range(shape.layers)], source={"method": "full"})
 
 
 # Fields each kind stores in JSON, in file order; the others keep HeadSpec defaults.
@@ -81,10 +80,12 @@ logger = logging.getLogger(__name__)
 def plan_to_dict(plan: Plan) -> dict:
     """The JSON object of docs/design.md "Plans"; a dynamic plan stores `dynamic` instead of `heads`."""
     m = plan.model
-    d: dict = {"format": FORMAT, "name": plan.name,
-               "model": {"layers": m.layers, "kv_heads": m.kv_heads, "heads": m.heads,
-                         "head_dim": m.head_dim, "id": m.id},
-               "source": dict(plan.source)}
+    d: dict = {
+        "format": FORMAT,
+        "name": plan.name,
+        "model": {"layers": m.layers, "kv_heads": m.kv_heads, "heads": m.heads, "head_dim": m.head_dim, "id": m.id},
+        "source": dict(plan.source),
+    }
     if plan.dynamic is not None:
         d["dynamic"] = {"ratio": plan.dynamic.ratio, "rest": _spec_to_dict(plan.dynamic.rest)}
     else:
@@ -124,8 +125,7 @@ def plan_from_dict(d: object, shape: ModelShape | None = None) -> Plan:
         raise PlanError('heads: missing (a plan needs "heads", or "dynamic" for a per-request plan)')
     rows = d["heads"]
     _check_rows(rows, "heads", model)
-    heads = [[_spec_from_dict(s, f"heads[{i}][{j}]") for j, s in enumerate(row)]
-             for i, row in enumerate(rows)]
+    heads = [[_spec_from_dict(s, f"heads[{i}][{j}]") for j, s in enumerate(row)] for i, row in enumerate(rows)]
     return Plan(name, model, heads, scores, source)
 
 
@@ -195,8 +195,7 @@ def _model_from_dict(m: object) -> ModelShape:
         raise PlanError(f"model: expected an object, got {m!r}")
     dims = {f: _int(_get(m, f, f"model.{f}"), f"model.{f}", 1) for f in _MODEL_FIELDS}
     if dims["heads"] % dims["kv_heads"]:
-        raise PlanError(f"model.heads: must be a multiple of model.kv_heads ({dims['kv_heads']}), "
-                        f"got {dims['heads']}")
+        raise PlanError(f"model.heads: must be a multiple of model.kv_heads ({dims['kv_heads']}), got {dims['heads']}")
     model_id = m.get("id", "")
     if not isinstance(model_id, str):
         raise PlanError(f"model.id: must be a string, got {model_id!r}")

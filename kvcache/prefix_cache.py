@@ -38,8 +38,9 @@ def chain_hashes(parent: int, tokens: Sequence[int], block_size: int) -> list[in
     """Names of the whole blocks of `tokens`, continuing the chain from `parent`."""
     out = []
     for i in range(0, len(tokens) - block_size + 1, block_size):
-        parent = _digest(parent.to_bytes(8, "little", signed=True)
-                         + np.asarray(tokens[i:i + block_size], dtype=np.int64).tobytes())
+        parent = _digest(
+            parent.to_bytes(8, "little", signed=True) + np.asarray(tokens[i : i + block_size], dtype=np.int64).tobytes()
+        )
         out.append(parent)
     return out
 

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 
-def middle_scores(q_win: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, scale: float,
-                  pool_kernel: int = 7) -> torch.Tensor:
+def middle_scores(
+    q_win: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, scale: float, pool_kernel: int = 7
+) -> torch.Tensor:
     """q_win `[W, Hq, D]` at positions `q_pos [W]`, prompt keys k `[P, Hkv, D]` (slot =
     position) -> scores `[Hkv, P]`."""
     w, hq, d = q_win.shape

@@ -34,7 +34,7 @@ class Sharding:
     def heads_of(self, rank: int) -> list[list[int]]:
         """Rank `rank`'s KV heads per layer, in the order its shard of the weights holds them."""
         k = self.heads_per_rank
-        return [list(row[rank * k:(rank + 1) * k]) for row in self.order]
+        return [list(row[rank * k : (rank + 1) * k]) for row in self.order]
 
     @property
     def is_contiguous(self) -> bool:
@@ -47,7 +47,8 @@ def check_divisible(shape: ModelShape, ranks: int) -> None:
     if shape.kv_heads % ranks or shape.heads % ranks:
         raise ShardingError(
             f"--tensor-parallel-size {ranks}: the model's {shape.kv_heads} KV heads and {shape.heads} query heads "
-            f"per layer must both divide by it (no KV-head replication); use a divisor of {shape.kv_heads}")
+            f"per layer must both divide by it (no KV-head replication); use a divisor of {shape.kv_heads}"
+        )
 
 
 def contiguous(shape: ModelShape, ranks: int) -> Sharding:
@@ -92,8 +93,7 @@ def balanced(plan: Plan, ranks: int, context_len: int, block_size: int = 16) -> 
 def rank_blocks(plan: Plan, sharding: Sharding, context_len: int, block_size: int = 16) -> list[int]:
     """Blocks each rank holds for one request of `context_len` tokens under `plan`."""
     blocks = head_blocks(plan, context_len, block_size)
-    return [sum(blocks[l][h] for l, row in enumerate(sharding.heads_of(r)) for h in row)
-            for r in range(sharding.ranks)]
+    return [sum(blocks[l][h] for l, row in enumerate(sharding.heads_of(r)) for h in row) for r in range(sharding.ranks)]
 
 
 def imbalance(per_rank: list[int]) -> float:
@@ -109,5 +109,7 @@ def rank_plans(plan: Plan, sharding: Sharding) -> list[Plan]:
     k = shape.kv_heads // sharding.ranks
     part_shape = ModelShape(shape.layers, k, shape.heads // sharding.ranks, shape.head_dim, shape.id)
     heads = static_heads(plan)
-    return [Plan(plan.name, part_shape, [[heads[l][h] for h in row] for l, row in enumerate(sharding.heads_of(r))])
-            for r in range(sharding.ranks)]
+    return [
+        Plan(plan.name, part_shape, [[heads[l][h] for h in row] for l, row in enumerate(sharding.heads_of(r))])
+        for r in range(sharding.ranks)
+    ]

@@ -20,18 +20,35 @@ from headwise.loadtest.scenarios import SCENARIOS, Scenario, make_prompt, scenar
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     group = parser.add_argument_group("headwise")
-    group.add_argument("--scenario", choices=sorted(SCENARIOS), default="short", env_var="LOCUST_SCENARIO",
-                       help="load shape preset")
-    group.add_argument("--prompt-words", type=int, default=None, env_var="LOCUST_PROMPT_WORDS",
-                       help="prompt length in words (about tokens); overrides the scenario")
-    group.add_argument("--max-tokens", type=int, default=None, env_var="LOCUST_MAX_TOKENS",
-                       help="tokens to generate; overrides the scenario")
-    group.add_argument("--no-stream", action="store_true", default=False, env_var="LOCUST_NO_STREAM",
-                       help="send non-streaming requests")
+    group.add_argument(
+        "--scenario", choices=sorted(SCENARIOS), default="short", env_var="LOCUST_SCENARIO", help="load shape preset"
+    )
+    group.add_argument(
+        "--prompt-words",
+        type=int,
+        default=None,
+        env_var="LOCUST_PROMPT_WORDS",
+        help="prompt length in words (about tokens); overrides the scenario",
+    )
+    group.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        env_var="LOCUST_MAX_TOKENS",
+        help="tokens to generate; overrides the scenario",
+    )
+    group.add_argument(
+        "--no-stream",
+        action="store_true",
+        default=False,
+        env_var="LOCUST_NO_STREAM",
+        help="send non-streaming requests",
+    )
     group.add_argument("--model", default=None, env_var="LOCUST_MODEL", help="model name (default: the server's)")
     group.add_argument("--kv-plan", default=None, env_var="LOCUST_KV_PLAN", help="headwise kv_plan per request")
-    group.add_argument("--api-key", default=None, env_var="LOCUST_API_KEY",
-                       help="bearer token, if the server has --api-key")
+    group.add_argument(
+        "--api-key", default=None, env_var="LOCUST_API_KEY", help="bearer token, if the server has --api-key"
+    )
 
 
 def _shape(options) -> Scenario:
@@ -56,15 +73,15 @@ class _OpenAIUser(HttpUser):
         raise NotImplementedError
 
     def generate(self) -> None:
-        body = {"model": self.model, "max_tokens": self.shape.max_tokens, "stream": self.shape.stream,
-                **self.payload()}
+        body = {"model": self.model, "max_tokens": self.shape.max_tokens, "stream": self.shape.stream, **self.payload()}
         if self.kv_plan:
             body["kv_plan"] = self.kv_plan
         if self.shape.stream:
             body["stream_options"] = {"include_usage": True}
         start = time.perf_counter()
-        with self.client.post(self.path, json=body, stream=self.shape.stream, catch_response=True,
-                              name=self.path) as response:
+        with self.client.post(
+            self.path, json=body, stream=self.shape.stream, catch_response=True, name=self.path
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return
@@ -87,8 +104,9 @@ class _OpenAIUser(HttpUser):
                 response.failure("the stream carried no text")
                 return
             response.success()
-        self.environment.events.request.fire(request_type="TTFT", name=self.path, response_time=ttft, response_length=0,
-                            exception=None, context={})
+        self.environment.events.request.fire(
+            request_type="TTFT", name=self.path, response_time=ttft, response_length=0, exception=None, context={}
+        )
 
     @staticmethod
     def has_text(chunk: dict) -> bool:

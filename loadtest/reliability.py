@@ -29,8 +29,19 @@ def start_server(serve_args: list[str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "headwise.clients.cli", "serve", "--port", str(port),
-                             "--log-level", "warning", *serve_args])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "headwise.clients.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *serve_args,
+        ]
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -76,8 +87,11 @@ class HealthProbe(threading.Thread):
 
     def latencies_ms(self, windows: list[tuple[float, float]] | None = None) -> list[float]:
         """Latencies of answered probes that started inside one of `windows` (default: all)."""
-        return sorted(1000 * lat for t, status, lat in self.samples
-                      if status is not None and (windows is None or any(a <= t <= b for a, b in windows)))
+        return sorted(
+            1000 * lat
+            for t, status, lat in self.samples
+            if status is not None and (windows is None or any(a <= t <= b for a, b in windows))
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,8 +99,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def describe(ms: list[float]) -> str:
-    return (f"n={len(ms)} p50={percentile(ms, 0.5):.1f} ms p99={percentile(ms, 0.99):.1f} ms "
-            f"max={max(ms, default=float('nan')):.1f} ms")
+    return (
+        f"n={len(ms)} p50={percentile(ms, 0.5):.1f} ms p99={percentile(ms, 0.99):.1f} ms "
+        f"max={max(ms, default=float('nan')):.1f} ms"
+    )
 
 
 class Stream(threading.Thread):
@@ -102,8 +118,9 @@ class Stream(threading.Thread):
 
     def run(self) -> None:
         try:
-            with httpx.stream("POST", self.url + "/v1/completions", json={**self.body, "stream": True},
-                              timeout=600) as response:
+            with httpx.stream(
+                "POST", self.url + "/v1/completions", json={**self.body, "stream": True}, timeout=600
+            ) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: "):
                         self.events.append(line[6:])
@@ -131,22 +148,29 @@ def probe_big_body(url: str, body_mb: float, repeat: int) -> None:
     windows, outcomes = [], []
     for _ in range(repeat):
         started = time.monotonic()
-        response = httpx.post(url + "/v1/completions", content=content,
-                              headers={"Content-Type": "application/json"}, timeout=600)
+        response = httpx.post(
+            url + "/v1/completions", content=content, headers={"Content-Type": "application/json"}, timeout=600
+        )
         windows.append((started, time.monotonic()))
         outcomes.append(f"{response.status_code} {response.json().get('error', {}).get('code')}")
     time.sleep(2.0)
     probe.stop.set()
     probe.join()
     took = sorted(1000 * (b - a) for a, b in windows)
-    print(f"big-body: {repeat} x {len(content) / 2**20:.2f} MiB body -> {sorted(set(outcomes))}, answered in "
-          f"p50 {percentile(took, 0.5):.0f} ms / max {took[-1]:.0f} ms; /health while they were sent: "
-          f"{describe(probe.latencies_ms(windows))}; whole run: {describe(probe.latencies_ms())}")
+    print(
+        f"big-body: {repeat} x {len(content) / 2**20:.2f} MiB body -> {sorted(set(outcomes))}, answered in "
+        f"p50 {percentile(took, 0.5):.0f} ms / max {took[-1]:.0f} ms; /health while they were sent: "
+        f"{describe(probe.latencies_ms(windows))}; whole run: {describe(probe.latencies_ms())}"
+    )
 
 
 def probe_streams(url: str, streams: int, max_tokens: int) -> None:
-    body = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": max_tokens,
-            "ignore_eos": True, "temperature": 0}
+    body = {
+        "prompt": "Write a long story about a lighthouse keeper.",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     running = [Stream(url, body) for _ in range(streams)]
     probe = HealthProbe(url)
     probe.start()
@@ -159,13 +183,19 @@ def probe_streams(url: str, streams: int, max_tokens: int) -> None:
     probe.stop.set()
     probe.join()
     done = sum(s.events[-1:] == ["[DONE]"] for s in running)
-    print(f"streams: {streams} streams of {max_tokens} tokens in {ended - started:.1f} s, {done} ended with "
-          f"[DONE]; /health while they ran: {describe(probe.latencies_ms([(started, ended)]))}")
+    print(
+        f"streams: {streams} streams of {max_tokens} tokens in {ended - started:.1f} s, {done} ended with "
+        f"[DONE]; /health while they ran: {describe(probe.latencies_ms([(started, ended)]))}"
+    )
 
 
 def probe_drain(url: str, proc: subprocess.Popen, streams: int, max_tokens: int) -> None:
-    body = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": max_tokens,
-            "ignore_eos": True, "temperature": 0}
+    body = {
+        "prompt": "Write a long story about a lighthouse keeper.",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     running = [Stream(url, body) for _ in range(streams)]
     for stream in running:
         stream.start()
@@ -184,13 +214,15 @@ def probe_drain(url: str, proc: subprocess.Popen, streams: int, max_tokens: int)
         stream.join(timeout=30)
     during = [s for t, s, _ in probe.samples if sent <= t < exited]
     answered = [s for s in during if s is not None]
-    refused_before_last = sum(1 for s in during[:len(answered)] if s is None)
+    refused_before_last = sum(1 for s in during[: len(answered)] if s is None)
     reasons = [s.finish_reason for s in running]
     ended = sum(s.events[-1:] == ["[DONE]"] and s.error is None for s in running)
-    print(f"drain: SIGTERM -> exit status {status} after {exited - sent:.1f} s; streams: {ended}/{streams} ended "
-          f"with [DONE], finish_reason {reasons}, errors {[s.error for s in running if s.error]}; /health during "
-          f"the drain: {len(answered)} answers, statuses {sorted(set(answered))}, first answer "
-          f"{answered[0] if answered else None}, {refused_before_last} refused before the last answer")
+    print(
+        f"drain: SIGTERM -> exit status {status} after {exited - sent:.1f} s; streams: {ended}/{streams} ended "
+        f"with [DONE], finish_reason {reasons}, errors {[s.error for s in running if s.error]}; /health during "
+        f"the drain: {len(answered)} answers, statuses {sorted(set(answered))}, first answer "
+        f"{answered[0] if answered else None}, {refused_before_last} refused before the last answer"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_args: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, serve_args = argv[:cut], argv[cut + 1:]
+        argv, serve_args = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(prog="reliability", description=__doc__.split("\n\n")[0])
     parser.add_argument("probe", choices=["big-body", "streams", "drain"])
     parser.add_argument("--body-mb", type=float, default=5.0)

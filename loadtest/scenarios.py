@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-_WORDS = ("the quick brown fox jumps over a lazy dog while river mountain garden window letter paper "
-          "music silver orange quiet rapid gentle ancient modern simple narrow city ocean forest").split()
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog while river mountain garden window letter paper "
+    "music silver orange quiet rapid gentle ancient modern simple narrow city ocean forest"
+).split()
 
 
 @dataclass(frozen=True)
@@ -24,15 +26,18 @@ SCENARIOS = {
 }
 
 
-def scenario(name: str, prompt_words: int | None = None, max_tokens: int | None = None,
-             stream: bool | None = None) -> Scenario:
+def scenario(
+    name: str, prompt_words: int | None = None, max_tokens: int | None = None, stream: bool | None = None
+) -> Scenario:
     """A preset by name, with any of its fields overridden."""
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
     base = SCENARIOS[name]
-    return Scenario(prompt_words if prompt_words is not None else base.prompt_words,
-                    max_tokens if max_tokens is not None else base.max_tokens,
-                    base.stream if stream is None else stream)
+    return Scenario(
+        prompt_words if prompt_words is not None else base.prompt_words,
+        max_tokens if max_tokens is not None else base.max_tokens,
+        base.stream if stream is None else stream,
+    )
 
 
 def make_prompt(rng: random.Random, words: int) -> str:

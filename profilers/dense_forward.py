@@ -8,8 +8,8 @@ o `[T, Hq, D]`), so each profiler decides what attention does and what it record
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,9 @@ def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
     return x.repeat_interleave(hq // x.shape[1], dim=1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              causal: bool = True) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True
+) -> torch.Tensor:
     """SDPA over `[T, Hq, D]` queries and `[S, Hkv, D]` keys; `mask` `[T, S]` bool (True =
     visible) or None for plain causal attention with queries at the last T positions."""
     hq = q.shape[1]
@@ -61,8 +62,9 @@ def probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, q_pos: torch.T
     return scores.softmax(-1)
 
 
-def forward(model, ids: torch.Tensor, attend: Attend | None = None, start: int = 0,
-            logits: bool = False) -> torch.Tensor:
+def forward(
+    model, ids: torch.Tensor, attend: Attend | None = None, start: int = 0, logits: bool = False
+) -> torch.Tensor:
     """Final normed hidden states `[T, hidden]` (or logits) of `ids` at positions start.."""
     x = model.embed_tokens(ids)
     positions = torch.arange(start, start + ids.shape[0])
@@ -106,8 +108,9 @@ def prefill(model, ids: torch.Tensor) -> tuple[torch.Tensor, DenseCache]:
         return model.lm_head(hidden[-1]).float(), cache
 
 
-def decode_step(model, cache: DenseCache, token: int,
-                record: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+def decode_step(
+    model, cache: DenseCache, token: int, record: Callable[[int, torch.Tensor], None] | None = None
+) -> torch.Tensor:
     """Append one token, return its logits; `record(layer, probs [Hq, S])` sees its attention."""
     pos = cache.length
     scale = model.layers[0].self_attn.scale
@@ -124,8 +127,13 @@ def decode_step(model, cache: DenseCache, token: int,
         return forward(model, torch.tensor([token]), attend, start=pos, logits=True)[-1]
 
 
-def greedy(model, ids: list[int], max_tokens: int, stop: set[int] | None = None,
-           record: Callable[[int, int, torch.Tensor], None] | None = None) -> list[int]:
+def greedy(
+    model,
+    ids: list[int],
+    max_tokens: int,
+    stop: set[int] | None = None,
+    record: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> list[int]:
     """Greedy continuation of `ids`. `record(token, layer, probs [Hq, S])` gets, for every
     generated token, the attention of the query that predicted it (the last prompt token
     for the first one, then each generated token)."""
@@ -141,7 +149,7 @@ def greedy(model, ids: list[int], max_tokens: int, stop: set[int] | None = None,
         if (stop and tok in stop) or step + 1 == max_tokens:
             break
         probs = []
-        logits = decode_step(model, cache, tok, (lambda layer, p: probs.append(p)) if record else None)
+        logits = decode_step(model, cache, tok, (lambda layer, p: probs.append(p)) if record else None)  # noqa: B023
     return out
 
 

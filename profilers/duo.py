@@ -37,19 +37,32 @@ def passkey_prompt(tokenizer, length: int, index: int, seed: int) -> tuple[list[
     """Passkeys of random words at sorted depths in real prose, then every question with its
     answer; returns the ids and the positions whose hidden states are supervised (the
     answers' tokens, each as predicted from the position before it)."""
-    from headwise.synthetic.text import ADJECTIVES, NOUNS, encode
     from headwise.synthetic.prompts import Needle, build_prompt
+    from headwise.synthetic.text import ADJECTIVES, NOUNS, encode
 
     rng = random.Random(f"headwise-profile-duo:{seed}:{length}:{index}")
     words = ADJECTIVES + NOUNS
     keys = [" ".join(rng.choice(words) for _ in range(PASSKEY_WORDS)) for _ in range(PASSKEYS)]
     depths = sorted(rng.random() for _ in keys)
     needles = [Needle(f"The pass key number {i + 1} is: {k}.", d) for i, (k, d) in enumerate(zip(keys, depths))]
-    qa = [(encode(tokenizer, f"\nWhat is the pass key number {i + 1}? The pass key number {i + 1} is:"),
-           encode(tokenizer, f" {k}.")) for i, k in enumerate(keys)]
+    qa = [
+        (
+            encode(tokenizer, f"\nWhat is the pass key number {i + 1}? The pass key number {i + 1} is:"),
+            encode(tokenizer, f" {k}."),
+        )
+        for i, k in enumerate(keys)
+    ]
     tail = sum(len(q) + len(a) for q, a in qa)
-    prompt = build_prompt(tokenizer, length - tail, "There are important pass keys hidden inside a lot of "
-                          "irrelevant text. Find them and memorize them.", needles, "", "", "natural", rng)
+    prompt = build_prompt(
+        tokenizer,
+        length - tail,
+        "There are important pass keys hidden inside a lot of irrelevant text. Find them and memorize them.",
+        needles,
+        "",
+        "",
+        "natural",
+        rng,
+    )
     ids, supervised = list(prompt.ids), []
     for q, a in qa:
         ids += q
@@ -58,8 +71,16 @@ def passkey_prompt(tokenizer, length: int, index: int, seed: int) -> tuple[list[
     return ids, supervised
 
 
-def train_gates(model, data: list[tuple[list[int], list[int]]], steps: int, lr: float, seed: int,
-                sink: int = TRAIN_SINK, recent: int = TRAIN_RECENT, progress: bool = True) -> tuple[torch.Tensor, float]:
+def train_gates(
+    model,
+    data: list[tuple[list[int], list[int]]],
+    steps: int,
+    lr: float,
+    seed: int,
+    sink: int = TRAIN_SINK,
+    recent: int = TRAIN_RECENT,
+    progress: bool = True,
+) -> tuple[torch.Tensor, float]:
     """Trained gates `[L, Hkv]` and the last step's distillation loss."""
     cfg = model.cfg
     torch.manual_seed(seed)
@@ -79,7 +100,7 @@ def train_gates(model, data: list[tuple[list[int], list[int]]], steps: int, lr: 
 
             def attend(layer, q, k, v):
                 g = gates[layer].repeat_interleave(group)[None, :, None]  # [1, Hq, 1]
-                return g * attention(q, k, v) + (1 - g) * attention(q, k, v, mask)
+                return g * attention(q, k, v) + (1 - g) * attention(q, k, v, mask)  # noqa: B023
 
             hidden = forward(model, torch.tensor(ids), attend)[sup]
             loss_distill = (hidden - targets[step % len(data)]).pow(2).mean()
@@ -94,15 +115,41 @@ def train_gates(model, data: list[tuple[list[int], list[int]]], steps: int, lr: 
     return gates.detach(), distill
 
 
-def profile_duo(model, tokenizer, ratio: float, rest: HeadSpec, steps: int, length: int, lr: float, seed: int,
-                name: str | None, progress: bool = True) -> tuple[Plan, str]:
+def profile_duo(
+    model,
+    tokenizer,
+    ratio: float,
+    rest: HeadSpec,
+    steps: int,
+    length: int,
+    lr: float,
+    seed: int,
+    name: str | None,
+    progress: bool = True,
+) -> tuple[Plan, str]:
     data = [passkey_prompt(tokenizer, length, i, seed) for i in range(PROMPTS)]
     gates, distill = train_gates(model, data, steps, lr, seed, progress=progress)
-    params = {"steps": steps, "length": length, "lr": lr, "seed": seed, "prompts": PROMPTS,
-              "train_sink": TRAIN_SINK, "train_recent": TRAIN_RECENT, "gate_penalty": GATE_PENALTY,
-              "final_distill_loss": round(distill, 6)}
-    plan = plan_from_scores(model.cfg.shape, [[round(v, 6) for v in row] for row in gates.tolist()], ratio, rest,
-                            name or ratio_plan_name("duo", ratio), plan_source("duo", params))
-    note = (f"{steps} steps, final distillation loss {distill:.4f}, gates mean {float(gates.mean()):.3f}, "
-            f"{int((gates > 0.5).sum())} above 0.5")
+    params = {
+        "steps": steps,
+        "length": length,
+        "lr": lr,
+        "seed": seed,
+        "prompts": PROMPTS,
+        "train_sink": TRAIN_SINK,
+        "train_recent": TRAIN_RECENT,
+        "gate_penalty": GATE_PENALTY,
+        "final_distill_loss": round(distill, 6),
+    }
+    plan = plan_from_scores(
+        model.cfg.shape,
+        [[round(v, 6) for v in row] for row in gates.tolist()],
+        ratio,
+        rest,
+        name or ratio_plan_name("duo", ratio),
+        plan_source("duo", params),
+    )
+    note = (
+        f"{steps} steps, final distillation loss {distill:.4f}, gates mean {float(gates.mean()):.3f}, "
+        f"{int((gates > 0.5).sum())} above 0.5"
+    )
     return plan, note

@@ -41,7 +41,7 @@ def calibration_ids(tokenizer, model, length: int, generate: int, index: int, se
     rng = random.Random(f"headwise-profile-moa:{seed}:{length}:{index}")
     n = length - generate
     start = rng.randrange(len(corpus) - n)
-    prefix = list(corpus[start:start + n])
+    prefix = list(corpus[start : start + n])
     return prefix + greedy(model, prefix, generate), n
 
 
@@ -83,7 +83,7 @@ def influence(model, ids: list[int], loss_from: int, sink: int) -> torch.Tensor:
     x = torch.tensor(ids)
     with torch.enable_grad():
         logits = forward(model, x[:-1], attend, logits=False)
-        logits = model.lm_head(logits[loss_from - 1:]).float()
+        logits = model.lm_head(logits[loss_from - 1 :]).float()
         loss = torch.nn.functional.cross_entropy(logits, x[loss_from:])
         grads = torch.autograd.grad(loss, outs)
     nbins = -(-t // BIN)
@@ -96,13 +96,13 @@ def influence(model, ids: list[int], loss_from: int, sink: int) -> torch.Tensor:
         ke, ve = expand_kv(k, hq).float(), expand_kv(v, hq).float()
         hist = torch.zeros(hq, nbins)
         for lo in range(0, tq, 256):
-            rows = i_all[lo:lo + 256]
-            s = torch.einsum("thd,shd->hts", q[lo:lo + 256].float(), ke) * model.layers[layer].self_attn.scale
+            rows = i_all[lo : lo + 256]
+            s = torch.einsum("thd,shd->hts", q[lo : lo + 256].float(), ke) * model.layers[layer].self_attn.scale
             future = j_all[None, :] > rows[:, None]
             a = s.masked_fill(future[None], float("-inf")).softmax(-1)  # [Hq, t, S]
-            da = torch.einsum("thd,shd->hts", g[lo:lo + 256].float(), ve)
+            da = torch.einsum("thd,shd->hts", g[lo : lo + 256].float(), ve)
             e = (-a * (da - (a * da).sum(-1, keepdim=True)) / (1 - a).clamp_min(1e-6)).abs()
-            dist = (rows[:, None] - j_all[None, :])
+            dist = rows[:, None] - j_all[None, :]
             keep = (~future) & (j_all[None, :] >= sink)
             e = e * keep[None]
             idx = (dist.clamp_min(0) // BIN).expand(hq, -1, -1).reshape(hq, -1)
@@ -130,9 +130,21 @@ def rule_costs(hists: dict[int, torch.Tensor], lengths: list[int], rule_list: li
     return cost / len(lengths)
 
 
-def profile_moa(model, tokenizer, lengths: list[int], density: float, profile_length: int, samples: int,
-                generate: int, sink: int, max_rules: int, seed: int, name: str | None,
-                progress: bool = True, data: str = "needle") -> tuple[Plan, str]:
+def profile_moa(
+    model,
+    tokenizer,
+    lengths: list[int],
+    density: float,
+    profile_length: int,
+    samples: int,
+    generate: int,
+    sink: int,
+    max_rules: int,
+    seed: int,
+    name: str | None,
+    progress: bool = True,
+    data: str = "needle",
+) -> tuple[Plan, str]:
     if data not in DATA:
         raise ValueError(f"calibration data {data!r}: expected one of {', '.join(DATA)}")
     cfg = model.cfg
@@ -151,8 +163,16 @@ def profile_moa(model, tokenizer, lengths: list[int], density: float, profile_le
                 hists[n] = hists.get(n, 0) + h / samples
                 bar.update(1)
     cost = rule_costs(hists, lengths, rules())
-    params = {"data": data, "lengths": lengths, "profiled_lengths": profiled, "samples": samples, "generate": generate,
-              "sink": sink, "rules_per_layer": max_rules, "seed": seed,
-              # one row per KV head, one column per rules() entry: what `plan ratio` re-solves
-              "rule_costs": [[float(f"{c:.6g}") for c in row] for row in cost]}
+    params = {
+        "data": data,
+        "lengths": lengths,
+        "profiled_lengths": profiled,
+        "samples": samples,
+        "generate": generate,
+        "sink": sink,
+        "rules_per_layer": max_rules,
+        "seed": seed,
+        # one row per KV head, one column per rules() entry: what `plan ratio` re-solves
+        "rule_costs": [[float(f"{c:.6g}") for c in row] for row in cost],
+    }
     return plan_for_density(cfg.shape, params, density, name or f"moa-{density * 100:g}")

@@ -9,8 +9,8 @@ mean over the tests the model answered correctly (all tests if it answered none)
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -34,9 +34,9 @@ def build_tests(tokenizer, lengths: list[int], samples: int, seed: int) -> list[
     """Needle sentences with random values at evenly spread depths in real prose (the pydoc
     topics, as `headwise eval` uses). The seed namespace differs from eval's, so profiling
     never sees an evaluation prompt. Even samples hide a magic number, odd ones a pass key."""
-    from headwise.synthetic.text import distinct_numbers, encode, word_keys
     from headwise.synthetic.prompts import Needle, build_prompt
     from headwise.synthetic.tasks import NIAH_INSTRUCTION, PASSKEY_INSTRUCTION, sample_depth
+    from headwise.synthetic.text import distinct_numbers, encode, word_keys
 
     tests = []
     for length in lengths:
@@ -46,15 +46,19 @@ def build_tests(tokenizer, lengths: list[int], samples: int, seed: int) -> list[
             if i % 2 == 0:
                 key, value = word_keys(rng, 1)[0], str(distinct_numbers(rng, 7, 1)[0])
                 needle = Needle(f"One of the special magic numbers for {key} is: {value}.", depth)
-                parts = (NIAH_INSTRUCTION, f"What is the special magic number for {key} mentioned in the "
-                         "provided text?", f"The special magic number for {key} mentioned in the provided text is")
+                parts = (
+                    NIAH_INSTRUCTION,
+                    f"What is the special magic number for {key} mentioned in the provided text?",
+                    f"The special magic number for {key} mentioned in the provided text is",
+                )
             else:
                 value = str(distinct_numbers(rng, 5, 1)[0])
                 needle = Needle(f"The pass key is {value}. Remember it. {value} is the pass key.", depth)
                 parts = (PASSKEY_INSTRUCTION, "What is the pass key?", "The pass key is")
             answer_tokens = len(encode(tokenizer, " " + value))
-            prompt = build_prompt(tokenizer, length - answer_tokens - ANSWER_SLACK, parts[0], [needle], parts[1],
-                                  parts[2], "natural", rng)
+            prompt = build_prompt(
+                tokenizer, length - answer_tokens - ANSWER_SLACK, parts[0], [needle], parts[1], parts[2], "natural", rng
+            )
             tests.append(NeedleTest(prompt.ids, prompt.needle_spans[0], value, answer_tokens))
     return tests
 
@@ -74,8 +78,13 @@ def copy_paste(model, test: NeedleTest, stop: set[int] | None = None) -> tuple[l
     return generated, copies / max(1, test.answer_tokens)
 
 
-def retrieval_scores(model, tests: list[NeedleTest], correct: Callable[[NeedleTest, list[int]], bool],
-                     stop: set[int] | None = None, progress: bool = True) -> tuple[torch.Tensor, int]:
+def retrieval_scores(
+    model,
+    tests: list[NeedleTest],
+    correct: Callable[[NeedleTest, list[int]], bool],
+    stop: set[int] | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, int]:
     """Query-head scores `[L, Hq]` averaged over the correctly answered tests, and how many
     tests were answered correctly."""
     cfg = model.cfg

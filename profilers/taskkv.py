@@ -24,15 +24,15 @@ from tqdm import tqdm
 
 from headwise.kvcache.plan_build import plan_from_scores, plan_source, ratio_plan_name
 from headwise.kvcache.plans import HeadSpec, Plan
-from headwise.profilers.dense_forward import attention, forward
 from headwise.kvcache.selection import query_head_distances
+from headwise.profilers.dense_forward import attention, forward
 
 
 def read_task(path: str | Path, tokenizer, samples: int, max_tokens: int) -> list[list[int]]:
     """Up to `samples` prompts of a JSONL file, each cut to its last `max_tokens` tokens.
     A line holds {"prompt": TEXT} or {"prompt_ids": [ints]}; other fields are ignored."""
-    from headwise.synthetic.text import encode
     from headwise.synthetic.prompts import encode_specials
+    from headwise.synthetic.text import encode
 
     prompts = []
     with open(path) as f:
@@ -63,6 +63,7 @@ def head_distance_scores(model, prompts: list[list[int]], window: int, progress:
     cfg = model.cfg
     total = torch.zeros(cfg.num_layers, cfg.num_kv_heads)
     for ids in tqdm(prompts, desc="taskkv", unit="prompt", disable=not progress):
+
         def attend(layer, q, k, v):
             o = attention(q, k, v)
             total[layer] += query_head_distances(o[-window:], cfg.num_kv_heads)
@@ -73,11 +74,30 @@ def head_distance_scores(model, prompts: list[list[int]], window: int, progress:
     return total / len(prompts)
 
 
-def profile_taskkv(model, prompts: list[list[int]], ratio: float, rest: HeadSpec, window: int, name: str | None,
-                   task: str = "", progress: bool = True) -> tuple[Plan, str]:
+def profile_taskkv(
+    model,
+    prompts: list[list[int]],
+    ratio: float,
+    rest: HeadSpec,
+    window: int,
+    name: str | None,
+    task: str = "",
+    progress: bool = True,
+) -> tuple[Plan, str]:
     scores = head_distance_scores(model, prompts, window, progress)
-    params = {"task": str(task), "samples": len(prompts), "window": window, "distance": "query_head_max",
-              "mean_tokens": round(sum(map(len, prompts)) / len(prompts), 1)}
-    plan = plan_from_scores(model.cfg.shape, [[round(v, 6) for v in row] for row in scores.tolist()], ratio, rest,
-                            name or ratio_plan_name("taskkv", ratio), plan_source("taskkv", params))
+    params = {
+        "task": str(task),
+        "samples": len(prompts),
+        "window": window,
+        "distance": "query_head_max",
+        "mean_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
+    }
+    plan = plan_from_scores(
+        model.cfg.shape,
+        [[round(v, 6) for v in row] for row in scores.tolist()],
+        ratio,
+        rest,
+        name or ratio_plan_name("taskkv", ratio),
+        plan_source("taskkv", params),
+    )
     return plan, f"{len(prompts)} task prompts of {params['mean_tokens']:g} tokens on average"

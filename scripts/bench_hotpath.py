@@ -35,13 +35,50 @@ from pathlib import Path
 SUBPACKAGES = ("kernels", "kvcache", "engine", "synthetic", "server", "profilers", "clients", "loadtest")
 # ops that only make views or allocate: no kernel on a GPU
 NO_LAUNCH = {
-    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::slice", "aten::select", "aten::as_strided",
-    "aten::t", "aten::transpose", "aten::permute", "aten::split", "aten::split_with_sizes", "aten::chunk",
-    "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::empty", "aten::empty_like", "aten::empty_strided",
-    "aten::resize_", "aten::detach", "aten::alias", "aten::unbind", "aten::narrow", "aten::lift_fresh",
-    "aten::result_type", "aten::to", "aten::contiguous", "aten::numpy_T", "aten::_unsafe_view", "aten::unflatten",
-    "aten::flatten", "aten::view_as", "aten::expand_as", "aten::type_as", "aten::is_nonzero", "aten::detach_",
-    "aten::set_", "aten::item", "aten::resolve_conj", "aten::resolve_neg", "aten::_local_scalar_dense", "aten::dim", "aten::size", "aten::stride",
+    "aten::view",
+    "aten::reshape",
+    "aten::_reshape_alias",
+    "aten::slice",
+    "aten::select",
+    "aten::as_strided",
+    "aten::t",
+    "aten::transpose",
+    "aten::permute",
+    "aten::split",
+    "aten::split_with_sizes",
+    "aten::chunk",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::expand",
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+    "aten::resize_",
+    "aten::detach",
+    "aten::alias",
+    "aten::unbind",
+    "aten::narrow",
+    "aten::lift_fresh",
+    "aten::result_type",
+    "aten::to",
+    "aten::contiguous",
+    "aten::numpy_T",
+    "aten::_unsafe_view",
+    "aten::unflatten",
+    "aten::flatten",
+    "aten::view_as",
+    "aten::expand_as",
+    "aten::type_as",
+    "aten::is_nonzero",
+    "aten::detach_",
+    "aten::set_",
+    "aten::item",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::_local_scalar_dense",
+    "aten::dim",
+    "aten::size",
+    "aten::stride",
 }
 VOCAB_FALLBACK = 49152
 
@@ -55,8 +92,9 @@ def use_tree(root: Path) -> None:
         init = root / name / "__init__.py"
         if not init.exists():
             continue
-        spec = importlib.util.spec_from_file_location(f"headwise.{name}", init,
-                                                      submodule_search_locations=[str(root / name)])
+        spec = importlib.util.spec_from_file_location(
+            f"headwise.{name}", init, submodule_search_locations=[str(root / name)]
+        )
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
@@ -66,15 +104,25 @@ def use_tree(root: Path) -> None:
 # -- sampler ------------------------------------------------------------------------------
 def _seqs(n: int, params):
     import torch
+
     from headwise.engine.sequence import Sequence
 
-    return [Sequence(request_id=f"r{i}", prompt_token_ids=list(range(100, 132)), params=params, plan=None,
-                     generator=torch.Generator().manual_seed(i), output_token_ids=list(range(200, 216)))
-            for i in range(n)]
+    return [
+        Sequence(
+            request_id=f"r{i}",
+            prompt_token_ids=list(range(100, 132)),
+            params=params,
+            plan=None,
+            generator=torch.Generator().manual_seed(i),
+            output_token_ids=list(range(200, 216)),
+        )
+        for i in range(n)
+    ]
 
 
 def bench_sampler(reps: int) -> dict:
     import torch
+
     from headwise.engine import sampler as sampler_mod
     from headwise.engine.sampling_params import SamplingParams
 
@@ -112,14 +160,17 @@ def bench_sampler(reps: int) -> dict:
                             sampler_mod.token_logprob(lps[i], tokens[i], seq.params.logprobs)
                     t2 = time.perf_counter()
                 times.append(t2 - t1)
-            out[f"{name} B={b}"] = {"sample_ms": 1e3 * statistics.median(times[1:]),
-                                    "noise_ms": 1e3 * statistics.median(noise_times[1:]) if noise_times else None}
+            out[f"{name} B={b}"] = {
+                "sample_ms": 1e3 * statistics.median(times[1:]),
+                "noise_ms": 1e3 * statistics.median(noise_times[1:]) if noise_times else None,
+            }
     return out
 
 
 # -- engine ------------------------------------------------------------------------------
 def _decoding_engine(batch: int, steps: int, seeded: bool = False):
     import torch
+
     from headwise.engine.config import EngineConfig
     from headwise.engine.llm_engine import LLMEngine
     from headwise.engine.sampling_params import SamplingParams
@@ -194,15 +245,23 @@ def bench_ops() -> dict:
     def works(e) -> bool:
         return e.name not in NO_LAUNCH or any(works(c) for c in e.cpu_children if c.name.startswith("aten::"))
 
-    leaves = [e for e in events if e.name.startswith("aten::") and outermost(e) and works(e)
-              and not any(inside(e, r) for r in skip)]
+    leaves = [
+        e
+        for e in events
+        if e.name.startswith("aten::") and outermost(e) and works(e) and not any(inside(e, r) for r in skip)
+    ]
     in_layer = [e for e in leaves if inside(e, layer_range)]
     tri_in_layer = sum(1 for e in events if e.name == "triton_launch" and inside(e, layer_range))
     counts: dict[str, int] = {}
     for e in in_layer:
         counts[e.name] = counts.get(e.name, 0) + 1
-    return {"step_aten": len(leaves), "step_triton": len(launches), "layer_aten": len(in_layer),
-            "layer_triton": tri_in_layer, "layer_ops": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
+    return {
+        "step_aten": len(leaves),
+        "step_triton": len(launches),
+        "layer_aten": len(in_layer),
+        "layer_triton": tri_in_layer,
+        "layer_ops": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def child(tree: str, what: str, reps: int) -> None:
@@ -210,8 +269,7 @@ def child(tree: str, what: str, reps: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    result = {"sampler": lambda: bench_sampler(reps), "engine": lambda: bench_engine(24),
-              "ops": bench_ops}[what]()
+    result = {"sampler": lambda: bench_sampler(reps), "engine": lambda: bench_engine(24), "ops": bench_ops}[what]()
     print(json.dumps(result))
 
 
@@ -234,8 +292,12 @@ def main() -> int:
         rounds = 1 if what == "ops" else args.rounds
         for _ in range(rounds):
             for name, tree in trees.items():
-                proc = subprocess.run([sys.executable, __file__, "--reps", str(args.reps),
-                                       "--child", tree, what], capture_output=True, text=True, env=env)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--reps", str(args.reps), "--child", tree, what],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
                 if proc.returncode:
                     sys.exit(f"{what} on {name} failed:\n{proc.stderr[-3000:]}")
                 results.setdefault(what, {}).setdefault(name, []).append(json.loads(proc.stdout.splitlines()[-1]))
@@ -263,8 +325,10 @@ def main() -> int:
         print("ops per decode step at B=1 (aten compute ops + Triton launches)")
         for n in names:
             o = results["ops"][n][0]
-            print(f"{n}: step {o['step_aten']} aten + {o['step_triton']} triton; one layer {o['layer_aten']} aten + "
-                  f"{o['layer_triton']} triton: {o['layer_ops']}")
+            print(
+                f"{n}: step {o['step_aten']} aten + {o['step_triton']} triton; one layer {o['layer_aten']} aten + "
+                f"{o['layer_triton']} triton: {o['layer_ops']}"
+            )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
     print(f"summary: {len(names)} trees, " + ", ".join(f"{w} x {len(r[names[0]])} rounds" for w, r in results.items()))

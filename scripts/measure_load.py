@@ -51,16 +51,27 @@ def measure(args: argparse.Namespace) -> None:
         torch.zeros(1, device=args.device)  # the CUDA context's host memory is not the load's either
     before = rss_mb()
     t = time.perf_counter()
-    _, model, _ = engine.load_model(args.model, args.dtype, args.device, **kw)
+    _, model, _ = engine.load_model(args.model, args.dtype, args.device, **kw)  # noqa: F811
     if torch.device(args.device).type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     peak = peak_rss_mb()
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    print(json.dumps({"model": args.model, "dtype": args.dtype, "device": args.device, "load_s": round(seconds, 3),
-                      "rss_before_mb": round(before), "peak_rss_mb": round(peak),
-                      "peak_over_before_mb": round(peak - before), "weights_mb": round(weights_mb),
-                      "code": engine.__file__}))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "dtype": args.dtype,
+                "device": args.device,
+                "load_s": round(seconds, 3),
+                "rss_before_mb": round(before),
+                "peak_rss_mb": round(peak),
+                "peak_over_before_mb": round(peak - before),
+                "weights_mb": round(weights_mb),
+                "code": engine.__file__,
+            }
+        )
+    )
 
 
 def write_checkpoint(args: argparse.Namespace) -> None:
@@ -108,7 +119,8 @@ def write_checkpoint(args: argparse.Namespace) -> None:
         weight_map |= dict.fromkeys(names, file)
     total = sum(2 * math.prod(s) for s in shapes.values())
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy(f, out / f.name)

@@ -47,8 +47,10 @@ def main() -> None:
             outputs.append(out.token_ids)
             messages.append({"role": "assistant", "content": out.text})
         results[caching] = outputs
-        print(f"prefix caching {'on' if caching else 'off'}: {args.turns} turns, {computed} prompt tokens computed "
-              f"for {new} new ones ({computed / new:.2f}x), {time.perf_counter() - started:.1f} s")
+        print(
+            f"prefix caching {'on' if caching else 'off'}: {args.turns} turns, {computed} prompt tokens computed "
+            f"for {new} new ones ({computed / new:.2f}x), {time.perf_counter() - started:.1f} s"
+        )
         rng = random.Random(args.seed)
     same = sum(a == b for a, b in zip(results[True], results[False]))
     print(f"multi-turn: {same} of {args.turns} turns give the same tokens with and without the cache")

@@ -6,7 +6,7 @@ pass the check in the same event-loop turn and overshoot the cap."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from headwise.server.errors import APIError
 
@@ -21,8 +21,13 @@ class Admission:
         """Reserve `count` engine requests or raise HTTP 429; never waits."""
         if self.max_queue is not None and self.in_flight + count > self.max_queue:
             self._on_reject()
-            raise APIError(429, f"the server is at capacity ({self.in_flight} of --max-queue {self.max_queue} "
-                           f"requests in flight; this one needs {count}); retry later", None, "queue_full")
+            raise APIError(
+                429,
+                f"the server is at capacity ({self.in_flight} of --max-queue {self.max_queue} "
+                f"requests in flight; this one needs {count}); retry later",
+                None,
+                "queue_full",
+            )
         self.in_flight += count
 
     def release(self, count: int) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -29,8 +29,11 @@ log = logging.getLogger(__name__)
 VERSION = importlib.metadata.version("headwise")
 
 
-def create_app(settings: ServerSettings, load_engine: Callable[[], LLMEngine],
-               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings,
+    load_engine: Callable[[], LLMEngine],
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
     """An app whose engine comes from `load_engine()`, run in a thread once the server is up.
 
     `on_fatal(error)` lets `headwise serve` exit when the model cannot load or the engine
@@ -46,8 +49,14 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], LLMEngine],
         await asyncio.gather(loading, return_exceptions=True)
         await state.shutdown()
 
-    app = FastAPI(title="headwise", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="OpenAI-compatible completions and chat over a head-aware paged KV cache.")
+    app = FastAPI(
+        title="headwise",
+        version=VERSION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="OpenAI-compatible completions and chat over a head-aware paged KV cache.",
+    )
     app.state.headwise = state
     # the last added runs first: the request id is on every response (413 and 401 too), and
     # the key is checked before the size limit reads the body
@@ -59,18 +68,33 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], LLMEngine],
     app.include_router(chat.router)
     app.include_router(tokenize.router)
 
-    @app.get("/health", response_model=HealthResponse,
-             responses={503: {"model": HealthResponse, "description": "loading, error (the model did not "
-                              "load), draining (SIGTERM) or dead (engine fault; the process exits)"}})
+    @app.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={
+            503: {
+                "model": HealthResponse,
+                "description": "loading, error (the model did not "
+                "load), draining (SIGTERM) or dead (engine fault; the process exits)",
+            }
+        },
+    )
     async def health() -> Response:
         status, body = state.health()
         return JSONResponse(body, status_code=status)
 
     def model_card() -> dict:
         engine, _ = state.require_engine()
-        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "headwise",
-                "root": engine.model_id, "max_model_len": engine.max_model_len,
-                "kv_plans": sorted(engine.plans), "default_kv_plan": engine.default_plan}
+        return {
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "headwise",
+            "root": engine.model_id,
+            "max_model_len": engine.max_model_len,
+            "kv_plans": sorted(engine.plans),
+            "default_kv_plan": engine.default_plan,
+        }
 
     @app.get("/v1/models", response_model=ModelList, responses=errors(401, 503))
     async def models() -> Response:
@@ -82,16 +106,38 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], LLMEngine],
         state.check_model(model)
         return JSONResponse(card)
 
-    @app.get("/metrics", response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
-                              "description": "Prometheus text format"}})
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                "description": "Prometheus text format",
+            }
+        },
+    )
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    install_openapi(app, requests=[protocol.CompletionRequest, protocol.ChatCompletionRequest,
-                                   protocol.TokenizeRequest, protocol.DetokenizeRequest],
-                    responses=[responses.ErrorResponse, responses.CompletionResponse, responses.CompletionChunk,
-                               responses.ChatCompletionResponse, responses.ChatCompletionChunk,
-                               responses.ModelList, responses.ModelCard, responses.TokenizeResponse,
-                               responses.DetokenizeResponse, responses.HealthResponse])
+    install_openapi(
+        app,
+        requests=[
+            protocol.CompletionRequest,
+            protocol.ChatCompletionRequest,
+            protocol.TokenizeRequest,
+            protocol.DetokenizeRequest,
+        ],
+        responses=[
+            responses.ErrorResponse,
+            responses.CompletionResponse,
+            responses.CompletionChunk,
+            responses.ChatCompletionResponse,
+            responses.ChatCompletionChunk,
+            responses.ModelList,
+            responses.ModelCard,
+            responses.TokenizeResponse,
+            responses.DetokenizeResponse,
+            responses.HealthResponse,
+        ],
+    )
     return app

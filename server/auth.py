@@ -37,8 +37,12 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and self.api_key is not None and is_protected(scope["path"]):
             header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
             if not key_matches(header, self.api_key):
-                error = APIError(401, "invalid API key: send `Authorization: Bearer <key>` with the server's "
-                                 "--api-key", None, "invalid_api_key")
+                error = APIError(
+                    401,
+                    "invalid API key: send `Authorization: Bearer <key>` with the server's --api-key",
+                    None,
+                    "invalid_api_key",
+                )
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)

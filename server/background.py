@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import httpx
 import uvicorn
@@ -25,8 +25,13 @@ class BackgroundServer:
     /health is 200); leaving drains (as on SIGTERM) and stops the server and its engine
     worker. `begin_drain()` starts that drain without waiting for it."""
 
-    def __init__(self, settings: ServerSettings, load_engine: Callable[[], LLMEngine],
-                 wait_ready: bool = True, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        load_engine: Callable[[], LLMEngine],
+        wait_ready: bool = True,
+        timeout: float = 120.0,
+    ) -> None:
         self.app = create_app(settings, load_engine)
         self.state: ServerState = self.app.state.headwise
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -34,15 +39,17 @@ class BackgroundServer:
         self._sock.bind((settings.host, settings.port))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://{settings.host}:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=settings.drain_timeout)
+        config = uvicorn.Config(
+            self.app, log_level="warning", access_log=False, timeout_graceful_shutdown=settings.drain_timeout
+        )
         self._server = DrainingServer(config, self.state, settings.drain_timeout)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name="headwise-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name="headwise-http", daemon=True
+        )
         self._wait_ready = wait_ready
         self._timeout = timeout
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         self._thread.start()
         deadline = time.monotonic() + self._timeout
         while time.monotonic() < deadline:

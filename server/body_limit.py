@@ -14,8 +14,12 @@ from headwise.server.errors import APIError
 
 
 def too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body is larger than this server's limit of {limit} bytes "
-                    "(--max-request-bytes)", None, "request_too_large")
+    return APIError(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes (--max-request-bytes)",
+        None,
+        "request_too_large",
+    )
 
 
 class BodyLimitMiddleware:

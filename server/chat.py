@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,14 +25,20 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-             responses={**event_stream(ChatCompletionChunk), **errors(400, 401, 404, 429, 500, 503)})
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**event_stream(ChatCompletionChunk), **errors(400, 401, 404, 429, 500, 503)},
+)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = RequestContext(request, body, "chatcmpl")
-    prompt = await ctx.state.tokenizer_thread.run(ctx.engine.encode_chat, template_messages(body.messages),
-                                                  add_generation_prompt=body.add_generation_prompt)
-    jobs = [Job(ctx.job_id(i), prompt, sampling_params(body, len(prompt), ctx.engine.max_model_len, i))
-            for i in range(body.n)]
+    prompt = await ctx.state.tokenizer_thread.run(
+        ctx.engine.encode_chat, template_messages(body.messages), add_generation_prompt=body.add_generation_prompt
+    )
+    jobs = [
+        Job(ctx.job_id(i), prompt, sampling_params(body, len(prompt), ctx.engine.max_model_len, i))
+        for i in range(body.n)
+    ]
     group = ctx.group(jobs)
     view = _ChatView(ctx, body, len(prompt), TokenText(ctx.engine.tokenizer))
     if body.stream:
@@ -46,8 +52,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 class _ChatView:
     """Renders outputs as a `chat.completion` response or `chat.completion.chunk`s."""
 
-    def __init__(self, ctx: RequestContext, body: ChatCompletionRequest, prompt_len: int,
-                 token_text: TokenText) -> None:
+    def __init__(
+        self, ctx: RequestContext, body: ChatCompletionRequest, prompt_len: int, token_text: TokenText
+    ) -> None:
         self.ctx = ctx
         self.body = body
         self.prompt_len = prompt_len
@@ -62,15 +69,22 @@ class _ChatView:
         return {"id": self.ctx.id, "object": kind, "created": self.ctx.created, "model": self.ctx.model}
 
     def response(self, outputs: list[RequestOutput]) -> dict:
-        choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": self._logprobs(out, 0), "finish_reason": out.finish_reason}
-                   for i, out in enumerate(outputs)]
-        return {**self._base("chat.completion"), "choices": choices,
-                "usage": usage([self.prompt_len], outputs)}
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": self._logprobs(out, 0),
+                "finish_reason": out.finish_reason,
+            }
+            for i, out in enumerate(outputs)
+        ]
+        return {**self._base("chat.completion"), "choices": choices, "usage": usage([self.prompt_len], outputs)}
 
     def _chunk(self, index: int, delta: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
-        return {**self._base("chat.completion.chunk"),
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+        return {
+            **self._base("chat.completion.chunk"),
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        }
 
     async def chunks(self, group: GenerationGroup) -> AsyncIterator[dict]:
         sent_text = [""] * self.body.n
@@ -79,14 +93,18 @@ class _ChatView:
             yield self._chunk(i, {"role": "assistant", "content": ""}, None, None)
         async for batch in group.updates():
             for i, out in batch:
-                delta = out.text[len(sent_text[i]):] if len(out.text) > len(sent_text[i]) else ""
+                delta = out.text[len(sent_text[i]) :] if len(out.text) > len(sent_text[i]) else ""
                 if not (delta or len(out.token_ids) > sent_tokens[i] or out.finished):
                     continue
                 logprobs = self._logprobs(out, sent_tokens[i])
                 sent_text[i] += delta
                 sent_tokens[i] = len(out.token_ids)
-                yield self._chunk(i, {"content": delta} if delta else {}, logprobs,
-                                  out.finish_reason if out.finished else None)
+                yield self._chunk(
+                    i, {"content": delta} if delta else {}, logprobs, out.finish_reason if out.finished else None
+                )
         if self.body.include_usage:
-            yield {**self._base("chat.completion.chunk"), "choices": [],
-                   "usage": usage([self.prompt_len], [o for o in group.latest if o is not None])}
+            yield {
+                **self._base("chat.completion.chunk"),
+                "choices": [],
+                "usage": usage([self.prompt_len], [o for o in group.latest if o is not None]),
+            }

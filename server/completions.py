@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -37,8 +37,12 @@ def prompt_ids(prompt: str | list, tokenizer, vocab_size: int) -> tuple[list[lis
         else:
             bad = [t for t in item if not 0 <= t < vocab_size]
             if bad:
-                raise APIError(400, f"prompt token ids must be in [0, {vocab_size}) (the vocabulary size), "
-                               f"got {bad[:5]}", "prompt", "invalid_value")
+                raise APIError(
+                    400,
+                    f"prompt token ids must be in [0, {vocab_size}) (the vocabulary size), got {bad[:5]}",
+                    "prompt",
+                    "invalid_value",
+                )
             ids.append(list(item))
             texts.append(tokenizer.decode(item))
         if not ids[-1]:
@@ -46,16 +50,23 @@ def prompt_ids(prompt: str | list, tokenizer, vocab_size: int) -> tuple[list[lis
     return ids, texts
 
 
-@router.post("/v1/completions", response_model=CompletionResponse,
-             responses={**event_stream(CompletionChunk), **errors(400, 401, 404, 429, 500, 503)})
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={**event_stream(CompletionChunk), **errors(400, 401, 404, 429, 500, 503)},
+)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     ctx = RequestContext(request, body, "cmpl")
     tokenizer = ctx.engine.tokenizer
-    prompts, texts = await ctx.state.tokenizer_thread.run(prompt_ids, body.prompt, tokenizer,
-                                                          ctx.engine.model_config.vocab_size)
+    prompts, texts = await ctx.state.tokenizer_thread.run(
+        prompt_ids, body.prompt, tokenizer, ctx.engine.model_config.vocab_size
+    )
     n = body.n
-    jobs = [Job(ctx.job_id(p * n + i), ids, sampling_params(body, len(ids), ctx.engine.max_model_len, i))
-            for p, ids in enumerate(prompts) for i in range(n)]
+    jobs = [
+        Job(ctx.job_id(p * n + i), ids, sampling_params(body, len(ids), ctx.engine.max_model_len, i))
+        for p, ids in enumerate(prompts)
+        for i in range(n)
+    ]
     group = ctx.group(jobs)
     view = _CompletionView(ctx, body, prompts, texts, TokenText(tokenizer))
     if body.stream:
@@ -69,8 +80,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 class _CompletionView:
     """Renders outputs as a `text_completion` response or stream chunks."""
 
-    def __init__(self, ctx: RequestContext, body: CompletionRequest, prompts: list[list[int]],
-                 texts: list[str], token_text: TokenText) -> None:
+    def __init__(
+        self,
+        ctx: RequestContext,
+        body: CompletionRequest,
+        prompts: list[list[int]],
+        texts: list[str],
+        token_text: TokenText,
+    ) -> None:
         self.ctx = ctx
         self.body = body
         self.prompts = prompts
@@ -94,8 +111,14 @@ class _CompletionView:
         return completion_logprobs((out.logprobs or [])[start:], self.token_text, out.token_ids[start:], offset)
 
     def _chunk(self, choices: list[dict], extra: dict | None = None) -> dict:
-        return {"id": self.ctx.id, "object": "text_completion", "created": self.ctx.created,
-                "model": self.ctx.model, "choices": choices, **(extra or {})}
+        return {
+            "id": self.ctx.id,
+            "object": "text_completion",
+            "created": self.ctx.created,
+            "model": self.ctx.model,
+            "choices": choices,
+            **(extra or {}),
+        }
 
     def response(self, outputs: list[RequestOutput]) -> dict:
         choices = []
@@ -104,8 +127,14 @@ class _CompletionView:
             generated = self._generated_logprobs(out, 0, len(text))
             if logprobs is not None and generated is not None:
                 logprobs = {key: logprobs[key] + generated[key] for key in logprobs}
-            choices.append({"index": i, "text": text + out.text, "logprobs": logprobs if logprobs else generated,
-                            "finish_reason": out.finish_reason})
+            choices.append(
+                {
+                    "index": i,
+                    "text": text + out.text,
+                    "logprobs": logprobs if logprobs else generated,
+                    "finish_reason": out.finish_reason,
+                }
+            )
         prompt_lens = [len(ids) for ids in self.prompts]
         return self._chunk(choices, {"usage": usage(prompt_lens, outputs)})
 
@@ -121,15 +150,23 @@ class _CompletionView:
                 yield self._chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": None}])
         async for batch in group.updates():
             for i, out in batch:
-                delta = out.text[len(sent_text[i]):] if len(out.text) > len(sent_text[i]) else ""
+                delta = out.text[len(sent_text[i]) :] if len(out.text) > len(sent_text[i]) else ""
                 new_tokens = len(out.token_ids) > sent_tokens[i]
                 if not (delta or new_tokens or out.finished):
                     continue
                 logprobs = self._generated_logprobs(out, sent_tokens[i], offsets[i] + len(sent_text[i]))
                 sent_text[i] += delta
                 sent_tokens[i] = len(out.token_ids)
-                yield self._chunk([{"index": i, "text": delta, "logprobs": logprobs,
-                                    "finish_reason": out.finish_reason if out.finished else None}])
+                yield self._chunk(
+                    [
+                        {
+                            "index": i,
+                            "text": delta,
+                            "logprobs": logprobs,
+                            "finish_reason": out.finish_reason if out.finished else None,
+                        }
+                    ]
+                )
         if self.body.include_usage:
             prompt_lens = [len(ids) for ids in self.prompts]
             yield self._chunk([], {"usage": usage(prompt_lens, [o for o in group.latest if o is not None])})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -48,8 +48,7 @@ class RequestContext:
             # the engine checks this too; checked here, an over-long prompt (a 4 MB one is a
             # million tokens) never travels to the engine thread, whose passes over it hold the GIL
             self.engine.check_context(len(job.prompt_ids), job.params.max_tokens)
-        return GenerationGroup(self.async_engine, jobs, self.body.kv_plan, self.state.metrics,
-                               self.state.admission)
+        return GenerationGroup(self.async_engine, jobs, self.body.kv_plan, self.state.metrics, self.state.admission)
 
     def job_id(self, index: int) -> str:
         return f"{self.id}-{index}"
@@ -62,8 +61,9 @@ class RequestContext:
             log.info("%s: client disconnected; request aborted", self.id)
             return Response(status_code=CLIENT_CLOSED)
 
-    async def stream(self, group: GenerationGroup,
-                     chunks: Callable[[GenerationGroup], AsyncIterator[dict]]) -> Response:
+    async def stream(
+        self, group: GenerationGroup, chunks: Callable[[GenerationGroup], AsyncIterator[dict]]
+    ) -> Response:
         """Start the group (errors before the first token are plain HTTP errors), then stream
         `chunks` as SSE; a later error is sent as an error event followed by [DONE]."""
         try:
@@ -95,11 +95,16 @@ def usage(prompt_lens: list[int], outputs: list[RequestOutput]) -> dict:
     peak KV bytes each choice held) and `kv_bytes_decode` (what each held once its prompt
     was processed: the two differ under a select plan), summed over choices."""
     n = max(1, len(outputs) // max(1, len(prompt_lens)))
-    cached = sum(min((out.num_cached_tokens for out in outputs[p * n:(p + 1) * n]), default=0)
-                 for p in range(len(prompt_lens)))
+    cached = sum(
+        min((out.num_cached_tokens for out in outputs[p * n : (p + 1) * n]), default=0) for p in range(len(prompt_lens))
+    )
     completion = sum(len(out.token_ids) for out in outputs)
     prompt = sum(prompt_lens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-            "kv_bytes": sum(out.kv_bytes for out in outputs),
-            "kv_bytes_decode": sum(out.kv_bytes_decode for out in outputs)}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "kv_bytes": sum(out.kv_bytes for out in outputs),
+        "kv_bytes_decode": sum(out.kv_bytes_decode for out in outputs),
+    }

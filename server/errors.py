@@ -17,9 +17,16 @@ from headwise.engine.sampling_params import InvalidRequest
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          500: "server_error", 503: "service_unavailable_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none)$|[\[\-]")
 
@@ -35,8 +42,14 @@ class APIError(Exception):
         self.code = code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
@@ -80,8 +93,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
         loc.append(str(part))
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                        None, "invalid_json")
+        return APIError(
+            400,
+            f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+            None,
+            "invalid_json",
+        )
     given = first.get("input")
     shown = json.dumps(given)[:80] if _jsonable(given) else repr(given)[:80]
     message = f"{param or 'body'}: {first['msg']} (got {shown})"

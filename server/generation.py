@@ -8,8 +8,8 @@ still in the engine and frees its blocks."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from headwise.engine.async_engine import AsyncEngine
 from headwise.engine.outputs import RequestOutput
@@ -26,8 +26,9 @@ class Job:
 
 
 class GenerationGroup:
-    def __init__(self, engine: AsyncEngine, jobs: list[Job], plan: str | None,
-                 metrics: ServerMetrics, admission: Admission) -> None:
+    def __init__(
+        self, engine: AsyncEngine, jobs: list[Job], plan: str | None, metrics: ServerMetrics, admission: Admission
+    ) -> None:
         admission.acquire(len(jobs))
         self._engine = engine
         self._jobs = jobs

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from headwise.engine.outputs import TokenLogprob
 
@@ -30,8 +30,9 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else _FLOOR
 
 
-def completion_logprobs(entries: Sequence[TokenLogprob | None], token_text: TokenText,
-                        token_ids: Sequence[int], text_offset: int) -> dict:
+def completion_logprobs(
+    entries: Sequence[TokenLogprob | None], token_text: TokenText, token_ids: Sequence[int], text_offset: int
+) -> dict:
     """`{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` for consecutive tokens;
     a None entry (the first prompt token, which has no context) gives null values."""
     result: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -52,9 +53,11 @@ def completion_logprobs(entries: Sequence[TokenLogprob | None], token_text: Toke
 
 def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText) -> dict:
     """`{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}, ...]}`."""
+
     def item(token_id: int, logprob: float) -> dict:
         text = token_text(token_id)
         return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
-                        for e in entries]}
+    return {
+        "content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
+    }

@@ -13,13 +13,13 @@ from headwise.server.responses import ErrorResponse
 
 _WHY = {
     400: "Invalid request: a field of the wrong type or out of range, invalid JSON or Unicode, token ids "
-         "outside the vocabulary, or a prompt longer than the context.",
+    "outside the vocabulary, or a prompt longer than the context.",
     401: "Missing or wrong API key (only when the server runs with --api-key).",
     404: "Unknown model or kv_plan.",
     413: "The request body is larger than --max-request-bytes.",
     429: "--max-queue requests are already in flight; retry later.",
     500: "The engine failed this request (other requests go on), or the engine died (the server then "
-         "exits). A stream that has started gets an error event and [DONE] instead.",
+    "exits). A stream that has started gets an error event and [DONE] instead.",
     503: "The model is loading or failed to load, the server is draining after SIGTERM, or the engine died.",
 }
 _FASTAPI_422 = ("HTTPValidationError", "ValidationError")
@@ -34,14 +34,21 @@ def errors(*statuses: int) -> dict[int | str, dict]:
 def event_stream(chunk: type[BaseModel]) -> dict[int | str, dict]:
     """The 200 of a route that streams when the body says `"stream": true`: SSE events whose
     data is a `chunk`, an error object (a failure after the stream began), then [DONE]."""
-    data = {"type": "string", "contentMediaType": "application/json",
-            "contentSchema": {"anyOf": [{"$ref": _REF.format(model=chunk.__name__)},
-                                        {"$ref": _REF.format(model=ErrorResponse.__name__)}]}}
-    event = {"type": "object", "required": ["data"],
-             "properties": {"data": {"anyOf": [{"const": "[DONE]"}, data]}}}
-    return {200: {"description": f"JSON, or with `stream: true` an event stream of {chunk.__name__} "
-                  "events ending in `data: [DONE]`",
-                  "content": {"text/event-stream": {"schema": event}}}}
+    data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {
+            "anyOf": [{"$ref": _REF.format(model=chunk.__name__)}, {"$ref": _REF.format(model=ErrorResponse.__name__)}]
+        },
+    }
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [{"const": "[DONE]"}, data]}}}
+    return {
+        200: {
+            "description": f"JSON, or with `stream: true` an event stream of {chunk.__name__} "
+            "events ending in `data: [DONE]`",
+            "content": {"text/event-stream": {"schema": event}},
+        }
+    }
 
 
 def install_openapi(app: FastAPI, requests: list[type[BaseModel]], responses: list[type[BaseModel]]) -> None:
@@ -54,15 +61,20 @@ def install_openapi(app: FastAPI, requests: list[type[BaseModel]], responses: li
     def openapi() -> dict:
         if app.openapi_schema is not None:
             return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                             routes=app.routes)
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for path in schema["paths"].values():
             for operation in path.values():
                 documented = operation.setdefault("responses", {})
                 documented.pop("422", None)
-                documented.setdefault("413", {"description": _WHY[413],
-                                             "content": {"application/json": {"schema": {
-                                                 "$ref": _REF.format(model=ErrorResponse.__name__)}}}})
+                documented.setdefault(
+                    "413",
+                    {
+                        "description": _WHY[413],
+                        "content": {
+                            "application/json": {"schema": {"$ref": _REF.format(model=ErrorResponse.__name__)}}
+                        },
+                    },
+                )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in _FASTAPI_422:
             components.pop(name, None)

@@ -22,8 +22,10 @@ def _valid_unicode(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"text must be valid Unicode: a lone surrogate \\u{ord(text[e.start]):04x} at index "
-                         f"{e.start} cannot be encoded as UTF-8") from None
+        raise ValueError(
+            f"text must be valid Unicode: a lone surrogate \\u{ord(text[e.start]):04x} at index "
+            f"{e.start} cannot be encoded as UTF-8"
+        ) from None
     return text
 
 

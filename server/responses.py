@@ -13,8 +13,10 @@ FinishReason = Literal["stop", "length", "abort"]
 
 class ErrorBody(BaseModel):
     message: str
-    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, "
-                      "rate_limit_error, server_error or service_unavailable_error")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, not_found_error, "
+        "rate_limit_error, server_error or service_unavailable_error"
+    )
     param: str | None = Field(description="the request field at fault, dotted (`messages.0.role`)")
     code: str | None
 
@@ -26,8 +28,9 @@ class ErrorResponse(BaseModel):
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int = Field(description="prompt tokens served from the prefix cache (per prompt, the "
-                                           "smallest hit among its choices)")
+    cached_tokens: int = Field(
+        description="prompt tokens served from the prefix cache (per prompt, the smallest hit among its choices)"
+    )
 
 
 class Usage(BaseModel):
@@ -36,8 +39,9 @@ class Usage(BaseModel):
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
     kv_bytes: int = Field(description="headwise: the peak KV cache bytes each choice held, summed")
-    kv_bytes_decode: int = Field(description="headwise: the KV cache bytes each choice held once its prompt "
-                                             "was processed, summed")
+    kv_bytes_decode: int = Field(
+        description="headwise: the KV cache bytes each choice held once its prompt was processed, summed"
+    )
 
 
 class CompletionLogprobs(BaseModel):

@@ -32,8 +32,14 @@ def serve(settings: ServerSettings, engine_config: EngineConfig) -> int:
             server.should_exit = True
 
     app = create_app(settings, lambda: LLMEngine(engine_config), stop_on_fatal)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.drain_timeout, access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.drain_timeout,
+        access_log=False,
+    )
     server = DrainingServer(config, app.state.headwise, settings.drain_timeout)
     # uvicorn re-raises a second SIGTERM it handled once it has stopped; a no-op handler
     # turns that into a normal return

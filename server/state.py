@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from headwise.engine.async_engine import AsyncEngine
 from headwise.engine.llm_engine import LLMEngine
@@ -29,8 +29,12 @@ _MAX_SHOWN = 100  # characters of a client-chosen name quoted back in an error
 
 
 class ServerState:
-    def __init__(self, settings: ServerSettings, load_engine: Callable[[], LLMEngine],
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        load_engine: Callable[[], LLMEngine],
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
         """`on_fatal(error)` runs on the event loop when the model fails to load or the
         engine dies; `headwise serve` exits on it."""
         self.settings = settings
@@ -86,8 +90,14 @@ class ServerState:
         self.model_name = self.settings.served_model_name or engine.model_id
         self.metrics.bind(self.model_name, engine.stats)
         self.async_engine = async_engine
-        log.info("model %s ready in %.1f s: max_model_len %d, plans %s (default %s)", self.model_name,
-                 time.monotonic() - started, engine.max_model_len, ", ".join(engine.plans), engine.default_plan)
+        log.info(
+            "model %s ready in %.1f s: max_model_len %d, plans %s (default %s)",
+            self.model_name,
+            time.monotonic() - started,
+            engine.max_model_len,
+            ", ".join(engine.plans),
+            engine.default_plan,
+        )
 
     def _engine_died(self, error: BaseException) -> None:
         """From the engine's worker thread, after it failed every open stream."""
@@ -108,8 +118,7 @@ class ServerState:
             await asyncio.sleep(0.05)
         if not self.admission.in_flight or self.async_engine is None:
             return
-        log.warning("drain timeout: ending %d unfinished requests with finish_reason \"abort\"",
-                    self.admission.in_flight)
+        log.warning('drain timeout: ending %d unfinished requests with finish_reason "abort"', self.admission.in_flight)
         deadline = loop.time() + ABORT_GRACE_S
         while self.admission.in_flight and loop.time() < deadline:
             # repeated: a request whose add was still queued at the first abort is caught by the next
@@ -129,13 +138,16 @@ class ServerState:
     def require_engine(self) -> tuple[LLMEngine, AsyncEngine]:
         """The loaded engine, or HTTP 503 while it is still loading (or failed to, or died)."""
         if self.engine_error is not None:
-            raise APIError(503, f"the engine stopped after an internal fault ({self.engine_error}); "
-                           "the server is going down", None, "engine_dead")
+            raise APIError(
+                503,
+                f"the engine stopped after an internal fault ({self.engine_error}); the server is going down",
+                None,
+                "engine_dead",
+            )
         if self.engine is None or self.async_engine is None:
             if self.load_error is not None:
                 raise APIError(503, f"the model failed to load: {self.load_error}", None, "model_load_failed")
-            raise APIError(503, "the model is still loading; retry when GET /health returns 200",
-                           None, "model_loading")
+            raise APIError(503, "the model is still loading; retry when GET /health returns 200", None, "model_loading")
         return self.engine, self.async_engine
 
     def check_accepting(self) -> None:
@@ -146,16 +158,24 @@ class ServerState:
     def check_model(self, requested: str | None) -> None:
         """404 unless the request names the served model (or names none)."""
         if requested is not None and requested != self.model_name:
-            raise APIError(404, f"The model {shown(requested)} does not exist; this server serves "
-                           f"`{self.model_name}`.", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"The model {shown(requested)} does not exist; this server serves `{self.model_name}`.",
+                "model",
+                "model_not_found",
+            )
 
     def check_plan(self, plan: str | None) -> None:
         """404 for a kv_plan that was not loaded with --plan; None means the default plan."""
         if plan is None or self.engine is None:
             return
         if plan not in self.engine.plans:
-            raise APIError(404, f"kv_plan {shown(plan)} is not loaded; loaded plans: "
-                           f"{', '.join(sorted(self.engine.plans))}", "kv_plan", "plan_not_found")
+            raise APIError(
+                404,
+                f"kv_plan {shown(plan)} is not loaded; loaded plans: {', '.join(sorted(self.engine.plans))}",
+                "kv_plan",
+                "plan_not_found",
+            )
 
 
 def shown(name: str) -> str:

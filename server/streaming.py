@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -37,8 +38,9 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]],
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, content: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]], headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache", **(headers or {})})
         self._cleanup = cleanup
 

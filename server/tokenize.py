@@ -25,8 +25,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     if body.messages is not None:
         if not body.messages:
             raise APIError(400, "messages must not be empty", "messages", "invalid_value")
-        tokens = await state.tokenizer_thread.run(engine.encode_chat, template_messages(body.messages),
-                                                  add_generation_prompt=body.add_generation_prompt)
+        tokens = await state.tokenizer_thread.run(
+            engine.encode_chat, template_messages(body.messages), add_generation_prompt=body.add_generation_prompt
+        )
     else:
         tokens = await state.tokenizer_thread.run(engine.tokenizer.encode, body.prompt)
     return JSONResponse({"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens})
@@ -40,6 +41,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     vocab = len(engine.tokenizer)
     bad = [t for t in body.tokens if t >= vocab]
     if bad:
-        raise APIError(400, f"token ids must be < {vocab} (the vocabulary size), got {bad[:5]}", "tokens",
-                       "invalid_value")
+        raise APIError(
+            400, f"token ids must be < {vocab} (the vocabulary size), got {bad[:5]}", "tokens", "invalid_value"
+        )
     return JSONResponse({"prompt": await state.tokenizer_thread.run(engine.tokenizer.decode, body.tokens)})

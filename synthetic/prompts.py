@@ -36,14 +36,24 @@ def chat_wrap(tokenizer) -> tuple[str, str]:
     to where the assistant's reply starts)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("format 'chat' needs a tokenizer with a chat template; use --format plain")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
+    )
     before, after = text.split(_SENTINEL)
     return before, after
 
 
-def build_prompt(tokenizer, n_tokens: int, instruction: str, needles: list[Needle], question: str,
-                 answer_prefix: str, haystack: str, rng: random.Random, fmt: str = "plain") -> Prompt:
+def build_prompt(
+    tokenizer,
+    n_tokens: int,
+    instruction: str,
+    needles: list[Needle],
+    question: str,
+    answer_prefix: str,
+    haystack: str,
+    rng: random.Random,
+    fmt: str = "plain",
+) -> Prompt:
     """A prompt of exactly `n_tokens` ids: `instruction`, haystack with `needles` at their
     depths, `question`, then `answer_prefix` for the model to continue."""
     if fmt == "plain":

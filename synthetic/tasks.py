@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from headwise.synthetic.text import corpus_ids, distinct_numbers, uuid_keys, word_keys
 from headwise.synthetic.prompts import Needle, build_prompt
+from headwise.synthetic.text import corpus_ids, distinct_numbers, uuid_keys, word_keys
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "ppl")
 KEY_KINDS = ("words", "uuids")
@@ -20,10 +20,14 @@ KEY_KINDS = ("words", "uuids")
 # answer token budgets: the answer plus a little slack (digits are one token each in SmolLM2)
 MAX_TOKENS = {"passkey": 10, "niah_single": 12, "niah_multikey": 12, "niah_multivalue": 40, "vt": 32, "ppl": 1}
 
-PASSKEY_INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-                       "them. I will quiz you about the important information there.")
-NIAH_INSTRUCTION = ("Some special magic numbers are hidden within the following text. Make sure to memorize "
-                    "it. I will quiz you about the numbers afterwards.")
+PASSKEY_INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+    "them. I will quiz you about the important information there."
+)
+NIAH_INSTRUCTION = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize "
+    "it. I will quiz you about the numbers afterwards."
+)
 VT_INSTRUCTION = "Memorize and track the chain(s) of variable assignment hidden in the following text."
 NEEDLES_PER_SAMPLE = 4  # multikey: 1 queried + 3 distractor keys; multivalue: values per key
 VT_HOPS = 4
@@ -43,8 +47,9 @@ class Sample:
     context: tuple[int, int] | None = None  # [start, end) of the haystack in prompt_ids
 
 
-def build_samples(task: str, tokenizer, length: int, n: int, seed: int, fmt: str = "plain",
-                  keys: str = "words") -> list[Sample]:
+def build_samples(
+    task: str, tokenizer, length: int, n: int, seed: int, fmt: str = "plain", keys: str = "words"
+) -> list[Sample]:
     """`n` samples of `task` at `length` tokens; depths spread evenly over 0-100%."""
     if task not in TASKS:
         raise ValueError(f"task {task!r} is unknown; choose from {', '.join(TASKS)}")
@@ -66,8 +71,7 @@ def sample_haystack(task: str, index: int) -> str:
     return "repeated"
 
 
-def _build_one(task: str, tokenizer, length: int, index: int, n: int, seed: int, fmt: str,
-               keys: str) -> Sample:
+def _build_one(task: str, tokenizer, length: int, index: int, n: int, seed: int, fmt: str, keys: str) -> Sample:
     # a string seed hashes with SHA-512, stable across processes and PYTHONHASHSEED
     rng = random.Random(f"headwise-eval:{seed}:{task}:{length}:{index}")
     if task == "ppl":
@@ -85,14 +89,26 @@ def _build_one(task: str, tokenizer, length: int, index: int, n: int, seed: int,
     else:
         needles, parts, expected = _niah_parts(task, depth, rng, keys)
     instruction, question, answer_prefix = parts
-    prompt = build_prompt(tokenizer, length - max_tokens, instruction, needles, question, answer_prefix,
-                          haystack, rng, fmt)
-    return Sample(task, length, index, prompt.ids, expected, max_tokens, None if task == "vt" else depth,
-                  haystack, prompt.needle_spans, prompt.context)
+    prompt = build_prompt(
+        tokenizer, length - max_tokens, instruction, needles, question, answer_prefix, haystack, rng, fmt
+    )
+    return Sample(
+        task,
+        length,
+        index,
+        prompt.ids,
+        expected,
+        max_tokens,
+        None if task == "vt" else depth,
+        haystack,
+        prompt.needle_spans,
+        prompt.context,
+    )
 
 
-def _niah_parts(task: str, depth: float, rng: random.Random,
-                keys: str) -> tuple[list[Needle], tuple[str, str, str], list[str]]:
+def _niah_parts(
+    task: str, depth: float, rng: random.Random, keys: str
+) -> tuple[list[Needle], tuple[str, str, str], list[str]]:
     count = 1 if task == "niah_single" else NEEDLES_PER_SAMPLE
     values = [str(v) for v in distinct_numbers(rng, 7, count)]
     n_keys = NEEDLES_PER_SAMPLE if task == "niah_multikey" else 1
@@ -123,8 +139,10 @@ def _vt_parts(rng: random.Random) -> tuple[list[Needle], tuple[str, str, str], l
     depths = sorted(rng.random() for _ in statements)
     needles = [Needle(s, d) for s, d in zip(statements, depths)]
     question = f"Question: Find all variables that are assigned the value {value} in the text above."
-    answer_prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, "
-                     f"{len(names)} variables are assigned the value {value}, they are:")
+    answer_prefix = (
+        f"Answer: According to the chain(s) of variable assignment in the text above, "
+        f"{len(names)} variables are assigned the value {value}, they are:"
+    )
     return needles, (VT_INSTRUCTION, question, answer_prefix), names
 
 
@@ -133,4 +151,4 @@ def _ppl_sample(tokenizer, length: int, index: int, rng: random.Random) -> Sampl
     if length < 2 or length > len(ids):
         raise ValueError(f"ppl length must be in [2, {len(ids)}] tokens, got {length}")
     start = rng.randrange(len(ids) - length + 1)
-    return Sample("ppl", length, index, list(ids[start:start + length]), [], MAX_TOKENS["ppl"])
+    return Sample("ppl", length, index, list(ids[start : start + length]), [], MAX_TOKENS["ppl"])

@@ -11,27 +11,86 @@ import random
 import re
 import uuid
 from dataclasses import dataclass
-
 from pydoc_data import topics
 
 # the classic passkey / RULER noise, one unit per sentence so a needle lands between sentences
 REPEATED_SENTENCES = (
-    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
 )
 HAYSTACKS = ("repeated", "natural")
 
 # RULER-style keys "adjective-noun": 32 x 32 distinct pairs, each word a plain English token
 ADJECTIVES = (
-    "brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "kind", "lively", "merry",
-    "nice", "proud", "silly", "witty", "zealous", "bright", "quiet", "swift", "bold", "clever",
-    "fierce", "grand", "humble", "loyal", "noble", "polite", "rapid", "sharp", "tidy", "vivid",
-    "wise", "young",
+    "brave",
+    "calm",
+    "eager",
+    "fancy",
+    "gentle",
+    "happy",
+    "jolly",
+    "kind",
+    "lively",
+    "merry",
+    "nice",
+    "proud",
+    "silly",
+    "witty",
+    "zealous",
+    "bright",
+    "quiet",
+    "swift",
+    "bold",
+    "clever",
+    "fierce",
+    "grand",
+    "humble",
+    "loyal",
+    "noble",
+    "polite",
+    "rapid",
+    "sharp",
+    "tidy",
+    "vivid",
+    "wise",
+    "young",
 )
 NOUNS = (
-    "tiger", "apple", "river", "castle", "falcon", "garden", "harbor", "island", "jacket", "kettle",
-    "lemon", "mountain", "needle", "orange", "pencil", "quartz", "rabbit", "saddle", "tunnel", "violin",
-    "wagon", "yacht", "zebra", "anchor", "basket", "candle", "dragon", "engine", "forest", "guitar",
-    "hammer", "lantern",
+    "tiger",
+    "apple",
+    "river",
+    "castle",
+    "falcon",
+    "garden",
+    "harbor",
+    "island",
+    "jacket",
+    "kettle",
+    "lemon",
+    "mountain",
+    "needle",
+    "orange",
+    "pencil",
+    "quartz",
+    "rabbit",
+    "saddle",
+    "tunnel",
+    "violin",
+    "wagon",
+    "yacht",
+    "zebra",
+    "anchor",
+    "basket",
+    "candle",
+    "dragon",
+    "engine",
+    "forest",
+    "guitar",
+    "hammer",
+    "lantern",
 )
 
 

@@ -31,7 +31,7 @@ def _attend(q, k, v, visible):
     hkv = k.shape[1]
     g = hq // hkv
     qg = q.view(t, hkv, g, d).permute(1, 2, 0, 3)
-    scores = torch.matmul(qg, k.permute(1, 2, 0)[:, None]) * d ** -0.5
+    scores = torch.matmul(qg, k.permute(1, 2, 0)[:, None]) * d**-0.5
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     out = torch.matmul(scores.softmax(-1), v.permute(1, 0, 2)[:, None])  # [Hkv, G, T, D]
     return out.permute(2, 0, 1, 3).reshape(t, hq, d)
@@ -54,8 +54,9 @@ def dense_logprobs(engine, plan: Plan, tokens: list[int], prompt_len: int, max_t
         if plan.dynamic is not None:
             specs = [plan.dynamic.rest] * cfg.num_kv_heads
             w = plan.dynamic.rest.window
-            keep_full = farthest_heads(head_distances(full_out[prompt_len - w:prompt_len], cfg.num_kv_heads),
-                                       plan.dynamic.ratio)
+            keep_full = farthest_heads(
+                head_distances(full_out[prompt_len - w : prompt_len], cfg.num_kv_heads), plan.dynamic.ratio
+            )
         else:
             specs = plan.heads[li]
             keep_full = torch.tensor([s.kind == "full" for s in specs])
@@ -66,8 +67,12 @@ def dense_logprobs(engine, plan: Plan, tokens: list[int], prompt_len: int, max_t
             allowed = (j < b.sink) | (j > i - b.recent)
             if spec.kind == "select":
                 w = spec.window
-                sc = middle_scores(q[prompt_len - w:prompt_len], torch.arange(prompt_len - w, prompt_len),
-                                   k[:prompt_len], cfg.head_dim ** -0.5)[h]
+                sc = middle_scores(
+                    q[prompt_len - w : prompt_len],
+                    torch.arange(prompt_len - w, prompt_len),
+                    k[:prompt_len],
+                    cfg.head_dim**-0.5,
+                )[h]
                 lo, hi, n = select_range(b, prompt_len)
                 chosen = torch.zeros(t, dtype=torch.bool)
                 if n:

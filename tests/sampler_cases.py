@@ -19,8 +19,9 @@ def per_row_sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[in
             row = logits[i, ids]
             logits[i, ids] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
-            counts = torch.bincount(torch.tensor(seq.output_token_ids, device=logits.device),
-                                    minlength=logits.shape[1]).float()
+            counts = torch.bincount(
+                torch.tensor(seq.output_token_ids, device=logits.device), minlength=logits.shape[1]
+            ).float()
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         if len(seq.output_token_ids) < p.min_tokens:
             ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
@@ -52,13 +53,27 @@ def mixed_batch(seed: int) -> list[Sequence]:
     kinds = [
         SamplingParams(temperature=0.8, top_p=0.9, seed=1),
         SamplingParams(temperature=1.2, top_k=40),
-        SamplingParams(temperature=0.7, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5,
-                       frequency_penalty=0.4, min_tokens=50, stop_token_ids=[3]),
+        SamplingParams(
+            temperature=0.7,
+            min_p=0.05,
+            repetition_penalty=1.3,
+            presence_penalty=0.5,
+            frequency_penalty=0.4,
+            min_tokens=50,
+            stop_token_ids=[3],
+        ),
         SamplingParams(temperature=0),
         SamplingParams(temperature=1.0, top_k=100, top_p=0.8, min_p=0.01, logprobs=3),
     ]
     g = torch.Generator().manual_seed(seed)
-    return [Sequence(f"r{i}", torch.randint(0, 32000, (40,), generator=g).tolist(), kinds[i % len(kinds)], plan=None,
-                     generator=torch.Generator().manual_seed(seed * 100 + i),
-                     output_token_ids=torch.randint(0, 32000, (i,), generator=g).tolist())
-            for i in range(32)]
+    return [
+        Sequence(
+            f"r{i}",
+            torch.randint(0, 32000, (40,), generator=g).tolist(),
+            kinds[i % len(kinds)],
+            plan=None,
+            generator=torch.Generator().manual_seed(seed * 100 + i),
+            output_token_ids=torch.randint(0, 32000, (i,), generator=g).tolist(),
+        )
+        for i in range(32)
+    ]

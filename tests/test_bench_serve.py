@@ -15,9 +15,11 @@ from headwise.server.settings import ServerSettings
 
 
 def test_summary_follows_benchmark_serving_definitions():
-    results = [RequestResult(ok=True, ttft=0.1, latency=0.5, itl=[0.1, 0.2], prompt_tokens=10, output_tokens=5),
-               RequestResult(ok=True, ttft=0.3, latency=0.7, itl=[0.2], prompt_tokens=10, output_tokens=3),
-               RequestResult(error="HTTP 429: full", prompt_tokens=10)]
+    results = [
+        RequestResult(ok=True, ttft=0.1, latency=0.5, itl=[0.1, 0.2], prompt_tokens=10, output_tokens=5),
+        RequestResult(ok=True, ttft=0.3, latency=0.7, itl=[0.2], prompt_tokens=10, output_tokens=3),
+        RequestResult(error="HTTP 429: full", prompt_tokens=10),
+    ]
     s = summarize(results, duration=2.0, peaks={"num_requests_running": 2, "kv_cache_usage_perc": 0.25}, config={})
     assert (s["completed"], s["failed"], s["errors"]) == (2, 1, ["HTTP 429: full"])
     assert (s["total_input_tokens"], s["total_output_tokens"]) == (20, 8)
@@ -28,8 +30,14 @@ def test_summary_follows_benchmark_serving_definitions():
     assert s["mean_itl_ms"] == pytest.approx(500.0 / 3)
     assert s["p99_e2el_ms"] == pytest.approx(698.0)
     report = format_report(s)
-    for line in ("Successful requests:", "Request throughput (req/s):", "Mean TTFT (ms):", "P99 ITL (ms):",
-                 "Median E2EL (ms):", "Max concurrency observed:"):
+    for line in (
+        "Successful requests:",
+        "Request throughput (req/s):",
+        "Mean TTFT (ms):",
+        "P99 ITL (ms):",
+        "Median E2EL (ms):",
+        "Max concurrency observed:",
+    ):
         assert line in report
     assert report.splitlines()[-1].startswith("bench serve: 2 requests")
 
@@ -38,8 +46,26 @@ def test_bench_serve_against_a_live_server(tmp_path, capsys):
     config = EngineConfig(model="smollm2-135m", kv_cache_mb=32)
     out = tmp_path / "result.json"
     with BackgroundServer(ServerSettings(port=0), lambda: LLMEngine(config)) as server:
-        status = main(["bench", "serve", "--url", server.url, "--num-prompts", "6", "--concurrency", "3",
-                       "--input-len", "32", "--output-len", "8", "--kv-plan", "full", "--result-json", str(out)])
+        status = main(
+            [
+                "bench",
+                "serve",
+                "--url",
+                server.url,
+                "--num-prompts",
+                "6",
+                "--concurrency",
+                "3",
+                "--input-len",
+                "32",
+                "--output-len",
+                "8",
+                "--kv-plan",
+                "full",
+                "--result-json",
+                str(out),
+            ]
+        )
     assert status == 0
     result = json.loads(out.read_text())
     assert (result["completed"], result["failed"]) == (6, 0)

@@ -30,13 +30,16 @@ def test_no_parser_takes_abbreviated_flags():
     assert [p.prog for p in parsers if p.allow_abbrev] == []
 
 
-@pytest.mark.parametrize("argv, prog, bad", [
-    (["generate", "--prompt", "hi", "--max-token", "5"], "headwise generate", "--max-token 5"),
-    (["plan", "show", "x.json", "--dtype-byte", "2"], "headwise plan show", "--dtype-byte 2"),
-    (["profile", "retrieval", "--out", "x.json", "--sample", "2"], "headwise profile retrieval", "--sample 2"),
-    (["bench", "capacity", "--kv-cache", "4"], "headwise bench capacity", "--kv-cache 4"),
-    (["serve", "--max-queu", "3"], "headwise serve", "--max-queu 3"),
-])
+@pytest.mark.parametrize(
+    "argv, prog, bad",
+    [
+        (["generate", "--prompt", "hi", "--max-token", "5"], "headwise generate", "--max-token 5"),
+        (["plan", "show", "x.json", "--dtype-byte", "2"], "headwise plan show", "--dtype-byte 2"),
+        (["profile", "retrieval", "--out", "x.json", "--sample", "2"], "headwise profile retrieval", "--sample 2"),
+        (["bench", "capacity", "--kv-cache", "4"], "headwise bench capacity", "--kv-cache 4"),
+        (["serve", "--max-queu", "3"], "headwise serve", "--max-queu 3"),
+    ],
+)
 def test_unknown_flag_names_itself_under_the_subcommands_usage(capsys, argv, prog, bad):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -54,18 +57,25 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the plan files were checked")
 
-    for target in ("headwise.engine.llm_engine.LLMEngine", "headwise.server.serve.serve",
-                   "headwise.engine.loader.resolve_model_dir", "headwise.engine.loader.read_safetensors"):
+    for target in (
+        "headwise.engine.llm_engine.LLMEngine",
+        "headwise.server.serve.serve",
+        "headwise.engine.loader.resolve_model_dir",
+        "headwise.engine.loader.read_safetensors",
+    ):
         monkeypatch.setattr(target, refuse)
 
 
 @pytest.mark.parametrize("command", ENGINE_COMMANDS, ids=lambda c: " ".join(c[:2]))
-@pytest.mark.parametrize("content, problem", [
-    (None, "No such file or directory"),
-    ("{nope", "not valid JSON (line 1 column 2: Expecting property name enclosed in double quotes)"),
-    ('{"format": "headwise-plan/1"}', "name: missing"),
-    ('{"format": "headwise-plan/0", "name": "x"}', "format: expected 'headwise-plan/1', got 'headwise-plan/0'"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (None, "No such file or directory"),
+        ("{nope", "not valid JSON (line 1 column 2: Expecting property name enclosed in double quotes)"),
+        ('{"format": "headwise-plan/1"}', "name: missing"),
+        ('{"format": "headwise-plan/0", "name": "x"}', "format: expected 'headwise-plan/1', got 'headwise-plan/0'"),
+    ],
+)
 def test_bad_plan_file_is_one_line_before_the_model_loads(tmp_path, capsys, no_weights, command, content, problem):
     path = tmp_path / "x.json"
     if content is not None:
@@ -83,14 +93,15 @@ def test_plan_that_is_a_directory_is_refused_by_name(tmp_path, capsys, no_weight
 
 def test_default_plan_must_be_loaded(capsys, no_weights):
     assert main(["serve", "--default-plan", "nope"]) == 2
-    assert capsys.readouterr().err == ("headwise serve: error: --default-plan 'nope' is not loaded (loaded: full, "
-                                       "duo-10, retrieval-20, streaming)\n")
+    assert capsys.readouterr().err == (
+        "headwise serve: error: --default-plan 'nope' is not loaded (loaded: full, duo-10, retrieval-20, streaming)\n"
+    )
 
 
 def test_the_default_model_ships_three_plans_with_provenance():
     plans = shipped_plans("smollm2-135m")
     assert sorted(plans) == SHIPPED
-    for name, path in plans.items():
+    for name, path in plans.items():  # noqa: B007
         d = json.loads(open(path).read())
         assert d["format"] == "headwise-plan/1" and d["model"]["id"] == "smollm2-135m"
         source = d["source"]
@@ -123,8 +134,9 @@ def test_no_shipped_plans_flag_and_environment_leave_them_out(monkeypatch):
 def test_a_user_plan_replaces_the_shipped_one_of_its_name(tmp_path):
     mine = tmp_path / "mine.json"
     mine.write_text(open(shipped_plans("smollm2-135m")["streaming"]).read())
-    config = engine_config_from_args(build_parser().parse_args(["serve", "--plan", f"streaming={mine}",
-                                                                "--default-plan", "streaming"]))
+    config = engine_config_from_args(
+        build_parser().parse_args(["serve", "--plan", f"streaming={mine}", "--default-plan", "streaming"])
+    )
     assert config.plans["streaming"] == str(mine) and sorted(config.plans) == SHIPPED
     assert config.default_plan == "streaming"
 

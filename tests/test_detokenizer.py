@@ -39,10 +39,10 @@ def _seq(stop: list[str] | None = None) -> Sequence:
 
 def _two_decode_update(tokenizer, state: dict, ids: list[int]) -> int:
     """The scheme this detokenizer replaced: decode the prefix window and the whole window each token."""
-    prefix = tokenizer.decode(ids[state["po"]:state["ro"]], skip_special_tokens=True)
-    full = tokenizer.decode(ids[state["po"]:], skip_special_tokens=True)
+    prefix = tokenizer.decode(ids[state["po"] : state["ro"]], skip_special_tokens=True)
+    full = tokenizer.decode(ids[state["po"] :], skip_special_tokens=True)
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
-        state["text"] += full[len(prefix):]
+        state["text"] += full[len(prefix) :]
         state["po"], state["ro"] = state["ro"], len(ids)
         return len(full) - len(prefix)
     return 0

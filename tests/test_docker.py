@@ -67,7 +67,7 @@ def test_every_installed_package_is_pinned_by_requirements_txt():
     assert len(installs) == 2
     words = shlex.split(installs[0])
     assert words[words.index("-c") + 1] == "requirements.txt"
-    packages = [w for w in words[words.index("-c") + 2:] if not w.startswith("-")]
+    packages = [w for w in words[words.index("-c") + 2 :] if not w.startswith("-")]
     assert "torch" in packages and "fastapi" in packages and "uvicorn" in packages
     missing = [p for p in packages if p.lower() not in pins]
     assert not missing, f"not pinned in requirements.txt: {missing}"

@@ -15,11 +15,10 @@ if torch.cuda.is_available():
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed")
 
-from headwise.kernels import ops, triton_common  # noqa: E402
-
 from headwise.engine.config import EngineConfig  # noqa: E402
 from headwise.engine.llm_engine import LLMEngine  # noqa: E402
 from headwise.engine.sampling_params import SamplingParams  # noqa: E402
+from headwise.kernels import ops, triton_common  # noqa: E402
 from tests.tiny_model import PLANS, random_prompts, write_plans, write_tiny_llama  # noqa: E402
 
 ATOL = 1e-4  # fp32, IEEE dots: observed differences below 2e-5
@@ -44,5 +43,9 @@ def test_engine_on_triton_kernels_equals_the_references(tmp_path):
         assert eng.kv_manager.num_free == eng.kv_manager.num_blocks
     for plan, ref, tri in zip(PLANS, outs["reference"], outs["triton"]):
         assert tri.token_ids == ref.token_ids, plan
-        torch.testing.assert_close(torch.tensor([lp.logprob for lp in tri.logprobs]),
-                                   torch.tensor([lp.logprob for lp in ref.logprobs]), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor([lp.logprob for lp in tri.logprobs]),
+            torch.tensor([lp.logprob for lp in ref.logprobs]),
+            atol=ATOL,
+            rtol=0,
+        )

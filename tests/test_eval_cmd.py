@@ -41,9 +41,20 @@ class StubEngine:
             if p.prompt_logprobs is not None:
                 # full predicts every next token, half none of them
                 lps = [None] + [TokenLogprob(t, -1.0 if full else -2.0, [(t if full else -1, -1.0)]) for t in ids[1:]]
-            outs.append(RequestOutput(str(i), ids, [1, 2, 3, 4] if full else [1, 2, 9, 9], text, True, "length",
-                                      4000 if full else 1000, plan, prompt_logprobs=lps,
-                                      kv_bytes_decode=2000 if full else 200))
+            outs.append(
+                RequestOutput(
+                    str(i),
+                    ids,
+                    [1, 2, 3, 4] if full else [1, 2, 9, 9],
+                    text,
+                    True,
+                    "length",
+                    4000 if full else 1000,
+                    plan,
+                    prompt_logprobs=lps,
+                    kv_bytes_decode=2000 if full else 200,
+                )
+            )
         return outs
 
 
@@ -51,12 +62,16 @@ def test_rows_score_agree_and_compare_kv_with_full(tok):
     engine = StubEngine(tok)
     rows = evaluate(engine, ["passkey", "ppl"], [256], 2, seed=0, progress=False)
     got = {(r.plan, r.task): r for r in rows}
-    assert [(r.plan, r.task) for r in rows] == [("full", "passkey"), ("half", "passkey"), ("full", "ppl"),
-                                                ("half", "ppl")]
+    assert [(r.plan, r.task) for r in rows] == [
+        ("full", "passkey"),
+        ("half", "passkey"),
+        ("full", "ppl"),
+        ("half", "ppl"),
+    ]
     assert got["full", "passkey"] == Row("full", "passkey", 256, 2, 1.0, 1.0, 4000, 1.0, 2000, 1.0)
     assert got["half", "passkey"] == Row("half", "passkey", 256, 2, 0.0, 0.5, 1000, 0.25, 200, 0.1)
     assert got["full", "ppl"].score == pytest.approx(math.e)
-    assert got["half", "ppl"].score == pytest.approx(math.e ** 2)
+    assert got["half", "ppl"].score == pytest.approx(math.e**2)
     assert got["full", "ppl"].agreement == 1.0 and got["half", "ppl"].agreement == 0.0
     # one batched engine call per (task, length), every plan in it
     assert engine.calls == [(4, ["full", "full", "half", "half"])] * 2
@@ -86,16 +101,42 @@ def test_eval_command_runs_full_and_a_plan_through_the_engine(tmp_path, capsys):
     save_plan(streaming_plan(model_shape("smollm2-135m"), sink=4, recent=32), plan)
     out = tmp_path / "eval.json"
     start = time.perf_counter()
-    rc = main(["eval", "--lengths", "256", "--samples", "2", "--tasks", "passkey,ppl", "--kv-cache-mb", "64",
-               "--no-shipped-plans", "--plan", f"stream={plan}", "--json", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--lengths",
+            "256",
+            "--samples",
+            "2",
+            "--tasks",
+            "passkey,ppl",
+            "--kv-cache-mb",
+            "64",
+            "--no-shipped-plans",
+            "--plan",
+            f"stream={plan}",
+            "--json",
+            str(out),
+        ]
+    )
     elapsed = time.perf_counter() - start
     assert rc == 0
     report = json.loads(out.read_text())
     rows = {(r["plan"], r["task"]): r for r in report["rows"]}
     assert sorted(rows) == [("full", "passkey"), ("full", "ppl"), ("stream", "passkey"), ("stream", "ppl")]
     for r in report["rows"]:
-        assert set(r) == {"plan", "task", "length", "samples", "score", "agreement", "kv_bytes", "kv_ratio",
-                          "kv_bytes_decode", "kv_ratio_decode"}
+        assert set(r) == {
+            "plan",
+            "task",
+            "length",
+            "samples",
+            "score",
+            "agreement",
+            "kv_bytes",
+            "kv_ratio",
+            "kv_bytes_decode",
+            "kv_ratio_decode",
+        }
         assert r["length"] == 256 and r["samples"] == 2 and r["kv_bytes"] > 0
     assert rows["full", "passkey"]["kv_ratio"] == 1.0 and rows["full", "ppl"]["kv_ratio"] == 1.0
     assert rows["full", "passkey"]["agreement"] == 1.0

@@ -6,8 +6,14 @@ import math
 
 import pytest
 
-from headwise.clients.eval.score import (corpus_perplexity, greedy_agreement, mean_nll, perplexity,
-                                         string_match_all, top1_agreement)
+from headwise.clients.eval.score import (
+    corpus_perplexity,
+    greedy_agreement,
+    mean_nll,
+    perplexity,
+    string_match_all,
+    top1_agreement,
+)
 
 
 def test_string_match_all_counts_the_fraction_found_case_insensitively():

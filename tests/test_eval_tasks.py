@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from headwise.synthetic.text import corpus_ids, prose_sentences
-from headwise.synthetic.tasks import MAX_TOKENS, TASKS, build_samples
 from headwise.engine.loader import load_tokenizer, resolve_model_dir
+from headwise.synthetic.tasks import MAX_TOKENS, TASKS, build_samples
+from headwise.synthetic.text import corpus_ids, prose_sentences
 
 GEN_TASKS = [t for t in TASKS if t != "ppl"]
 
@@ -100,7 +100,7 @@ def test_ppl_window_is_a_slice_of_the_pydoc_corpus(tok):
     for s in build_samples("ppl", tok, 300, 2, seed=0):
         assert len(s.prompt_ids) == 300 and s.expected == [] and s.max_tokens == 1
         n = len(s.prompt_ids)
-        assert any(list(ids[i:i + n]) == s.prompt_ids for i in range(len(ids) - n + 1) if ids[i] == s.prompt_ids[0])
+        assert any(list(ids[i : i + n]) == s.prompt_ids for i in range(len(ids) - n + 1) if ids[i] == s.prompt_ids[0])
 
 
 def test_chat_format_wraps_the_question_in_the_template(tok):

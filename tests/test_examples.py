@@ -30,7 +30,10 @@ def test_scores_json_holds_the_shipped_retrieval_plans_scores():
 
 
 def test_duo_tsv_holds_the_shipped_duo_plans_gates():
-    rows = [[float(g) for g in line.split("\t")] for line in (EXAMPLES / "full_attention_heads.tsv").read_text().splitlines()]
+    rows = [
+        [float(g) for g in line.split("\t")]
+        for line in (EXAMPLES / "full_attention_heads.tsv").read_text().splitlines()
+    ]
     shipped = load_plan(PLANS["duo-10"], SHAPE)
     assert rows == shipped.scores
     imported = import_duo(EXAMPLES / "full_attention_heads.tsv", SHAPE, ratio=0.1)

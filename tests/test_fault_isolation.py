@@ -14,11 +14,16 @@ from headwise.engine.errors import RequestFailed
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from tests.tiny_model import run_to_end
 
-TEXTS = ["The history of the Roman Empire spans", "Photosynthesis is the process by which plants",
-         "A short guide to writing unit tests in Python:"]
-PARAMS = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
-          SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True),
-          SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.3)]
+TEXTS = [
+    "The history of the Roman Empire spans",
+    "Photosynthesis is the process by which plants",
+    "A short guide to writing unit tests in Python:",
+]
+PARAMS = [
+    SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.3),
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +64,7 @@ def test_a_fault_in_the_sampler_fails_only_its_request(make_engine, prompts, nor
     assert again.token_ids == normal[0]
 
 
-def test_a_fault_after_sampling_keeps_the_tokens_so_far_and_frees_the_blocks(make_engine, prompts, normal,
-                                                                             monkeypatch):
+def test_a_fault_after_sampling_keeps_the_tokens_so_far_and_frees_the_blocks(make_engine, prompts, normal, monkeypatch):
     eng = make_engine(kv_cache_mb=16)
     real_update = Detokenizer.update
 
@@ -86,20 +90,22 @@ def test_fail_request_by_id_frees_a_waiting_or_running_request(make_engine, prom
     assert eng.kv_blocks_in_use("r") > 0
     eng.fail_request("r", RuntimeError("operator said so"))
     out = eng.step()
-    assert [(o.request_id, o.finish_reason, o.error) for o in out] == [
-        ("r", "error", "RuntimeError: operator said so")]
+    assert [(o.request_id, o.finish_reason, o.error) for o in out] == [("r", "error", "RuntimeError: operator said so")]
     assert_no_leak(eng)
     eng.fail_request("r", RuntimeError("again"))  # already gone: nothing happens
     assert eng.step() == []
 
 
-@pytest.mark.parametrize("prompt, params, param", [
-    ([1, 2, 49152], SamplingParams(), "prompt"),
-    ([1, 2, 2**70], SamplingParams(), "prompt"),
-    ([1, 2, -1], SamplingParams(), "prompt"),
-    ([1, 2], SamplingParams(stop_token_ids=[1_000_000], min_tokens=2), "stop_token_ids"),
-    ([1, 2], SamplingParams(stop_token_ids=[49152]), "stop_token_ids"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, param",
+    [
+        ([1, 2, 49152], SamplingParams(), "prompt"),
+        ([1, 2, 2**70], SamplingParams(), "prompt"),
+        ([1, 2, -1], SamplingParams(), "prompt"),
+        ([1, 2], SamplingParams(stop_token_ids=[1_000_000], min_tokens=2), "stop_token_ids"),
+        ([1, 2], SamplingParams(stop_token_ids=[49152]), "stop_token_ids"),
+    ],
+)
 def test_admission_checks_token_ids_against_the_vocabulary(engine, prompt, params, param):
     with pytest.raises(InvalidRequest) as info:
         engine.add_request("poison", prompt, params)
@@ -108,7 +114,7 @@ def test_admission_checks_token_ids_against_the_vocabulary(engine, prompt, param
     assert not engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("seed", [2**63, -2**63 - 1, 2**64])
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**64])
 def test_seeds_outside_signed_64_bits_are_refused(seed):
     with pytest.raises(InvalidRequest) as info:
         SamplingParams(seed=seed)

@@ -8,8 +8,8 @@ import pytest
 
 from headwise.clients.cli import main
 from headwise.engine.sampling_params import SamplingParams
-from headwise.kvcache.plans import save_plan
 from headwise.kvcache.plan_build import streaming_plan
+from headwise.kvcache.plans import save_plan
 
 
 def test_prompts_file_json_lines_in_input_order(tmp_path, capsys, engine, tok):
@@ -20,17 +20,40 @@ def test_prompts_file_json_lines_in_input_order(tmp_path, capsys, engine, tok):
         {"prompt": "Once upon a time, there was a very long story about", "plan": "short"},
     ]
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    rc = main(["generate", "--prompts", str(tmp_path / "p.jsonl"), "--max-tokens", "24", "--json",
-               "--kv-cache-mb", "64", "--plan", f"short={tmp_path / 's.json'}"])
+    rc = main(
+        [
+            "generate",
+            "--prompts",
+            str(tmp_path / "p.jsonl"),
+            "--max-tokens",
+            "24",
+            "--json",
+            "--kv-cache-mb",
+            "64",
+            "--plan",
+            f"short={tmp_path / 's.json'}",
+        ]
+    )
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rc == 0 and len(out) == 3
-    prompts = [tok(lines[0]["prompt"])["input_ids"], engine.encode_chat(lines[1]["messages"]),
-               tok(lines[2]["prompt"])["input_ids"]]
+    prompts = [
+        tok(lines[0]["prompt"])["input_ids"],
+        engine.encode_chat(lines[1]["messages"]),
+        tok(lines[2]["prompt"])["input_ids"],
+    ]
     greedy = SamplingParams(max_tokens=24, temperature=0)
     for row, prompt in zip(out[:2], prompts[:2]):
         ref = engine.generate([prompt], greedy)[0]
-        assert set(row) == {"text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "kv_bytes",
-                            "kv_bytes_decode", "cached_tokens"}
+        assert set(row) == {
+            "text",
+            "token_ids",
+            "prompt_tokens",
+            "completion_tokens",
+            "finish_reason",
+            "kv_bytes",
+            "kv_bytes_decode",
+            "cached_tokens",
+        }
         assert row["token_ids"] == ref.token_ids and row["text"] == ref.text
         assert row["prompt_tokens"] == len(prompt) and row["completion_tokens"] == len(ref.token_ids)
         assert row["finish_reason"] == ref.finish_reason and row["kv_bytes"] == ref.kv_bytes
@@ -41,12 +64,18 @@ def test_prompts_file_json_lines_in_input_order(tmp_path, capsys, engine, tok):
     assert out[2]["kv_bytes"] == 30 * 3 * 3 * 16 * 64 * 2 * 4
 
 
-@pytest.mark.parametrize("argv, error", [
-    (["--prompts", "{tmp}/missing.jsonl"], "--prompts {tmp}/missing.jsonl: no such file"),
-    (["--prompts", "{tmp}/bad.jsonl"], "{tmp}/bad.jsonl:2: not JSON (Expecting value)"),
-    (["--prompts", "{tmp}/shape.jsonl"], '{tmp}/shape.jsonl:1: expected {{"prompt": "..."}} or {{"messages": [...]}}'),
-    (["--prompt", "hi", "--plan", "x={tmp}/missing.json"], "{tmp}/missing.json"),
-])
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (["--prompts", "{tmp}/missing.jsonl"], "--prompts {tmp}/missing.jsonl: no such file"),
+        (["--prompts", "{tmp}/bad.jsonl"], "{tmp}/bad.jsonl:2: not JSON (Expecting value)"),
+        (
+            ["--prompts", "{tmp}/shape.jsonl"],
+            '{tmp}/shape.jsonl:1: expected {{"prompt": "..."}} or {{"messages": [...]}}',
+        ),
+        (["--prompt", "hi", "--plan", "x={tmp}/missing.json"], "{tmp}/missing.json"),
+    ],
+)
 def test_bad_generate_input_is_one_line(tmp_path, capsys, argv, error):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\nnope\n')
     (tmp_path / "shape.jsonl").write_text('{"text": "a"}\n')

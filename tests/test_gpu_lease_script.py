@@ -15,10 +15,17 @@ from headwise.clients.cli import build_parser
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_lease.sh"
 # flags of the other programs the script calls
-OTHER_TOOLS = {"--no-index", "--no-deps", "--no-build-isolation", "--no-compile", "--target",  # pip
-               "--query-gpu", "--format",  # nvidia-smi
-               "--short",  # git rev-parse
-               "--cpu-smoke"}  # the script's own
+OTHER_TOOLS = {
+    "--no-index",
+    "--no-deps",
+    "--no-build-isolation",
+    "--no-compile",
+    "--target",  # pip
+    "--query-gpu",
+    "--format",  # nvidia-smi
+    "--short",  # git rev-parse
+    "--cpu-smoke",
+}  # the script's own
 
 
 def _option_strings(parser: argparse.ArgumentParser) -> set[str]:

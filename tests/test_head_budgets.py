@@ -26,8 +26,12 @@ def _plans(shape) -> dict[str, Plan]:
         "window": Plan("window", shape, _mixed(shape, HeadSpec("window", sink=4, recent=32))),
         "elastic": Plan("elastic", shape, _mixed(shape, HeadSpec("elastic", sink=4, alpha=8, beta=0.15))),
         "select": Plan("select", shape, _mixed(shape, HeadSpec("select", sink=4, recent=16, select=16, window=8))),
-        "dynamic": Plan("dynamic", shape, [[FULL] * shape.kv_heads for _ in range(shape.layers)],
-                        dynamic=DynamicSpec(0.34, HeadSpec("select", sink=4, recent=16, select=16, window=8))),
+        "dynamic": Plan(
+            "dynamic",
+            shape,
+            [[FULL] * shape.kv_heads for _ in range(shape.layers)],
+            dynamic=DynamicSpec(0.34, HeadSpec("select", sink=4, recent=16, select=16, window=8)),
+        ),
     }
 
 
@@ -45,8 +49,10 @@ def plan_engines(make_engine, engine, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompt(tok):
-    text = ("The lighthouse keeper wrote in his log every night. The sea was calm, the wind was low, and "
-            "the ships passed far from the rocks. ") * 12
+    text = (
+        "The lighthouse keeper wrote in his log every night. The sea was calm, the wind was low, and "
+        "the ships passed far from the rocks. "
+    ) * 12
     return tok(text)["input_ids"][:PROMPT_LEN]
 
 

@@ -17,8 +17,16 @@ from hypothesis import strategies as st
 
 from headwise.kernels import reference as ref
 from headwise.kernels.layout import UNBOUNDED
-from headwise.kernels.triton_cases import (allocate, decode_args, head_capacity, keep_of, position_aligned_cache,
-                                            prefill_in_chunks, rows_of, slot_mapping)
+from headwise.kernels.triton_cases import (
+    allocate,
+    decode_args,
+    head_capacity,
+    keep_of,
+    position_aligned_cache,
+    prefill_in_chunks,
+    rows_of,
+    slot_mapping,
+)
 
 ATOL = RTOL = 1e-5
 D = 16
@@ -75,8 +83,10 @@ def make_tokens(lens, hkv, g, seed):
 
 def new_cache(lens, sink, recent, gen, extra=0):
     caps = torch.tensor(
-        [[head_capacity(int(sink[s, h]), int(recent[s, h]), n + extra) for h in range(sink.shape[1])]
-         for s, n in enumerate(lens)]
+        [
+            [head_capacity(int(sink[s, h]), int(recent[s, h]), n + extra) for h in range(sink.shape[1])]
+            for s, n in enumerate(lens)
+        ]
     )
     return allocate(caps, BLOCK, D, torch.float32, "cpu", gen)
 
@@ -103,15 +113,17 @@ def test_decode_over_ring_cache_equals_dense_window_attention(w):
     b = bounds(lens)
     last = torch.tensor([max(b[s + 1] - 1, 0) for s in range(len(lens))])
     q_pos = torch.tensor([max(n - 1, 0) for n in lens])
-    out, lse = ref.paged_decode(*decode_args(cache, q[last] if len(q) else torch.zeros(len(lens), hkv * g, D),
-                                             q_pos, sink, recent, 0.3))
+    out, lse = ref.paged_decode(
+        *decode_args(cache, q[last] if len(q) else torch.zeros(len(lens), hkv * g, D), q_pos, sink, recent, 0.3)
+    )
     for s, n in enumerate(lens):
         if n == 0:
             assert torch.all(out[s] == 0) and torch.all(lse[s] == float("-inf"))
             continue
         rows = slice(b[s], b[s + 1])
-        o, l = dense_attention(q[last[s : s + 1]], torch.tensor([n - 1]), k[rows], v[rows], torch.arange(n),
-                               sink[s], recent[s], 0.3)
+        o, l = dense_attention(
+            q[last[s : s + 1]], torch.tensor([n - 1]), k[rows], v[rows], torch.arange(n), sink[s], recent[s], 0.3
+        )
         assert_close(out[s], o[0])
         assert_close(lse[s], l[0])
 
@@ -130,8 +142,20 @@ def test_prefix_over_cache_equals_dense_attention_to_cached_tokens(w, chunk):
     rows = torch.cat([torch.arange(b[s] + n, b[s + 1]) for s, n in enumerate(lens)])
     q_pos = torch.cat([torch.arange(n, n + chunk) for n in lens])
     q_seq = torch.arange(len(lens)).repeat_interleave(chunk)
-    out, lse = ref.paged_prefix(q[rows], q_pos, q_seq, cache.k_cache, cache.v_cache, cache.pos_cache,
-                                cache.block_tables, rows_of(cache), cache.lengths, keep_of(cache, sink), recent, 0.3)
+    out, lse = ref.paged_prefix(
+        q[rows],
+        q_pos,
+        q_seq,
+        cache.k_cache,
+        cache.v_cache,
+        cache.pos_cache,
+        cache.block_tables,
+        rows_of(cache),
+        cache.lengths,
+        keep_of(cache, sink),
+        recent,
+        0.3,
+    )
     for s, n in enumerate(lens):
         mine = q_seq == s
         keys = slice(b[s], b[s] + n)
@@ -217,13 +241,28 @@ def test_decode_after_chunked_prefill_equals_dense_attention(w, chunk, steps):
     for step in range(steps):
         pos = torch.tensor(lens) + step
         rows = torch.tensor(b[:-1]) + pos
-        ref.kv_write(k[rows], v[rows], pos, slot_mapping(cache, pos, seqs, sink, recent),
-                     cache.k_cache, cache.v_cache, cache.pos_cache)
+        ref.kv_write(
+            k[rows],
+            v[rows],
+            pos,
+            slot_mapping(cache, pos, seqs, sink, recent),
+            cache.k_cache,
+            cache.v_cache,
+            cache.pos_cache,
+        )
         out, lse = ref.paged_decode(*decode_args(cache, q[rows], pos, sink, recent, 0.3))
         for s in range(len(lens)):
             keys = slice(b[s], int(rows[s]) + 1)
-            o, l = dense_attention(q[rows[s : s + 1]], pos[s : s + 1], k[keys], v[keys],
-                                   torch.arange(int(pos[s]) + 1), sink[s], recent[s], 0.3)
+            o, l = dense_attention(
+                q[rows[s : s + 1]],
+                pos[s : s + 1],
+                k[keys],
+                v[keys],
+                torch.arange(int(pos[s]) + 1),
+                sink[s],
+                recent[s],
+                0.3,
+            )
             assert_close(out[s], o[0])
             assert_close(lse[s], l[0])
 
@@ -240,11 +279,30 @@ def test_decode_over_position_aligned_window_blocks_masks_expired_slots(w, block
     hkv = sink.shape[1]
     q = torch.randn(len(lens), hkv * g, D, generator=gen)
     keep = torch.minimum(sink, cache.lengths)
-    out, lse = ref.paged_decode(q, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables,
-                                rows_of(cache), cache.lengths, keep, recent, torch.tensor(newest), 0.3)
+    out, lse = ref.paged_decode(
+        q,
+        cache.k_cache,
+        cache.v_cache,
+        cache.pos_cache,
+        cache.block_tables,
+        rows_of(cache),
+        cache.lengths,
+        keep,
+        recent,
+        torch.tensor(newest),
+        0.3,
+    )
     for s, p in enumerate(newest):
-        o, l = dense_attention(q[s:s + 1], torch.tensor([p]), k_all[s, :p + 1], v_all[s, :p + 1],
-                               torch.arange(p + 1), sink[s], recent[s], 0.3)
+        o, l = dense_attention(
+            q[s : s + 1],
+            torch.tensor([p]),
+            k_all[s, : p + 1],
+            v_all[s, : p + 1],
+            torch.arange(p + 1),
+            sink[s],
+            recent[s],
+            0.3,
+        )
         assert_close(out[s], o[0])
         assert_close(lse[s], l[0])
 
@@ -260,8 +318,15 @@ def test_full_head_decode_matches_softmax_formula():
     v[0, 0, 1], v[1, 0, 1] = 4.0, 8.0
     pos = torch.arange(2)
     one = torch.zeros(1, 1, dtype=torch.int32)
-    ref.kv_write(k, v, pos, slot_mapping(cache, pos, torch.zeros(2, dtype=torch.long), one, one + UNBOUNDED),
-                 cache.k_cache, cache.v_cache, cache.pos_cache)
+    ref.kv_write(
+        k,
+        v,
+        pos,
+        slot_mapping(cache, pos, torch.zeros(2, dtype=torch.long), one, one + UNBOUNDED),
+        cache.k_cache,
+        cache.v_cache,
+        cache.pos_cache,
+    )
     out, lse = ref.paged_decode(*decode_args(cache, q, torch.tensor([1]), one, one + UNBOUNDED, 1.0))
     assert out[0, 0, 1].item() == pytest.approx(7.0, abs=1e-6)
     assert lse[0, 0].item() == pytest.approx(math.log(4.0), abs=1e-6)
@@ -287,8 +352,9 @@ def test_masked_prefill_equals_prefix_merged_with_chunk_attention(w, chunk):
 
         def sink_window_prefill(self, qc, kk, vv, pos, cu, snk, rec, scale):
             _, kc, vc, pc, tables, rows, lengths, keep = self.args
-            return ref.masked_prefill(qc, kk, vv, pos, cu, kc, vc, pc, tables, rows, lengths, keep, snk, rec,
-                                      scale), None
+            return ref.masked_prefill(
+                qc, kk, vv, pos, cu, kc, vc, pc, tables, rows, lengths, keep, snk, rec, scale
+            ), None
 
         @staticmethod
         def merge_states(o1, l1, o2, l2):

@@ -71,8 +71,9 @@ def ring_cache(lens, dtype, head_dim, block_size, seed=0, extra=0):
     """A cache filled by writing `lens[s]` tokens per sequence through the sink + ring slot mapping."""
     gen = torch.Generator().manual_seed(seed)
     sink, recent = budgets(len(lens))
-    caps = torch.tensor([[head_capacity(int(sink[s, h]), int(recent[s, h]), n + extra) for h in range(HKV)]
-                         for s, n in enumerate(lens)])
+    caps = torch.tensor(
+        [[head_capacity(int(sink[s, h]), int(recent[s, h]), n + extra) for h in range(HKV)] for s, n in enumerate(lens)]
+    )
     cache = allocate(caps, block_size, head_dim, dtype, "cpu", gen)
     pos = torch.cat([torch.arange(n) for n in lens])
     seq = torch.cat([torch.full((n,), s) for s, n in enumerate(lens)])
@@ -128,8 +129,7 @@ def test_paged_decode_matches_reference_over_ragged_split_heads(dtype, head_dim,
 
 
 @pytest.mark.parametrize("dtype,head_dim,block_size,group", COMBOS[:3], ids=COMBO_IDS[:3])
-def test_paged_decode_masks_expired_slots_of_position_aligned_windows(dtype, head_dim, block_size, group,
-                                                                       small_splits):
+def test_paged_decode_masks_expired_slots_of_position_aligned_windows(dtype, head_dim, block_size, group, small_splits):
     """Window heads keep sink blocks + the blocks overlapping their window; a table row of
     a later batch entry (rows permuted) and the expired head of the oldest block masked."""
     newest = [3, 40, 77, 120]
@@ -138,8 +138,19 @@ def test_paged_decode_masks_expired_slots_of_position_aligned_windows(dtype, hea
     cache, _, _ = position_aligned_cache(newest, sink, recent, block_size, head_dim, dtype, "cpu", gen)
     order = torch.tensor([2, 0, 3, 1])
     q = torch.randn(len(newest), HKV * group, head_dim, generator=gen).to(dtype)
-    args = (q, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables, order.int(), cache.lengths[order],
-            torch.minimum(sink, cache.lengths)[order], recent[order], torch.tensor(newest)[order], SCALE)
+    args = (
+        q,
+        cache.k_cache,
+        cache.v_cache,
+        cache.pos_cache,
+        cache.block_tables,
+        order.int(),
+        cache.lengths[order],
+        torch.minimum(sink, cache.lengths)[order],
+        recent[order],
+        torch.tensor(newest)[order],
+        SCALE,
+    )
     assert_state_close(tri.paged_decode(*args), ref.paged_decode(*args), dtype)
 
 
@@ -155,11 +166,13 @@ def test_kv_write_and_decode_on_one_pool_holding_k_and_v():
     q = torch.randn(1, HKV * 4, 64, generator=gen)
     lengths = torch.tensor([[20, 20]], dtype=torch.int32)
     mask = (torch.zeros(1), lengths * 0, lengths * 0 + UNBOUNDED, torch.tensor([19]), SCALE)
-    out = tri.paged_decode(q, pool[:, 0], pool[:, 1], pos_cache, tables, torch.zeros(1, dtype=torch.int32), lengths,
-                           *mask[1:])
+    out = tri.paged_decode(
+        q, pool[:, 0], pool[:, 1], pos_cache, tables, torch.zeros(1, dtype=torch.int32), lengths, *mask[1:]
+    )
     dense_k, dense_v = pool[:, 0].clone(), pool[:, 1].clone()
-    expected = ref.paged_decode(q, dense_k, dense_v, pos_cache, tables, torch.zeros(1, dtype=torch.int32), lengths,
-                                *mask[1:])
+    expected = ref.paged_decode(
+        q, dense_k, dense_v, pos_cache, tables, torch.zeros(1, dtype=torch.int32), lengths, *mask[1:]
+    )
     assert_state_close(out, expected, torch.float32)
     assert torch.equal(dense_k.view(-1, 64)[slots.long().view(-1)], k.reshape(-1, 64))
 
@@ -183,8 +196,20 @@ def test_paged_prefix_matches_reference_on_wrapped_rings(dtype, head_dim, block_
     order = torch.randperm(len(q_pos), generator=gen)
     q_pos, q_seq = q_pos[order], q_seq[order]
     q = torch.randn(len(q_pos), HKV * group, head_dim, generator=gen).to(dtype)
-    args = (q, q_pos, q_seq, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables, rows_of(cache),
-            cache.lengths, keep_of(cache, sink), recent, SCALE)
+    args = (
+        q,
+        q_pos,
+        q_seq,
+        cache.k_cache,
+        cache.v_cache,
+        cache.pos_cache,
+        cache.block_tables,
+        rows_of(cache),
+        cache.lengths,
+        keep_of(cache, sink),
+        recent,
+        SCALE,
+    )
     out, lse = tri.paged_prefix(*args)
     assert torch.all(lse[q_seq == 0] == float("-inf"))
     assert_state_close((out, lse), ref.paged_prefix(*args), dtype)
@@ -230,11 +255,13 @@ def test_chunked_prefill_then_decode_matches_reference_pipeline(dtype, chunk, sm
     q = torch.randn(rows, HKV * group, d, generator=gen).to(dtype)
     k = torch.randn(rows, HKV, d, generator=gen).to(dtype)
     v = torch.randn(rows, HKV, d, generator=gen).to(dtype)
-    caps = torch.tensor([[head_capacity(int(sink[s, h]), int(recent[s, h]), n + steps) for h in range(HKV)]
-                         for s, n in enumerate(lens)])
+    caps = torch.tensor(
+        [[head_capacity(int(sink[s, h]), int(recent[s, h]), n + steps) for h in range(HKV)] for s, n in enumerate(lens)]
+    )
     caches = [allocate(caps, 16, d, dtype, "cpu", torch.Generator().manual_seed(4)) for _ in range(2)]
-    states = [prefill_in_chunks(ops, c, q, k, v, lens, sink, recent, chunk, SCALE)
-              for ops, c in zip((tri, ref), caches)]
+    states = [
+        prefill_in_chunks(ops, c, q, k, v, lens, sink, recent, chunk, SCALE) for ops, c in zip((tri, ref), caches)
+    ]
     assert_state_close(states[0], states[1], dtype)
     seqs = torch.arange(len(lens))
     for step in range(steps):
@@ -250,9 +277,10 @@ def test_chunked_prefill_then_decode_matches_reference_pipeline(dtype, chunk, sm
 
 def test_triton_ops_has_the_signatures_of_the_reference():
     for name in tri.__all__:
-        assert inspect.signature(getattr(tri, name)).parameters.keys() == inspect.signature(
-            getattr(ref, name)
-        ).parameters.keys(), name
+        assert (
+            inspect.signature(getattr(tri, name)).parameters.keys()
+            == inspect.signature(getattr(ref, name)).parameters.keys()
+        ), name
 
 
 def test_dispatcher_forced_to_triton_runs_the_kernels():
@@ -285,8 +313,15 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
     with pytest.raises(ValueError, match="head_dim"):
         tri.paged_decode(torch.randn(1, 6, 32), *good[1:])
     with pytest.raises(ValueError, match="slot_mapping"):
-        tri.kv_write(torch.randn(2, 2, 64), torch.randn(2, 2, 64), torch.arange(2), torch.zeros(2, 3),
-                     cache.k_cache, cache.v_cache, cache.pos_cache)
+        tri.kv_write(
+            torch.randn(2, 2, 64),
+            torch.randn(2, 2, 64),
+            torch.arange(2),
+            torch.zeros(2, 3),
+            cache.k_cache,
+            cache.v_cache,
+            cache.pos_cache,
+        )
 
 
 # RMSNorm / RoPE: the interpreter rounds fp32 -> bf16 towards zero (a GPU rounds to nearest,
@@ -321,11 +356,11 @@ def test_rotary_of_fused_qkv_views_matches_reference(dtype, head_dim, hq, hkv):
     gen = torch.Generator().manual_seed(7)
     t = 6
     qkv = torch.randn(t, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
-    q = qkv[:, :hq * head_dim].view(t, hq, head_dim)
-    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(t, hkv, head_dim)
+    q = qkv[:, : hq * head_dim].view(t, hq, head_dim)
+    k = qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(t, hkv, head_dim)
     angles = torch.arange(t, dtype=torch.float32)[:, None] * torch.rand(head_dim // 2, generator=gen)[None, :]
     table = torch.cat([angles.cos(), angles.sin()], dim=-1)  # the model's cos | sin layout
-    cos, sin = table[:, :head_dim // 2], table[:, head_dim // 2:]
+    cos, sin = table[:, : head_dim // 2], table[:, head_dim // 2 :]
     (qo, ko), (q_ref, k_ref) = tri.apply_rotary(q, k, cos, sin), ref.apply_rotary(q, k, cos, sin)
     assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
     if dtype == torch.bfloat16:
@@ -333,7 +368,7 @@ def test_rotary_of_fused_qkv_views_matches_reference(dtype, head_dim, hq, hkv):
         torch.testing.assert_close(ko, k_ref, atol=1e-6, rtol=2**-7)
     else:
         assert torch.equal(qo, q_ref) and torch.equal(ko, k_ref)
-    assert torch.equal(q, qkv[:, :hq * head_dim].view(t, hq, head_dim)), "the inputs are not overwritten"
+    assert torch.equal(q, qkv[:, : hq * head_dim].view(t, hq, head_dim)), "the inputs are not overwritten"
 
 
 def test_norm_and_rotary_bad_inputs_name_the_argument():

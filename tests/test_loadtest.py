@@ -19,10 +19,36 @@ def test_headless_locust_run_records_ttft_without_failures(tmp_path):
     config = EngineConfig(model="smollm2-135m", kv_cache_mb=32)
     with BackgroundServer(ServerSettings(port=0), lambda: LLMEngine(config)) as server:
         run = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "4", "-r", "4",
-             "-t", "8s", "--host", server.url, "--scenario", "short", "--prompt-words", "16",
-             "--max-tokens", "4", "--only-summary", "--csv", str(tmp_path / "run")],
-            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(LOCUSTFILE),
+                "--headless",
+                "-u",
+                "4",
+                "-r",
+                "4",
+                "-t",
+                "8s",
+                "--host",
+                server.url,
+                "--scenario",
+                "short",
+                "--prompt-words",
+                "16",
+                "--max-tokens",
+                "4",
+                "--only-summary",
+                "--csv",
+                str(tmp_path / "run"),
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     with open(tmp_path / "run_stats.csv") as f:
         rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}

@@ -23,12 +23,28 @@ LOGPROB_ATOL = 1e-4  # fp32 both sides, tiny models
 def _tiny(kind: str):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     if kind == "llama3":
-        return LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64})
+        return LlamaConfig(
+            **common,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
     if kind == "mistral":
         return MistralConfig(**common, sliding_window=None, head_dim=16)
     return Qwen2Config(**common, use_sliding_window=False)
@@ -55,16 +71,18 @@ def test_hf_directory_matches_transformers(tiny_model, tok):
     eng = LLMEngine(EngineConfig(model=path, kv_cache_mb=16))
     assert eng.model_config.model_type == ("qwen2" if kind == "qwen2" else "mistral" if kind == "mistral" else "llama")
     prompt = tok("The quick brown fox jumps over the lazy dog because")["input_ids"]
-    out = eng.generate([prompt], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True,
-                                                prompt_logprobs=0))[0]
+    out = eng.generate(
+        [prompt], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    )[0]
     ids = torch.tensor([prompt])
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
         logits = hf(ids).logits[0].float().log_softmax(-1)
-    assert out.token_ids == ref[0, len(prompt):].tolist()
+    assert out.token_ids == ref[0, len(prompt) :].tolist()
     expected = logits[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
-    ours = torch.tensor([next(iter(lp.values())).logprob if isinstance(lp, dict) else lp.logprob
-                         for lp in out.prompt_logprobs[1:]])
+    ours = torch.tensor(
+        [next(iter(lp.values())).logprob if isinstance(lp, dict) else lp.logprob for lp in out.prompt_logprobs[1:]]
+    )
     torch.testing.assert_close(ours, expected, atol=LOGPROB_ATOL, rtol=0)
 
 
@@ -80,12 +98,15 @@ def test_gguf_path_loads_like_the_default_model_and_reuses_the_cache(engine, tok
     assert eng.generate([prompt], params)[0].token_ids == engine.generate([prompt], params)[0].token_ids
 
 
-@pytest.mark.parametrize("setup, error", [
-    ("gpt2_dir", "architecture 'gpt2' is not supported (supported: llama, mistral, qwen2)"),
-    ("broken_gguf", "cannot read GGUF {tmp}/broken.gguf: "),
-    ("no_weights", "{tmp}/empty has no *.safetensors weights"),
-    ("missing", "model '{tmp}/nothing' not found: use smollm2-135m, a .gguf file or a model directory"),
-])
+@pytest.mark.parametrize(
+    "setup, error",
+    [
+        ("gpt2_dir", "architecture 'gpt2' is not supported (supported: llama, mistral, qwen2)"),
+        ("broken_gguf", "cannot read GGUF {tmp}/broken.gguf: "),
+        ("no_weights", "{tmp}/empty has no *.safetensors weights"),
+        ("missing", "model '{tmp}/nothing' not found: use smollm2-135m, a .gguf file or a model directory"),
+    ],
+)
 def test_bad_models_give_one_error_line(tmp_path, capsys, setup, error):
     if setup == "gpt2_dir":
         model = tmp_path / "gpt2"

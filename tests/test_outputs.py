@@ -35,5 +35,5 @@ def test_streamed_outputs_are_snapshots_and_the_finished_one_is_lists(engine, to
     final = outs[-1]
     assert type(final.token_ids) is list and type(final.logprobs) is list and final.finished
     for o in outs[:-1]:  # each step's output still reads as it was reported
-        assert list(o.token_ids) == final.token_ids[:len(o.token_ids)]
-        assert [lp.token_id for lp in o.logprobs] == final.token_ids[:len(o.token_ids)]
+        assert list(o.token_ids) == final.token_ids[: len(o.token_ids)]
+        assert [lp.token_id for lp in o.logprobs] == final.token_ids[: len(o.token_ids)]

@@ -20,8 +20,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _plan(shape, spec: HeadSpec, full_every: int = 0) -> Plan:
-    heads = [[FULL if full_every and (l * shape.kv_heads + h) % full_every == 0 else spec
-              for h in range(shape.kv_heads)] for l in range(shape.layers)]
+    heads = [
+        [FULL if full_every and (l * shape.kv_heads + h) % full_every == 0 else spec for h in range(shape.kv_heads)]
+        for l in range(shape.layers)
+    ]
     return Plan(spec.kind, shape, heads)
 
 
@@ -126,10 +128,11 @@ def test_pool_admits_the_predicted_number_of_requests(make_engine, plan_paths, t
     base = tok("The river carries the snow of the mountains down to the sea. " * 30)["input_ids"]
     peaks = {}
     for plan, per_request in (("full", 90 * 16), ("quarter", 90 * 4)):
-        eng = make_engine(plans=plan_paths, num_blocks=pool, kv_cache_mb=None, max_num_seqs=16,
-                          max_num_batched_tokens=4096)
+        eng = make_engine(
+            plans=plan_paths, num_blocks=pool, kv_cache_mb=None, max_num_seqs=16, max_num_batched_tokens=4096
+        )
         for i in range(12):
-            prompt = [base[i]] + base[12:12 + 239]
+            prompt = [base[i]] + base[12 : 12 + 239]
             eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), plan)
         peak = 0
         while eng.has_unfinished_requests():
@@ -147,8 +150,9 @@ def test_no_leaks_with_mixed_plans_aborts_and_preemption(make_engine, plan_paths
     prompt = tok("Write a long story about a fox, a crow and a piece of cheese in the forest")["input_ids"]
     plans = ["full", "window", "select", "quarter"]
     for i in range(8):
-        eng.add_request(f"m{i}", prompt, SamplingParams(max_tokens=60 + 7 * i, temperature=0, ignore_eos=True),
-                        plans[i % 4])
+        eng.add_request(
+            f"m{i}", prompt, SamplingParams(max_tokens=60 + 7 * i, temperature=0, ignore_eos=True), plans[i % 4]
+        )
     reasons = {}
     steps = 0
     while eng.has_unfinished_requests():
@@ -174,8 +178,9 @@ def test_no_leaks_with_mixed_plans_aborts_and_preemption(make_engine, plan_paths
 
 @pytest.mark.parametrize("caching", [True, False])
 @pytest.mark.parametrize("prompt_len, max_tokens", [(200, 9), (37, 40)])
-def test_request_blocks_formula_equals_what_the_engine_holds(make_engine, plan_paths, tok, prompt_len, max_tokens,
-                                                             caching):
+def test_request_blocks_formula_equals_what_the_engine_holds(
+    make_engine, plan_paths, tok, prompt_len, max_tokens, caching
+):
     """`headwise bench capacity` predicts from request_blocks(); the engine must agree for
     every plan kind: the peak (kv_bytes) and the decode peak (kv_bytes_decode) of a request
     alone, prefilled in chunks of 64 tokens."""

@@ -23,7 +23,12 @@ def test_plan_show_total_equals_the_engines_kv_bytes(tmp_path, capsys, make_engi
     # 90 heads x 7 blocks (99 positions written) of 16 x (K + V) x 64 dims x 4 bytes; a window
     # head holds its sink block, the 2-3 blocks its 32-token window overlaps and, between
     # release points, one expired block: 4 at its peak
-    assert (full.kv_bytes_decode, window.kv_bytes_decode, window.kv_bytes) == (90 * 7 * 8192, 90 * 4 * 8192,
-                                                                                90 * 4 * 8192)
-    assert total == (f"total: 0 of 90 kv heads full, KV {_fmt_bytes(window.kv_bytes_decode)} of "
-                     f"{_fmt_bytes(full.kv_bytes_decode)} full per request = 0.571x at 100 tokens")
+    assert (full.kv_bytes_decode, window.kv_bytes_decode, window.kv_bytes) == (
+        90 * 7 * 8192,
+        90 * 4 * 8192,
+        90 * 4 * 8192,
+    )
+    assert total == (
+        f"total: 0 of 90 kv heads full, KV {_fmt_bytes(window.kv_bytes_decode)} of "
+        f"{_fmt_bytes(full.kv_bytes_decode)} full per request = 0.571x at 100 tokens"
+    )

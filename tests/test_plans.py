@@ -9,11 +9,30 @@ import random
 
 import pytest
 
-from headwise.kvcache.plan_build import (full_head_count, kv_bytes, kv_ratio, layer_kv_bytes,
-                                         plan_from_scores, reduce_query_scores, rethreshold, streaming_plan)
+from headwise.kvcache.plan_build import (
+    full_head_count,
+    kv_bytes,
+    kv_ratio,
+    layer_kv_bytes,
+    plan_from_scores,
+    reduce_query_scores,
+    rethreshold,
+    streaming_plan,
+)
 from headwise.kvcache.plan_import import import_duo, import_moa, import_retrieval_head
-from headwise.kvcache.plans import (FULL, DynamicSpec, HeadSpec, ModelShape, Plan, PlanError, full_plan,
-                                    load_plan, plan_from_dict, plan_to_dict, save_plan)
+from headwise.kvcache.plans import (
+    FULL,
+    DynamicSpec,
+    HeadSpec,
+    ModelShape,
+    Plan,
+    PlanError,
+    full_plan,
+    load_plan,
+    plan_from_dict,
+    plan_to_dict,
+    save_plan,
+)
 
 SMOL = ModelShape(30, 3, 9, 64, "smollm2-135m")
 WINDOW = HeadSpec("window", sink=64, recent=256)
@@ -40,11 +59,14 @@ def test_round_trip_keeps_every_kind_and_scores_exactly(tmp_path):
 
 
 def test_dynamic_plan_round_trips_without_heads(tmp_path):
-    plan = Plan("taskkv", SMOL, [[FULL] * 3 for _ in range(30)], source={"method": "taskkv"},
-                dynamic=DynamicSpec(0.25, SELECT))
+    plan = Plan(
+        "taskkv", SMOL, [[FULL] * 3 for _ in range(30)], source={"method": "taskkv"}, dynamic=DynamicSpec(0.25, SELECT)
+    )
     d = plan_to_dict(plan)
-    assert "heads" not in d and d["dynamic"] == {"ratio": 0.25, "rest": {
-        "kind": "select", "sink": 64, "recent": 256, "select": 256, "window": 32}}
+    assert "heads" not in d and d["dynamic"] == {
+        "ratio": 0.25,
+        "rest": {"kind": "select", "sink": 64, "recent": 256, "select": 256, "window": 32},
+    }
     save_plan(plan, tmp_path / "d.json")
     assert load_plan(tmp_path / "d.json") == plan
 
@@ -61,62 +83,91 @@ def _set(path, value):
         for key in parents:
             d = d[key]
         d[last] = value
+
     return edit
 
 
 def _dynamic_with(**dyn):
     def edit(d):
         d.pop("heads")
-        d["dynamic"] = {"ratio": 0.25, "rest": {"kind": "select", "sink": 64, "recent": 256, "select": 256,
-                                                "window": 32}, **dyn}
+        d["dynamic"] = {
+            "ratio": 0.25,
+            "rest": {"kind": "select", "sink": 64, "recent": 256, "select": 256, "window": 32},
+            **dyn,
+        }
+
     return edit
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_set(["heads", 3, 1], {"kind": "window", "sink": 64, "recent": -5}),
-     "heads[3][1].recent: must be an integer >= 0, got -5"),
-    (_set(["heads", 2], [{"kind": "full"}] * 2), "heads[2]: expected 3 kv heads, got 2"),
-    (_set(["heads", 0, 0], {"kind": "foo"}),
-     "heads[0][0].kind: unknown kind 'foo' (expected full, window, elastic, select)"),
-    (lambda d: d.pop("heads"), 'heads: missing (a plan needs "heads", or "dynamic" for a per-request plan)'),
-    (_set(["format"], "headwise-plan/2"), "format: expected 'headwise-plan/1', got 'headwise-plan/2'"),
-    (lambda d: d["heads"].pop(), "heads: expected 30 layers, got 29"),
-    (_set(["heads", 1, 2], {"kind": "window", "recent": 256}), "heads[1][2].sink: missing"),
-    (_set(["heads", 0, 1], {"kind": "window", "sink": 4, "recent": 8, "select": 2}),
-     "heads[0][1].select: not a field of a window head (expected sink, recent)"),
-    (_set(["heads", 0, 0], {"kind": "elastic", "sink": 4, "alpha": -1, "beta": 0.5}),
-     "heads[0][0].alpha: must be a number >= 0, got -1"),
-    (_set(["heads", 0, 0], {"kind": "select", "sink": 4, "recent": 8, "select": 8, "window": 0}),
-     "heads[0][0].window: must be an integer >= 1, got 0"),
-    (_set(["heads", 0, 0], {"kind": "window", "sink": 4, "recent": True}),
-     "heads[0][0].recent: must be an integer >= 0, got True"),
-    (_set(["heads", 0, 1], {"kind": "window", "sink": 0, "recent": 0}),
-     "heads[0][1]: a window head must keep at least one token (all sizes are 0)"),
-    (_set(["heads", 5, 0], "full"), "heads[5][0]: expected an object, got 'full'"),
-    (_set(["scores", 4], [0.1, 0.2]), "scores[4]: expected 3 kv heads, got 2"),
-    (_set(["scores", 0, 0], "x"), "scores[0][0]: must be a finite number, got 'x'"),
-    (_set(["model", "heads"], 8), "model.heads: must be a multiple of model.kv_heads (3), got 8"),
-    (_set(["model", "layers"], 0), "model.layers: must be an integer >= 1, got 0"),
-    (_set(["name"], 3), "name: must be a string, got 3"),
-    (_set(["heeds"], []), "heeds: unknown field (expected format, name, model, source, heads, dynamic, scores)"),
-    (_dynamic_with(ratio=1.5), "dynamic.ratio: must be a number in [0, 1], got 1.5"),
-    (_dynamic_with(rest={"kind": "window", "sink": 4, "recent": 8}),
-     "dynamic.rest.kind: must be 'select', got 'window'"),
-    (lambda d: d.update(dynamic={"ratio": 0.5, "rest": d["heads"][0][0]}),
-     "heads: a dynamic plan has no heads (its heads are chosen per request)"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            _set(["heads", 3, 1], {"kind": "window", "sink": 64, "recent": -5}),
+            "heads[3][1].recent: must be an integer >= 0, got -5",
+        ),
+        (_set(["heads", 2], [{"kind": "full"}] * 2), "heads[2]: expected 3 kv heads, got 2"),
+        (
+            _set(["heads", 0, 0], {"kind": "foo"}),
+            "heads[0][0].kind: unknown kind 'foo' (expected full, window, elastic, select)",
+        ),
+        (lambda d: d.pop("heads"), 'heads: missing (a plan needs "heads", or "dynamic" for a per-request plan)'),
+        (_set(["format"], "headwise-plan/2"), "format: expected 'headwise-plan/1', got 'headwise-plan/2'"),
+        (lambda d: d["heads"].pop(), "heads: expected 30 layers, got 29"),
+        (_set(["heads", 1, 2], {"kind": "window", "recent": 256}), "heads[1][2].sink: missing"),
+        (
+            _set(["heads", 0, 1], {"kind": "window", "sink": 4, "recent": 8, "select": 2}),
+            "heads[0][1].select: not a field of a window head (expected sink, recent)",
+        ),
+        (
+            _set(["heads", 0, 0], {"kind": "elastic", "sink": 4, "alpha": -1, "beta": 0.5}),
+            "heads[0][0].alpha: must be a number >= 0, got -1",
+        ),
+        (
+            _set(["heads", 0, 0], {"kind": "select", "sink": 4, "recent": 8, "select": 8, "window": 0}),
+            "heads[0][0].window: must be an integer >= 1, got 0",
+        ),
+        (
+            _set(["heads", 0, 0], {"kind": "window", "sink": 4, "recent": True}),
+            "heads[0][0].recent: must be an integer >= 0, got True",
+        ),
+        (
+            _set(["heads", 0, 1], {"kind": "window", "sink": 0, "recent": 0}),
+            "heads[0][1]: a window head must keep at least one token (all sizes are 0)",
+        ),
+        (_set(["heads", 5, 0], "full"), "heads[5][0]: expected an object, got 'full'"),
+        (_set(["scores", 4], [0.1, 0.2]), "scores[4]: expected 3 kv heads, got 2"),
+        (_set(["scores", 0, 0], "x"), "scores[0][0]: must be a finite number, got 'x'"),
+        (_set(["model", "heads"], 8), "model.heads: must be a multiple of model.kv_heads (3), got 8"),
+        (_set(["model", "layers"], 0), "model.layers: must be an integer >= 1, got 0"),
+        (_set(["name"], 3), "name: must be a string, got 3"),
+        (_set(["heeds"], []), "heeds: unknown field (expected format, name, model, source, heads, dynamic, scores)"),
+        (_dynamic_with(ratio=1.5), "dynamic.ratio: must be a number in [0, 1], got 1.5"),
+        (
+            _dynamic_with(rest={"kind": "window", "sink": 4, "recent": 8}),
+            "dynamic.rest.kind: must be 'select', got 'window'",
+        ),
+        (
+            lambda d: d.update(dynamic={"ratio": 0.5, "rest": d["heads"][0][0]}),
+            "heads: a dynamic plan has no heads (its heads are chosen per request)",
+        ),
+    ],
+)
 def test_malformed_plan_is_refused_naming_the_field(edit, message):
     with pytest.raises(PlanError) as e:
         plan_from_dict(_broken(edit))
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("model, message", [
-    (ModelShape(24, 3, 9, 64), "model.layers: plan is for 30 layers, model has 24"),
-    (ModelShape(30, 2, 9, 64), "model.kv_heads: plan is for 3 kv heads, model has 2"),
-    (ModelShape(30, 3, 6, 64), "model.heads: plan is for 9 heads, model has 6"),
-    (ModelShape(30, 3, 9, 128), "model.head_dim: plan is for 64 head dim, model has 128"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (ModelShape(24, 3, 9, 64), "model.layers: plan is for 30 layers, model has 24"),
+        (ModelShape(30, 2, 9, 64), "model.kv_heads: plan is for 3 kv heads, model has 2"),
+        (ModelShape(30, 3, 6, 64), "model.heads: plan is for 9 heads, model has 6"),
+        (ModelShape(30, 3, 9, 128), "model.head_dim: plan is for 64 head dim, model has 128"),
+    ],
+)
 def test_plan_for_another_shape_is_refused(model, message):
     with pytest.raises(PlanError) as e:
         plan_from_dict(plan_to_dict(mixed_plan()), model)
@@ -203,8 +254,10 @@ def test_reduce_query_scores_takes_group_max():
 
 def test_kv_bytes_rounds_each_head_to_blocks():
     shape = ModelShape(2, 2, 4, 8)
-    heads = [[FULL, HeadSpec("window", sink=4, recent=20)],
-             [HeadSpec("elastic", sink=4, alpha=10.0, beta=0.5), HeadSpec("select", sink=4, recent=8, select=8)]]
+    heads = [
+        [FULL, HeadSpec("window", sink=4, recent=20)],
+        [HeadSpec("elastic", sink=4, alpha=10.0, beta=0.5), HeadSpec("select", sink=4, recent=8, select=8)],
+    ]
     plan = Plan("k", shape, heads)
     # slots: full 100 -> 112; window 24 -> 32; elastic 4 + (10 + 0.5 * 40) = 34 -> 48; select 20 -> 32
     assert layer_kv_bytes(plan, 100, prompt_len=40, dtype_bytes=2) == [144 * 32, 80 * 32]
@@ -215,8 +268,12 @@ def test_kv_bytes_rounds_each_head_to_blocks():
 
 
 def test_kv_bytes_of_dynamic_plan_counts_ratio_full_per_layer():
-    plan = Plan("d", ModelShape(2, 2, 4, 8), [[FULL] * 2] * 2,
-                dynamic=DynamicSpec(0.5, HeadSpec("select", sink=4, recent=8, select=8, window=2)))
+    plan = Plan(
+        "d",
+        ModelShape(2, 2, 4, 8),
+        [[FULL] * 2] * 2,
+        dynamic=DynamicSpec(0.5, HeadSpec("select", sink=4, recent=8, select=8, window=2)),
+    )
     assert kv_bytes(plan, 100, dtype_bytes=2) == 2 * (112 + 32) * 2 * 8 * 2
 
 
@@ -237,12 +294,15 @@ def test_import_duo_keeps_top_gates_full(tmp_path):
     assert mha.heads[0][0] == HeadSpec("window", sink=8, recent=32)
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([[0.5] * 3] * 29, "gates for 29 layers, model has 30"),
-    ([[0.5] * 3] * 2 + [[0.5] * 2] + [[0.5] * 3] * 27, "line 3: expected 3 kv heads, got 2"),
-    ([[0.5, 1.5, 0.5]] * 30, "line 1: gate 1.5 is outside [0, 1]"),
-    ([[0.5, "x", 0.5]] * 30, "line 1: 'x' is not a number"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([[0.5] * 3] * 29, "gates for 29 layers, model has 30"),
+        ([[0.5] * 3] * 2 + [[0.5] * 2] + [[0.5] * 3] * 27, "line 3: expected 3 kv heads, got 2"),
+        ([[0.5, 1.5, 0.5]] * 30, "line 1: gate 1.5 is outside [0, 1]"),
+        ([[0.5, "x", 0.5]] * 30, "line 1: 'x' is not a number"),
+    ],
+)
 def test_import_duo_refuses_bad_files(tmp_path, rows, message):
     _write_duo(tmp_path / "g.tsv", rows)
     with pytest.raises(PlanError) as e:
@@ -256,10 +316,10 @@ def _retrieval_scores(layers=30, heads=9):
 
 def test_import_retrieval_head_averages_and_reduces_by_group_max(tmp_path):
     d = _retrieval_scores()
-    d["2-4"] = [0.5, 1.0, 0.0]   # mean 0.5 -> kv head 1 of layer 2
-    d["2-5"] = [0.25]            # same group, lower
-    d["7-0"] = []                # never scored: 0
-    d["29-8"] = [0.9, 0.8]       # mean 0.85 -> kv head 2 of layer 29
+    d["2-4"] = [0.5, 1.0, 0.0]  # mean 0.5 -> kv head 1 of layer 2
+    d["2-5"] = [0.25]  # same group, lower
+    d["7-0"] = []  # never scored: 0
+    d["29-8"] = [0.9, 0.8]  # mean 0.85 -> kv head 2 of layer 29
     (tmp_path / "r.json").write_text(json.dumps(d))
     plan = import_retrieval_head(tmp_path / "r.json", SMOL, ratio=2 / 90)
     assert plan.scores[2] == [0.0, 0.5, 0.0] and plan.scores[29][2] == pytest.approx(0.85)
@@ -269,12 +329,15 @@ def test_import_retrieval_head_averages_and_reduces_by_group_max(tmp_path):
     assert default.name == "retrieval-25" and sum(s.kind == "full" for r in default.heads for s in r) == 23
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update({"3_1": [0.1]}), "key '3_1': expected \"layer-head\" such as \"12-3\""),
-    (lambda d: d.update({"30-0": [0.1]}), "key '30-0': outside the model's 30 layers x 9 heads"),
-    (lambda d: d.update({"3-1": 0.5}), "3-1: expected a list of scores, got 0.5"),
-    (lambda d: [d.pop(f"{i}-8") for i in range(30)], "scores cover 30 layers x 8 heads, model has 30 x 9"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update({"3_1": [0.1]}), 'key \'3_1\': expected "layer-head" such as "12-3"'),
+        (lambda d: d.update({"30-0": [0.1]}), "key '30-0': outside the model's 30 layers x 9 heads"),
+        (lambda d: d.update({"3-1": 0.5}), "3-1: expected a list of scores, got 0.5"),
+        (lambda d: [d.pop(f"{i}-8") for i in range(30)], "scores cover 30 layers x 8 heads, model has 30 x 9"),
+    ],
+)
 def test_import_retrieval_head_refuses_bad_files(tmp_path, edit, message):
     d = _retrieval_scores()
     edit(d)
@@ -289,21 +352,24 @@ def test_import_moa_builds_elastic_heads_reducing_query_heads_by_max(tmp_path):
     moa = {"alphas": [[1024, 0, 2048, 1024], [0, 0]], "betas": [[0.125, 0.5, 0.0, 0.25], [1.0, 0.25]]}
     (tmp_path / "moa.json").write_text(json.dumps(moa))
     plan = import_moa(tmp_path / "moa.json", shape)
-    assert plan.heads == [[HeadSpec("elastic", sink=64, alpha=1024.0, beta=0.5),
-                           HeadSpec("elastic", sink=64, alpha=2048.0, beta=0.25)],
-                          [HeadSpec("elastic", sink=64, alpha=0.0, beta=1.0),
-                           HeadSpec("elastic", sink=64, alpha=0.0, beta=0.25)]]
+    assert plan.heads == [
+        [HeadSpec("elastic", sink=64, alpha=1024.0, beta=0.5), HeadSpec("elastic", sink=64, alpha=2048.0, beta=0.25)],
+        [HeadSpec("elastic", sink=64, alpha=0.0, beta=1.0), HeadSpec("elastic", sink=64, alpha=0.0, beta=0.25)],
+    ]
     assert plan.scores is None and plan.name == "moa"
     save_plan(plan, tmp_path / "p.json")
     assert load_plan(tmp_path / "p.json", shape) == plan
 
 
-@pytest.mark.parametrize("moa, message", [
-    ({"alphas": [[0, 0]], "betas": [[0, 0]] * 2}, "alphas: 1 layers, model has 2"),
-    ({"alphas": [[0, 0]] * 2, "betas": [[0, 0, 0]] * 2}, "betas[0]: expected 2 kv heads or 4 heads, got 3"),
-    ({"alphas": [[0, -1]] * 2, "betas": [[0, 0]] * 2}, "alphas[0]: values must be >= 0, got -1.0"),
-    ({"betas": [[0, 0]] * 2}, "alphas: expected a list of layers, got None"),
-])
+@pytest.mark.parametrize(
+    "moa, message",
+    [
+        ({"alphas": [[0, 0]], "betas": [[0, 0]] * 2}, "alphas: 1 layers, model has 2"),
+        ({"alphas": [[0, 0]] * 2, "betas": [[0, 0, 0]] * 2}, "betas[0]: expected 2 kv heads or 4 heads, got 3"),
+        ({"alphas": [[0, -1]] * 2, "betas": [[0, 0]] * 2}, "alphas[0]: values must be >= 0, got -1.0"),
+        ({"betas": [[0, 0]] * 2}, "alphas: expected a list of layers, got None"),
+    ],
+)
 def test_import_moa_refuses_bad_files(tmp_path, moa, message):
     (tmp_path / "moa.json").write_text(json.dumps(moa))
     with pytest.raises(PlanError) as e:

@@ -205,7 +205,7 @@ def test_multi_turn_resend_recomputes_only_the_new_tokens(tiny):
     prompt = torch.randint(0, VOCAB - 2, (40,), generator=g).tolist()
     computed = new = seen = 0
     mismatches = 0
-    for turn in range(8):
+    for turn in range(8):  # noqa: B007
         out = eng.generate([prompt], params)[0]
         mismatches += out.token_ids != ref.generate([prompt], params)[0].token_ids
         computed += len(prompt) - out.num_cached_tokens
@@ -233,8 +233,14 @@ def test_a_pool_caches_more_prompts_under_a_head_aware_plan(tiny, tmp_path):
     params = SamplingParams(max_tokens=1, temperature=0)
     served = {}
     for plan in ("full", "stream"):
-        eng = LLMEngine(EngineConfig(model=model, plans={**plans, "stream": str(tmp_path / "stream.json")},
-                                     num_blocks=500, max_num_batched_tokens=256))
+        eng = LLMEngine(
+            EngineConfig(
+                model=model,
+                plans={**plans, "stream": str(tmp_path / "stream.json")},
+                num_blocks=500,
+                max_num_batched_tokens=256,
+            )
+        )
         for p in prompts:
             eng.generate([p], params, plan)
         hits = [eng.generate([p], params, plan)[0].num_cached_tokens for p in reversed(prompts)]

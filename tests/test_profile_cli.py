@@ -13,8 +13,7 @@ from headwise.kvcache.plans import load_plan
 
 def test_profile_retrieval_writes_a_plan_that_loads_and_rethresholds(tmp_path, capsys, engine):
     out = tmp_path / "r.json"
-    assert main(["profile", "retrieval", "--out", str(out), "--lengths", "256", "--samples", "2",
-                 "--no-progress"]) == 0
+    assert main(["profile", "retrieval", "--out", str(out), "--lengths", "256", "--samples", "2", "--no-progress"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("profile retrieval: 23 of 90 kv heads full, KV ") and "at 4096 tokens" in line
     plan = load_plan(out, engine.model_config.shape)
@@ -28,8 +27,23 @@ def test_profile_retrieval_writes_a_plan_that_loads_and_rethresholds(tmp_path, c
 def test_profile_retrieval_is_deterministic(tmp_path):
     outs = [tmp_path / "a.json", tmp_path / "b.json"]
     for out in outs:
-        main(["profile", "retrieval", "--out", str(out), "--lengths", "192", "--samples", "1", "--no-progress",
-              "--rest", "window", "--seed", "3"])
+        main(
+            [
+                "profile",
+                "retrieval",
+                "--out",
+                str(out),
+                "--lengths",
+                "192",
+                "--samples",
+                "1",
+                "--no-progress",
+                "--rest",
+                "window",
+                "--seed",
+                "3",
+            ]
+        )
     a, b = (json.loads(p.read_text()) for p in outs)
     assert a["scores"] == b["scores"] and a["heads"] == b["heads"]
     assert a["heads"][0][0] in ({"kind": "full"}, {"kind": "window", "sink": 64, "recent": 256})
@@ -37,8 +51,12 @@ def test_profile_retrieval_is_deterministic(tmp_path):
 
 def test_profile_taskkv_reads_a_jsonl_task(tmp_path, capsys):
     task = tmp_path / "task.jsonl"
-    task.write_text(json.dumps({"prompt": "The grass is green. " * 30}) + "\n"
-                    + json.dumps({"prompt_ids": list(range(100, 260))}) + "\n")
+    task.write_text(
+        json.dumps({"prompt": "The grass is green. " * 30})
+        + "\n"
+        + json.dumps({"prompt_ids": list(range(100, 260))})
+        + "\n"
+    )
     out = tmp_path / "t.json"
     assert main(["profile", "taskkv", "--task", str(task), "--out", str(out), "--ratio", "0.1", "--no-progress"]) == 0
     assert "9 of 90 kv heads full" in capsys.readouterr().out
@@ -46,14 +64,17 @@ def test_profile_taskkv_reads_a_jsonl_task(tmp_path, capsys):
     assert plan.source["params"]["samples"] == 2 and plan.name == "taskkv-10"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["retrieval", "--ratio", "1.5"], "--ratio must be in [0, 1], got 1.5"),
-    (["retrieval", "--lengths", "1024,x"], "--lengths '1024,x'"),
-    (["retrieval", "--samples", "0"], "--samples must be >= 1, got 0"),
-    (["retrieval", "--rest", "window", "--sink", "0", "--recent", "0"], "must keep at least one token"),
-    (["moa", "--density", "0"], "--density must be in (0, 1], got 0.0"),
-    (["duo", "--steps", "0"], "--steps must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["retrieval", "--ratio", "1.5"], "--ratio must be in [0, 1], got 1.5"),
+        (["retrieval", "--lengths", "1024,x"], "--lengths '1024,x'"),
+        (["retrieval", "--samples", "0"], "--samples must be >= 1, got 0"),
+        (["retrieval", "--rest", "window", "--sink", "0", "--recent", "0"], "must keep at least one token"),
+        (["moa", "--density", "0"], "--density must be in (0, 1], got 0.0"),
+        (["duo", "--steps", "0"], "--steps must be >= 1, got 0"),
+    ],
+)
 def test_profile_user_errors_are_one_line(tmp_path, capsys, argv, message):
     assert main(["profile", *argv, "--out", str(tmp_path / "p.json")]) == 2
     err = capsys.readouterr().err.strip()
@@ -70,9 +91,30 @@ def test_profile_taskkv_refuses_a_malformed_task(tmp_path, capsys):
 def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
     shape = engine.model_config.shape
     moa = tmp_path / "moa.json"
-    assert main(["profile", "moa", "--data", "text", "--out", str(moa), "--lengths", "256,512",
-                 "--profile-length", "256", "--samples", "1", "--generate", "16", "--sink", "16",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "moa",
+                "--data",
+                "text",
+                "--out",
+                str(moa),
+                "--lengths",
+                "256,512",
+                "--profile-length",
+                "256",
+                "--samples",
+                "1",
+                "--generate",
+                "16",
+                "--sink",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     plan = load_plan(moa, shape)
     assert {s.kind for row in plan.heads for s in row} <= {"full", "elastic"}
     assert all(d <= 0.5 + 1e-6 for d in plan.source["params"]["mean_density"])
@@ -89,8 +131,26 @@ def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
     assert all(d <= 0.4 + 1e-6 for d in tighter.source["params"]["mean_density"])
     assert tighter.source["params"]["cost"] > plan.source["params"]["cost"]
     needle = tmp_path / "needle.json"
-    assert main(["profile", "moa", "--out", str(needle), "--lengths", "512",  # needle data by default
-                 "--profile-length", "512", "--samples", "1", "--sink", "16", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "moa",
+                "--out",
+                str(needle),
+                "--lengths",
+                "512",  # needle data by default
+                "--profile-length",
+                "512",
+                "--samples",
+                "1",
+                "--sink",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     plan = load_plan(needle, shape)
     assert plan.source["params"]["data"] == "needle" and len(plan.source["params"]["rule_costs"]) == 90
     duo = tmp_path / "duo.json"

@@ -20,10 +20,22 @@ PLANTED = (1, 3)  # (layer, query head) that attends to MARKER tokens; kv head 1
 
 
 def tiny_config() -> ModelConfig:
-    return ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
-                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=D_HEAD, rms_norm_eps=1e-6,
-                       rope_theta=1e6, max_position_embeddings=1024, tie_word_embeddings=False,
-                       qkv_bias=False, id="tiny")
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=D_HEAD,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        qkv_bias=False,
+        id="tiny",
+    )
 
 
 def planted_model(seed: int = 0) -> LlamaModel:
@@ -72,7 +84,7 @@ def planted_model(seed: int = 0) -> LlamaModel:
 def needle_test(length: int = 96, needle: tuple[int, int] = (40, 44), seed: int = 0) -> NeedleTest:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(MARKER + 1, VOCAB, (length,), generator=g).tolist()
-    ids[needle[0]:needle[1]] = [MARKER] * (needle[1] - needle[0])
+    ids[needle[0] : needle[1]] = [MARKER] * (needle[1] - needle[0])
     return NeedleTest(ids, needle, "x", needle[1] - needle[0])
 
 
@@ -176,7 +188,7 @@ def test_taskkv_finds_the_head_pointing_away_from_its_layer():
         for h in range(4):  # every head's values the same, head 2's reversed
             rows = slice(v0.start + h * D_HEAD, v0.start + (h + 1) * D_HEAD)
             qkv[rows] = -base if h == 2 else base
-        qkv[:cfg.num_heads * D_HEAD] = 0  # uniform attention: each output is the mean value
+        qkv[: cfg.num_heads * D_HEAD] = 0  # uniform attention: each output is the mean value
     prompts = [needle_test(seed=i).prompt_ids for i in range(3)]
     rest = HeadSpec("select", sink=4, recent=8, select=8, window=4)
     plan, _ = profile_taskkv(model, prompts, 0.125, rest, window=8, name=None, progress=False)
@@ -193,4 +205,4 @@ def test_taskkv_scores_a_kv_head_by_its_farthest_query_head():
     # center = v / 2: query heads 0-2 point along it (distance 0), head 3 against it (distance 2)
     assert query_head_distances(out, 2).tolist() == pytest.approx([0.0, 2.0], abs=1e-6)
     # concatenating each group's outputs hides the one distinct query head: both groups sit at 1 - 1/sqrt(2)
-    assert head_distances(out, 2).tolist() == pytest.approx([1 - 2 ** -0.5] * 2, abs=1e-6)
+    assert head_distances(out, 2).tolist() == pytest.approx([1 - 2**-0.5] * 2, abs=1e-6)

@@ -87,16 +87,21 @@ def readme_commands() -> list[Command]:
                 variables[assignment[1]] = assignment[2]
                 continue
             argv = shlex.split(re.sub(r"\$(\w+)", lambda m: variables[m[1]], line), comments=True)
-            outputs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in OUTPUT_FLAGS
-                       or (a == "--json" and not argv[i + 1].startswith("-"))]
+            outputs = [
+                argv[i + 1]
+                for i, a in enumerate(argv[:-1])
+                if a in OUTPUT_FLAGS or (a == "--json" and not argv[i + 1].startswith("-"))
+            ]
             # a NAME=PATH plan names its file after the '='
             files = [a.rpartition("=")[2] for a in argv[1:]]
             inputs = [f for f in files if f in written and f not in outputs]
             cmd = Command(line, argv, outputs, inputs)
             reads_examples = any(a.startswith("examples/") for a in argv)
-            cmd.slow = (any(cmd.words[1:1 + len(s)] == s for s in SLOW)
-                        or (any(cmd.words[1:1 + len(s)] == s for s in LOADS_MODEL) and not reads_examples)
-                        or any(written[f].slow for f in inputs))
+            cmd.slow = (
+                any(cmd.words[1 : 1 + len(s)] == s for s in SLOW)
+                or (any(cmd.words[1 : 1 + len(s)] == s for s in LOADS_MODEL) and not reads_examples)
+                or any(written[f].slow for f in inputs)
+            )
             commands.append(cmd)
             for f in outputs:
                 written[f] = cmd
@@ -105,7 +110,7 @@ def readme_commands() -> list[Command]:
 
 def not_run_reason(cmd: Command) -> str | None:
     for words, why in NOT_RUN.items():
-        if cmd.words[:len(words)] == words:
+        if cmd.words[: len(words)] == words:
             return why
     return None
 
@@ -119,15 +124,20 @@ def test_every_readme_command_is_a_headwise_command_or_allow_listed():
     strangers = [c.line for c in RUN if c.words[0] != "headwise"]
     assert strangers == []
     # every reason is used, and a file has one writer (a command's prerequisites are unambiguous)
-    assert [w for w in NOT_RUN if not any(c.words[:len(w)] == w for c in COMMANDS)] == []
+    assert [w for w in NOT_RUN if not any(c.words[: len(w)] == w for c in COMMANDS)] == []
     outputs = [f for c in COMMANDS for f in c.outputs]
     assert len(outputs) == len(set(outputs))
 
 
 def test_readme_examples_files_exist():
     named = set(re.findall(r"examples/[\w.-]+", README.read_text()))
-    assert {"examples/prompts.jsonl", "examples/scores.json", "examples/full_attention_heads.tsv",
-            "examples/moa.json", "examples/task.jsonl"} <= named
+    assert {
+        "examples/prompts.jsonl",
+        "examples/scores.json",
+        "examples/full_attention_heads.tsv",
+        "examples/moa.json",
+        "examples/task.jsonl",
+    } <= named
     assert [n for n in sorted(named) if not (ROOT / n).exists()] == []
 
 
@@ -149,16 +159,19 @@ def _run(cmd: Command, workdir: Path) -> None:
         _run(next(c for c in COMMANDS if f in c.outputs), workdir)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWISE_") or k == "HEADWISE_CACHE"}
     env.update(OMP_NUM_THREADS="1", HEADWISE_KV_CACHE_MB=KV_CACHE_MB)
-    proc = subprocess.run([str(HEADWISE), *cmd.argv[1:]], cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [str(HEADWISE), *cmd.argv[1:]], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, f"{cmd.line}\nexit {proc.returncode}\n{proc.stderr[-3000:]}"
     missing = [f for f in cmd.outputs if not (workdir / f).is_file()]
     assert missing == [], f"{cmd.line} did not write {missing}"
     _done.add(id(cmd))
 
 
-@pytest.mark.parametrize("cmd", [pytest.param(c, id=f"{i:02d}-{c.id}", marks=[pytest.mark.slow] if c.slow else [])
-                                 for i, c in enumerate(RUN)])
+@pytest.mark.parametrize(
+    "cmd",
+    [pytest.param(c, id=f"{i:02d}-{c.id}", marks=[pytest.mark.slow] if c.slow else []) for i, c in enumerate(RUN)],
+)
 def test_readme_command_runs(cmd, workdir):
     _run(cmd, workdir)
 
@@ -193,5 +206,6 @@ def test_readme_openai_snippet_shows_a_saving_against_serve_defaults(capsys):
     assert 0.3 < kv_bytes["streaming"] / kv_bytes["full"] < 0.4  # "about a third"
     printed = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in printed] == ["full", "streaming"]
-    assert printed[1].startswith(f"streaming: {prompt_tokens} prompt tokens, "
-                                 f"{kv_bytes['streaming'] / 2**20:.1f} MiB of KV, ")
+    assert printed[1].startswith(
+        f"streaming: {prompt_tokens} prompt tokens, {kv_bytes['streaming'] / 2**20:.1f} MiB of KV, "
+    )

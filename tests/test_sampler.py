@@ -19,8 +19,18 @@ from tests.tiny_model import random_prompts, write_tiny_llama
 PARAMS = [
     SP(max_tokens=12, temperature=20.0, top_p=0.9, seed=11, ignore_eos=True),
     SP(max_tokens=12, temperature=30.0, top_k=20, seed=5, ignore_eos=True),
-    SP(max_tokens=12, temperature=25.0, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5,
-       frequency_penalty=0.7, min_tokens=4, stop_token_ids=[5], seed=7, logprobs=2),
+    SP(
+        max_tokens=12,
+        temperature=25.0,
+        min_p=0.05,
+        repetition_penalty=1.3,
+        presence_penalty=0.5,
+        frequency_penalty=0.7,
+        min_tokens=4,
+        stop_token_ids=[5],
+        seed=7,
+        logprobs=2,
+    ),
     SP(max_tokens=12, temperature=15.0, top_k=50, top_p=0.8, min_p=0.01, seed=99, ignore_eos=True),
     SP(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True),
     SP(max_tokens=12, temperature=40.0, seed=123, ignore_eos=True),
@@ -34,11 +44,35 @@ PINNED = [
     [292, 277, 423, 70, 214, 174, 333, 474, 172, 10, 489, 133],
 ]
 # row 2's raw log-probabilities (before penalties and temperature) and top-2 alternatives
-PINNED_LOGPROBS = [-58.3947, -46.7299, -41.8992, -44.7182, -68.5476, -36.2929, -58.1826, -65.1717, -38.9953,
-                   -43.54, -44.1123, -7.7268]
+PINNED_LOGPROBS = [
+    -58.3947,
+    -46.7299,
+    -41.8992,
+    -44.7182,
+    -68.5476,
+    -36.2929,
+    -58.1826,
+    -65.1717,
+    -38.9953,
+    -43.54,
+    -44.1123,
+    -7.7268,
+]
 PINNED_TOP = [(232, -0.7374), (108, -0.8939)]
-PINNED_GREEDY_LOGPROBS = [-0.0125, -0.5167, -0.4616, -0.4958, -0.2477, -0.6177, -0.0073, -0.0124, -0.0165,
-                          -0.0136, -0.0074, -0.004]
+PINNED_GREEDY_LOGPROBS = [
+    -0.0125,
+    -0.5167,
+    -0.4616,
+    -0.4958,
+    -0.2477,
+    -0.6177,
+    -0.0073,
+    -0.0124,
+    -0.0165,
+    -0.0136,
+    -0.0074,
+    -0.004,
+]
 LOGPROB_ATOL = 1e-3  # fp32; the pinned values are rounded to 1e-4
 
 
@@ -67,17 +101,20 @@ def test_seeded_request_alone_equals_its_batch_tokens(tiny_engine, prompts):
 
 
 def _seq(params: SP, outputs: list[int], seed: int = 0) -> Sequence:
-    return Sequence("r", [3], params, plan=None, generator=torch.Generator().manual_seed(seed),
-                    output_token_ids=list(outputs))
+    return Sequence(
+        "r", [3], params, plan=None, generator=torch.Generator().manual_seed(seed), output_token_ids=list(outputs)
+    )
 
 
 def test_min_tokens_suppresses_eos_and_stop_ids_in_greedy_and_drawn_rows():
     sampler = Sampler(8, eos_ids=(7,), device="cpu")
     logits = torch.tensor([[0.0, 0, 0, 0, 0, 4, 1, 5]] * 4)
-    seqs = [_seq(SP(temperature=0, min_tokens=2, stop_token_ids=[5]), [1]),  # both suppressed: token 6
-            _seq(SP(temperature=0, min_tokens=2, stop_token_ids=[5]), [1, 1]),  # min_tokens reached: EOS
-            _seq(SP(temperature=0, min_tokens=2, ignore_eos=True), [1]),  # EOS allowed by ignore_eos
-            _seq(SP(temperature=0.01, top_k=3, min_tokens=1, stop_token_ids=[5]), [])]
+    seqs = [
+        _seq(SP(temperature=0, min_tokens=2, stop_token_ids=[5]), [1]),  # both suppressed: token 6
+        _seq(SP(temperature=0, min_tokens=2, stop_token_ids=[5]), [1, 1]),  # min_tokens reached: EOS
+        _seq(SP(temperature=0, min_tokens=2, ignore_eos=True), [1]),  # EOS allowed by ignore_eos
+        _seq(SP(temperature=0.01, top_k=3, min_tokens=1, stop_token_ids=[5]), []),
+    ]
     tokens, logprobs = sampler.sample(logits, seqs)
     assert tokens == [6, 7, 7, 6]
     assert logprobs == [None] * 4
@@ -87,8 +124,10 @@ def test_logprobs_are_raw_and_only_for_rows_that_ask():
     sampler = Sampler(4, eos_ids=(), device="cpu")
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.0]])
     raw = logits.log_softmax(-1)
-    seqs = [_seq(SP(temperature=0, logprobs=2, repetition_penalty=5.0), [0]),
-            _seq(SP(temperature=0, repetition_penalty=5.0), [1])]
+    seqs = [
+        _seq(SP(temperature=0, logprobs=2, repetition_penalty=5.0), [0]),
+        _seq(SP(temperature=0, repetition_penalty=5.0), [1]),
+    ]
     tokens, logprobs = sampler.sample(logits.clone(), seqs)
     assert tokens == [1, 2]  # the penalty on the seen tokens (prompt 3 and the output) moved both
     lp = logprobs[0]
@@ -99,8 +138,11 @@ def test_logprobs_are_raw_and_only_for_rows_that_ask():
 
 def test_next_noise_is_drawn_ahead_except_after_the_last_token():
     sampler = Sampler(16, eos_ids=(), device="cpu")
-    seqs = [_seq(SP(temperature=1.0, max_tokens=3, seed=1), [4]), _seq(SP(temperature=1.0, max_tokens=2), [4]),
-            _seq(SP(temperature=0, max_tokens=3), [4])]
+    seqs = [
+        _seq(SP(temperature=1.0, max_tokens=3, seed=1), [4]),
+        _seq(SP(temperature=1.0, max_tokens=2), [4]),
+        _seq(SP(temperature=0, max_tokens=3), [4]),
+    ]
     sampler.prefetch_noise(seqs)
     assert seqs[0].noise is not None and seqs[1].noise is not None and seqs[2].noise is None
     sampler.sample(torch.zeros(3, 16), seqs)

@@ -18,16 +18,16 @@ def test_seeded_sampling_is_reproducible(engine, prompt):
     a = engine.generate([prompt], p)[0].token_ids
     # same seed in a batch with other requests gives the same tokens
     b = engine.generate([prompt, prompt], [p, SamplingParams(max_tokens=5, seed=7)])[0].token_ids
-    c = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=99,
-                                                 ignore_eos=True))[0].token_ids
+    c = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=99, ignore_eos=True))[
+        0
+    ].token_ids
     assert a == b
     assert a != c
 
 
 def test_top_k_one_equals_greedy(engine, prompt):
     greedy = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
-    k1 = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=1.5, top_k=1, seed=3,
-                                                  ignore_eos=True))[0]
+    k1 = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=1.5, top_k=1, seed=3, ignore_eos=True))[0]
     assert k1.token_ids == greedy.token_ids
 
 
@@ -49,7 +49,9 @@ def test_stop_string_is_cut_from_text(engine, prompt):
 def test_stop_token_id_ends_generation(engine, prompt):
     greedy = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     stop_tok = greedy.token_ids[5]
-    out = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_tok], ignore_eos=True))[0]
+    out = engine.generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_tok], ignore_eos=True)
+    )[0]
     assert out.finish_reason == "stop"
     assert out.token_ids == greedy.token_ids[: greedy.token_ids.index(stop_tok) + 1]
 
@@ -74,16 +76,19 @@ def _repeats(prompt: list[int], out: list[int]) -> int:
 def test_repetition_penalty_reduces_repeats(engine, tok):
     prompt = tok("la la la la la la la la")["input_ids"]
     plain = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
-    pen = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
-                                                   repetition_penalty=2.0))[0]
+    pen = engine.generate(
+        [prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, repetition_penalty=2.0)
+    )[0]
     assert _repeats(prompt, pen.token_ids) < _repeats(prompt, plain.token_ids)
 
 
 def test_frequency_penalty_discourages_repeats(engine, tok):
     prompt = tok("Repeat after me: apple apple apple apple")["input_ids"]
     base = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
-    pen = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
-                                                   frequency_penalty=2.0, presence_penalty=1.0))[0]
+    pen = engine.generate(
+        [prompt],
+        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=1.0),
+    )[0]
     assert _repeats([], pen.token_ids) < _repeats([], base.token_ids)
 
 
@@ -95,10 +100,17 @@ def test_logprobs_top_alternatives(engine, prompt):
         assert lp.top[0][0] == tid and lp.top[0][1] == pytest.approx(lp.logprob)  # greedy = best
 
 
-@pytest.mark.parametrize("kw,param", [
-    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-    ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"logprobs": 50}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"logprobs": 50}, "logprobs"),
+    ],
+)
 def test_invalid_params_name_the_field(kw, param):
     with pytest.raises(InvalidRequest) as e:
         SamplingParams(**kw)

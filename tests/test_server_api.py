@@ -60,8 +60,9 @@ def test_chat_stream_concatenates_to_the_blocking_answer_and_ends_with_usage(cli
 
 def test_completion_stream_matches_blocking_and_list_of_parts_content_is_accepted(client):
     blocking = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
-    streamed = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
-                                         temperature=0, stream=True)
+    streamed = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == blocking.choices[0].text
     parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
     as_parts = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=3, temperature=0)
@@ -74,10 +75,11 @@ def test_stop_string_cuts_the_text_and_reports_stop(client):
     words = re.findall(r"\d+", full.text)
     assert len(words) >= 2, full.text
     stop = words[1]
-    cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=6, temperature=0,
-                                    stop=[stop]).choices[0]
+    cut = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=6, temperature=0, stop=[stop]
+    ).choices[0]
     assert cut.finish_reason == "stop"
-    assert cut.text == full.text[:full.text.index(stop)]
+    assert cut.text == full.text[: full.text.index(stop)]
 
 
 def test_seeded_sampling_is_reproducible_and_n_gives_n_choices(client):
@@ -91,8 +93,9 @@ def test_seeded_sampling_is_reproducible_and_n_gives_n_choices(client):
 
 
 def test_chat_logprobs_give_top_alternatives_with_the_greedy_token_first(client):
-    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, temperature=0,
-                                       logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 3
     assert "".join(entry.token for entry in content) == r.choices[0].message.content
@@ -104,8 +107,9 @@ def test_chat_logprobs_give_top_alternatives_with_the_greedy_token_first(client)
 
 
 def test_completion_echo_with_logprobs_covers_prompt_and_completion(client):
-    r = client.completions.create(model=MODEL, prompt="Paris is a city", max_tokens=2, temperature=0,
-                                  echo=True, logprobs=1)
+    r = client.completions.create(
+        model=MODEL, prompt="Paris is a city", max_tokens=2, temperature=0, echo=True, logprobs=1
+    )
     choice = r.choices[0]
     assert choice.text.startswith("Paris is a city")
     lp = choice.logprobs
@@ -117,8 +121,9 @@ def test_completion_echo_with_logprobs_covers_prompt_and_completion(client):
 def test_kv_plan_in_extra_body_uses_less_kv_than_the_full_cache(client):
     prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
-    window = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0,
-                                       extra_body={"kv_plan": "window"})
+    window = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=2, temperature=0, extra_body={"kv_plan": "window"}
+    )
     assert window.choices[0].finish_reason == "length"
     assert 0 < window.usage.model_extra["kv_bytes"] < full.usage.model_extra["kv_bytes"]
 
@@ -143,13 +148,23 @@ def test_metrics_use_vllm_names_with_the_headwise_prefix(server, client):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
     text = httpx.get(server.url + "/metrics").text
     label = f'{{model_name="{MODEL}"}}'
-    for name in ("time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
-                 "e2e_request_latency_seconds_count", "request_queue_time_seconds_count",
-                 "prompt_tokens_total", "generation_tokens_total"):
+    for name in (
+        "time_to_first_token_seconds_count",
+        "inter_token_latency_seconds_count",
+        "e2e_request_latency_seconds_count",
+        "request_queue_time_seconds_count",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+    ):
         value = re.search(rf"^headwise:{name}{re.escape(label)} (\S+)$", text, re.M)
         assert value and float(value.group(1)) > 0, name
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-                 "num_preemptions_total", "kv_bytes_saved_total"):
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "num_preemptions_total",
+        "kv_bytes_saved_total",
+    ):
         assert re.search(rf"^headwise:{name}{re.escape(label)} \S+$", text, re.M), name
     saved = re.search(rf"^headwise:kv_bytes_saved_total{re.escape(label)} (\S+)$", text, re.M)
     assert float(saved.group(1)) >= 0
@@ -201,8 +216,9 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(server, client):
 
 def test_usage_reports_kv_bytes_decode_below_kv_bytes_under_a_window_plan(client):
     prompt = " ".join(f"word{i}" for i in range(200))
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
-                                  extra_body={"kv_plan": "window"})
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, extra_body={"kv_plan": "window"}
+    )
     extra = r.usage.model_extra
     assert 0 < extra["kv_bytes_decode"] <= extra["kv_bytes"]
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)

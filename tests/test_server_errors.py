@@ -26,8 +26,9 @@ def server():
 
 def post(server, path: str, body=None, content: bytes | None = None, headers=AUTH) -> httpx.Response:
     if content is not None:
-        return httpx.post(server.url + path, content=content,
-                          headers={**headers, "Content-Type": "application/json"}, timeout=60)
+        return httpx.post(
+            server.url + path, content=content, headers={**headers, "Content-Type": "application/json"}, timeout=60
+        )
     return httpx.post(server.url + path, json=body, headers=headers, timeout=60)
 
 
@@ -44,28 +45,34 @@ COMPLETIONS = "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize("path, body, param", [
-    (COMPLETIONS, {"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
-    (COMPLETIONS, {"prompt": 42}, "prompt"),
-    (CHAT, {"messages": "hi"}, "messages"),
-    (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
-    (CHAT, {"messages": USER, "stream": "sometimes"}, "stream"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        (COMPLETIONS, {"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+        (COMPLETIONS, {"prompt": 42}, "prompt"),
+        (CHAT, {"messages": "hi"}, "messages"),
+        (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        (CHAT, {"messages": USER, "stream": "sometimes"}, "stream"),
+    ],
+)
 def test_wrong_types_are_400_naming_the_field(server, path, body, param):
     error = error_of(post(server, path, body), 400)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "hi", "temperature": -0.5}, "temperature"),
-    ({"prompt": "hi", "top_p": 0}, "top_p"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "n": 0}, "n"),
-    ({"prompt": "hi", "logprobs": 21}, "logprobs"),
-    ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
-    ({"prompt": ""}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+        ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": ""}, "prompt"),
+    ],
+)
 def test_out_of_range_values_are_400_naming_the_parameter(server, body, param):
     error = error_of(post(server, COMPLETIONS, body), 400)
     assert error["param"] == param
@@ -106,8 +113,14 @@ def test_bad_or_missing_api_key_is_401_but_health_and_metrics_stay_open(server):
 
 
 def test_unknown_fields_are_ignored_and_the_server_serves_after_errors(server):
-    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 2, "temperature": 0,
-            "some_future_field": {"x": 1}, "user": "someone"}
+    body = {
+        "model": MODEL,
+        "prompt": "The capital of France is",
+        "max_tokens": 2,
+        "temperature": 0,
+        "some_future_field": {"x": 1},
+        "user": "someone",
+    }
     response = post(server, COMPLETIONS, body)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 2

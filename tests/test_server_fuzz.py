@@ -98,8 +98,7 @@ def assert_engine_clean(state) -> None:
 
 
 @fast_schema.parametrize()
-@settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_every_generated_request_gets_a_documented_2xx_or_4xx(case, running):
     response = case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
     SEEN[case.operation.label, response.status_code] += 1

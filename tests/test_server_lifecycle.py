@@ -66,10 +66,25 @@ def health(url: str) -> tuple[int | None, dict | None]:
 def start_serve(tiny: str, *flags: str, code: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = ["-c", code] if code else ["-m", "headwise.clients.cli"]
-    proc = subprocess.Popen([sys.executable, *command, "serve", "--model", tiny, "--port", str(port),
-                             "--kv-cache-mb", "16", "--log-level", "warning", *flags],
-                            env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            *command,
+            "serve",
+            "--model",
+            tiny,
+            "--port",
+            str(port),
+            "--kv-cache-mb",
+            "16",
+            "--log-level",
+            "warning",
+            *flags,
+        ],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while health(url)[0] != 200:
@@ -144,8 +159,7 @@ def test_engine_death_fails_the_streams_in_flight_and_serve_exits_1(tiny):
         stream = Stream(url, {"prompt": "w1 w2", "max_tokens": 1500, "ignore_eos": True})
         stream.start()
         assert stream.started.wait(120)
-        poisoned = httpx.post(url + "/v1/completions", json={"prompt": [POISON_TOKEN, 1], "max_tokens": 2},
-                              timeout=60)
+        poisoned = httpx.post(url + "/v1/completions", json={"prompt": [POISON_TOKEN, 1], "max_tokens": 2}, timeout=60)
         assert poisoned.status_code == 500
         assert poisoned.json()["error"]["code"] == "engine_dead"
         stream.join(timeout=60)
@@ -191,8 +205,9 @@ def test_a_request_that_breaks_in_the_engine_gets_500_and_the_others_go_on(tiny,
         beside = Stream(server.url, {"prompt": "w4 w5", "max_tokens": 30, "temperature": 0, "ignore_eos": True})
         beside.start()
         assert beside.started.wait(60)
-        broken = httpx.post(server.url + "/v1/completions", json={"prompt": [POISON_TOKEN, 1], "max_tokens": 4},
-                            timeout=60)
+        broken = httpx.post(
+            server.url + "/v1/completions", json={"prompt": [POISON_TOKEN, 1], "max_tokens": 4}, timeout=60
+        )
         assert broken.status_code == 500
         error = broken.json()["error"]
         assert (error["code"], error["type"]) == ("request_failed", "server_error")
@@ -223,8 +238,11 @@ def test_a_dead_tensor_parallel_worker_fails_requests_with_500_and_health_503(ti
         blocking: dict = {}
 
         def post() -> None:
-            blocking["r"] = httpx.post(server.url + "/v1/completions", timeout=120,
-                                       json={"prompt": "w3 w4", "max_tokens": 1500, "ignore_eos": True})
+            blocking["r"] = httpx.post(
+                server.url + "/v1/completions",
+                timeout=120,
+                json={"prompt": "w3 w4", "max_tokens": 1500, "ignore_eos": True},
+            )
 
         poster = threading.Thread(target=post, daemon=True)
         poster.start()

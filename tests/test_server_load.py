@@ -62,15 +62,14 @@ def test_disconnect_of_a_blocking_request_frees_its_blocks(server):
 
 
 def test_fifty_concurrent_streams_match_their_sequential_greedy_outputs(server):
-    prompts = ["The capital of France is", "Water boils at", "My favourite colour is",
-               "1, 2, 3,", "The cat sat on the"]
+    prompts = ["The capital of France is", "Water boils at", "My favourite colour is", "1, 2, 3,", "The cat sat on the"]
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    expected = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0).choices[0].text
-                for p in prompts]
+    expected = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts
+    ]
 
     async def stream(prompt: str) -> str:
-        chunks = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
-                                                  stream=True)
+        chunks = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True)
         return "".join([c.choices[0].text async for c in chunks if c.choices])
 
     async def run_all() -> list[str]:

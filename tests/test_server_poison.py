@@ -77,37 +77,62 @@ POISON = [
     # (name, path, body, headers (None: with the key), status, param or code)
     ("seed 2**64", COMPLETIONS, {"prompt": "w1", "seed": 2**64}, None, 400, "seed"),
     ("seed 2**64 (chat)", CHAT, {"messages": USER, "seed": 2**64}, None, 400, "seed"),
-    ("seed below -2**63", COMPLETIONS, {"prompt": "w1", "seed": -2**63 - 1}, None, 400, "seed"),
-    ("seed below -2**63 (chat)", CHAT, {"messages": USER, "seed": -2**63 - 1}, None, 400, "seed"),
+    ("seed below -2**63", COMPLETIONS, {"prompt": "w1", "seed": -(2**63) - 1}, None, 400, "seed"),
+    ("seed below -2**63 (chat)", CHAT, {"messages": USER, "seed": -(2**63) - 1}, None, 400, "seed"),
     ("token id 2**70", COMPLETIONS, {"prompt": [1153, 781100415592525383860224]}, None, 400, "prompt"),
     ("token id 2**63 in a batch", COMPLETIONS, {"prompt": [[1938], [9223372036854775808]]}, None, 400, "prompt"),
     ("token id past the vocabulary", COMPLETIONS, {"prompt": [1, 512]}, None, 400, "prompt"),
     ("lone surrogate in a prompt", COMPLETIONS, {"prompt": "x\ud800y"}, None, 400, "prompt"),
     ("lone surrogate in a model name", COMPLETIONS, {"prompt": "w1", "model": "gpt\udfff"}, None, 400, "model"),
-    ("lone surrogate in a message", CHAT, {"messages": [{"role": "user", "content": "\udc00"}]}, None, 400,
-     "messages.0.content"),
+    (
+        "lone surrogate in a message",
+        CHAT,
+        {"messages": [{"role": "user", "content": "\udc00"}]},
+        None,
+        400,
+        "messages.0.content",
+    ),
     ("lone surrogate in stop", COMPLETIONS, {"prompt": "w1", "stop": ["\ud83d"]}, None, 400, "stop"),
-    ("stop token past the vocabulary", COMPLETIONS,
-     {"prompt": "Hello", "max_tokens": 4, "min_tokens": 2, "stop_token_ids": [1000000]}, None, 400, "stop_token_ids"),
-    ("stream \"yes\"", CHAT, {"messages": USER, "stream": "yes"}, None, 400, "stream"),
+    (
+        "stop token past the vocabulary",
+        COMPLETIONS,
+        {"prompt": "Hello", "max_tokens": 4, "min_tokens": 2, "stop_token_ids": [1000000]},
+        None,
+        400,
+        "stop_token_ids",
+    ),
+    ('stream "yes"', CHAT, {"messages": USER, "stream": "yes"}, None, 400, "stream"),
     ("temperature 100", COMPLETIONS, {"prompt": "w1", "temperature": 100}, None, 400, "temperature"),
     ("temperature Infinity", COMPLETIONS, b'{"prompt": "w1", "temperature": Infinity}', None, 400, "temperature"),
     ("top_p NaN", COMPLETIONS, b'{"prompt": "w1", "top_p": NaN}', None, 400, "top_p"),
     ("n as a string", COMPLETIONS, {"prompt": "w1", "n": "2"}, None, 400, "n"),
     ("detokenize 2**70", "/detokenize", {"tokens": [2**70]}, None, 400, "tokens"),
-    ("invalid JSON without the key", CHAT, b'{"messages": [}', {"Content-Type": "application/json"}, 401,
-     "invalid_api_key"),
+    (
+        "invalid JSON without the key",
+        CHAT,
+        b'{"messages": [}',
+        {"Content-Type": "application/json"},
+        401,
+        "invalid_api_key",
+    ),
     ("invalid JSON with the key", CHAT, b'{"messages": [}', None, 400, "invalid_json"),
     ("oversized body", COMPLETIONS, json.dumps({"prompt": "w1 " * LIMIT}).encode(), None, 413, "request_too_large"),
     ("oversized chunked body", COMPLETIONS, "chunks", None, 413, "request_too_large"),
-    ("oversized body without the key", COMPLETIONS, b"x" * 2 * LIMIT, {"Content-Type": "application/json"}, 401,
-     "invalid_api_key"),
+    (
+        "oversized body without the key",
+        COMPLETIONS,
+        b"x" * 2 * LIMIT,
+        {"Content-Type": "application/json"},
+        401,
+        "invalid_api_key",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name, path, body, headers, status, expected", POISON, ids=[p[0] for p in POISON])
-def test_poison_request_gets_its_4xx_and_the_next_request_is_unchanged(server, usual, name, path, body, headers,
-                                                                        status, expected):
+def test_poison_request_gets_its_4xx_and_the_next_request_is_unchanged(
+    server, usual, name, path, body, headers, status, expected
+):
     response = send(server, path, oversized_chunks() if body == "chunks" else body, headers)
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -132,8 +157,10 @@ def test_poison_barrage_leaves_concurrent_streams_unchanged(server, usual):
     streams = [threading.Thread(target=lambda: results.append(stream_text(server))) for _ in range(3)]
     for thread in streams:
         thread.start()
-    statuses = [send(server, path, oversized_chunks() if body == "chunks" else body, headers).status_code
-                for _, path, body, headers, _, _ in POISON]
+    statuses = [
+        send(server, path, oversized_chunks() if body == "chunks" else body, headers).status_code
+        for _, path, body, headers, _, _ in POISON
+    ]
     for thread in streams:
         thread.join()
     assert statuses == [status for *_, status, _ in POISON]

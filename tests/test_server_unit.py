@@ -24,8 +24,14 @@ from headwise.server.streaming import DONE, sse
 
 
 def test_seed_becomes_seed_plus_choice_and_chat_defaults_to_the_rest_of_the_context():
-    body = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], seed=10, temperature=0.5,
-                                 stop="END", logprobs=True, top_logprobs=3)
+    body = ChatCompletionRequest(
+        messages=[{"role": "user", "content": "hi"}],
+        seed=10,
+        temperature=0.5,
+        stop="END",
+        logprobs=True,
+        top_logprobs=3,
+    )
     params = [sampling_params(body, prompt_len=100, max_model_len=1000, choice=i) for i in range(3)]
     assert [p.seed for p in params] == [10, 11, 12]
     assert params[0].max_tokens == 900 and params[0].stop == ["END"] and params[0].logprobs == 3
@@ -33,8 +39,17 @@ def test_seed_becomes_seed_plus_choice_and_chat_defaults_to_the_rest_of_the_cont
 
 
 def test_penalties_and_vllm_extensions_reach_the_sampling_params():
-    body = CompletionRequest(prompt="hi", presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2,
-                             top_k=5, min_p=0.1, ignore_eos=True, min_tokens=2, stop_token_ids=[7])
+    body = CompletionRequest(
+        prompt="hi",
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.2,
+        top_k=5,
+        min_p=0.1,
+        ignore_eos=True,
+        min_tokens=2,
+        stop_token_ids=[7],
+    )
     p = sampling_params(body, 5, 1000, 0)
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.2)
     assert (p.top_k, p.min_p, p.ignore_eos, p.min_tokens, p.stop_token_ids) == (5, 0.1, True, 2, [7])
@@ -55,13 +70,19 @@ def test_sampling_params_range_errors_keep_the_parameter_name():
     assert api_error(info.value).body()["error"]["param"] == "top_p"
 
 
-@pytest.mark.parametrize("exc, status, code", [
-    (UnknownPlan("plan 'x' is not loaded", "kv_plan"), 404, "plan_not_found"),
-    (PromptTooLong("This model's maximum context length is 8 tokens; you requested 9 tokens", "max_tokens"),
-     400, "context_length_exceeded"),
-    (InvalidRequest("bad", "top_k"), 400, "invalid_value"),
-    (RuntimeError("kernel exploded"), 500, "internal_error"),
-])
+@pytest.mark.parametrize(
+    "exc, status, code",
+    [
+        (UnknownPlan("plan 'x' is not loaded", "kv_plan"), 404, "plan_not_found"),
+        (
+            PromptTooLong("This model's maximum context length is 8 tokens; you requested 9 tokens", "max_tokens"),
+            400,
+            "context_length_exceeded",
+        ),
+        (InvalidRequest("bad", "top_k"), 400, "invalid_value"),
+        (RuntimeError("kernel exploded"), 500, "internal_error"),
+    ],
+)
 def test_engine_exceptions_map_to_openai_errors(exc, status, code):
     error = api_error(exc)
     assert (error.status, error.code) == (status, code)
@@ -107,8 +128,12 @@ def test_logprobs_render_both_openai_shapes():
 
     entries = [None, TokenLogprob(2, -0.5, [(2, -0.5), (3, -1.5)])]
     completion = completion_logprobs(entries, text, [1, 2], 0)
-    assert completion == {"tokens": ["Hel", "lo"], "token_logprobs": [None, -0.5],
-                          "top_logprobs": [None, {"lo": -0.5, "!": -1.5}], "text_offset": [0, 3]}
+    assert completion == {
+        "tokens": ["Hel", "lo"],
+        "token_logprobs": [None, -0.5],
+        "top_logprobs": [None, {"lo": -0.5, "!": -1.5}],
+        "text_offset": [0, 3],
+    }
     chat = chat_logprobs([TokenLogprob(3, float("-inf"), [(3, float("-inf"))])], text)
     assert chat["content"][0]["logprob"] == -9999.0 and chat["content"][0]["bytes"] == [33]
     json.dumps(chat, allow_nan=False)
@@ -120,8 +145,17 @@ def test_metrics_observe_ttft_tokens_and_finish_reason():
     timer = metrics.track()
     base = dict(request_id="r", prompt_token_ids=[1, 2, 3], kv_bytes=0, plan="full")
     timer.observe(RequestOutput(token_ids=[5], text="a", finished=False, finish_reason=None, **base))
-    timer.observe(RequestOutput(token_ids=[5, 6, 7], text="abc", finished=True, finish_reason="length",
-                                arrival_time=1.0, first_scheduled_time=1.5, **base))
+    timer.observe(
+        RequestOutput(
+            token_ids=[5, 6, 7],
+            text="abc",
+            finished=True,
+            finish_reason="length",
+            arrival_time=1.0,
+            first_scheduled_time=1.5,
+            **base,
+        )
+    )
     text = metrics.render().decode()
     assert 'headwise:time_to_first_token_seconds_count{model_name="m"} 1.0' in text
     assert 'headwise:inter_token_latency_seconds_count{model_name="m"} 2.0' in text

@@ -41,8 +41,7 @@ def test_balanced_sharding_spreads_full_heads_that_cluster_on_one_rank():
 def test_odd_full_heads_alternate_between_ranks_across_layers():
     plan = _plan({(l, 0) for l in range(6)})  # one full head per layer: 3 per rank balanced
     s = balanced(plan, 2, 1024)
-    fulls = [sum(plan.heads[l][h].kind == "full" for l, row in enumerate(s.heads_of(r)) for h in row)
-             for r in range(2)]
+    fulls = [sum(plan.heads[l][h].kind == "full" for l, row in enumerate(s.heads_of(r)) for h in row) for r in range(2)]
     assert fulls == [3, 3]
     assert rank_blocks(plan, s, 1024) == [3 * 64 + 9 * 4] * 2
 
@@ -53,8 +52,12 @@ def test_heads_that_do_not_divide_are_refused_with_the_reason():
 
 
 def test_dynamic_plans_keep_contiguous_sharding():
-    plan = Plan("dyn", SHAPE, [[FULL] * 4 for _ in range(6)], dynamic=DynamicSpec(0.25, HeadSpec(
-        "select", sink=4, recent=16, select=16, window=8)))
+    plan = Plan(
+        "dyn",
+        SHAPE,
+        [[FULL] * 4 for _ in range(6)],
+        dynamic=DynamicSpec(0.25, HeadSpec("select", sink=4, recent=16, select=16, window=8)),
+    )
     assert balanced(plan, 2, 1024).is_contiguous
 
 

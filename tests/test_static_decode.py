@@ -30,8 +30,9 @@ def test_padded_static_decode_equals_eager_for_every_plan(tmp_path):
     params = [SamplingParams(max_tokens=6 + 4 * i, temperature=0, ignore_eos=True, logprobs=0) for i in range(7)]
     outs = {}
     for static in (False, True):
-        eng = LLMEngine(EngineConfig(model=model, plans=plans, kv_cache_mb=16, max_num_seqs=8,
-                                     max_num_batched_tokens=64))
+        eng = LLMEngine(
+            EngineConfig(model=model, plans=plans, kv_cache_mb=16, max_num_seqs=8, max_num_batched_tokens=64)
+        )
         if static:
             eng.runner.capture_decode(8, capture=False)
         for i in range(6):
@@ -39,7 +40,7 @@ def test_padded_static_decode_equals_eager_for_every_plan(tmp_path):
 
         def late_arrival(step: int) -> None:
             if step == 20:
-                eng.add_request("r6", prompts[6], params[6], names[6])
+                eng.add_request("r6", prompts[6], params[6], names[6])  # noqa: B023
 
         done = run_to_end(eng, late_arrival)
         assert eng.block_census()["held"] == 0
@@ -50,5 +51,9 @@ def test_padded_static_decode_equals_eager_for_every_plan(tmp_path):
         outs[static] = done
     for rid, out in outs[False].items():
         assert outs[True][rid].token_ids == out.token_ids, rid
-        torch.testing.assert_close(torch.tensor([lp.logprob for lp in outs[True][rid].logprobs]),
-                                   torch.tensor([lp.logprob for lp in out.logprobs]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor([lp.logprob for lp in outs[True][rid].logprobs]),
+            torch.tensor([lp.logprob for lp in out.logprobs]),
+            atol=1e-5,
+            rtol=0,
+        )

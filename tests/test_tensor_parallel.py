@@ -37,8 +37,12 @@ def _run(model: str, plans: dict[str, str], tp: int, names: list[str], prompts: 
 def _assert_same(a, b):
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids, x.plan
-        torch.testing.assert_close(torch.tensor([lp.logprob for lp in x.logprobs]),
-                                   torch.tensor([lp.logprob for lp in y.logprobs]), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor([lp.logprob for lp in x.logprobs]),
+            torch.tensor([lp.logprob for lp in y.logprobs]),
+            atol=ATOL,
+            rtol=0,
+        )
 
 
 @pytest.mark.parametrize("tp, kv_heads", [(2, 2), (3, 6)])
@@ -77,8 +81,16 @@ def test_balanced_sharding_spreads_a_planted_plans_full_heads(tmp_path):
     names = ["planted"] * 3
     peaks, outs = {}, {}
     for sharding, default in (("contiguous", "full"), ("balanced", "planted")):
-        eng = LLMEngine(EngineConfig(model=model, plans=plans, default_plan=default, kv_cache_mb=8,
-                                     max_num_batched_tokens=256, tensor_parallel_size=3))
+        eng = LLMEngine(
+            EngineConfig(
+                model=model,
+                plans=plans,
+                default_plan=default,
+                kv_cache_mb=8,
+                max_num_batched_tokens=256,
+                tensor_parallel_size=3,
+            )
+        )
         try:
             assert eng.sharding.is_contiguous == (sharding == "contiguous")
             peaks[sharding] = _rank_peaks(eng, prompts, "planted")
@@ -128,19 +140,42 @@ def test_torchrun_style_ranks_on_localhost_give_the_tokens_of_one_rank(tmp_path)
 
     model = write_tiny_llama(tmp_path / "model")
     prompt = " ".join(f"w{i}" for i in range(3, 60, 2))
-    argv = [sys.executable, "-m", "headwise.clients.cli", "generate", "--model", model, "--prompt", prompt,
-            "--max-tokens", "8", "--json", "--kv-cache-mb", "4", "--tensor-parallel-size", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "headwise.clients.cli",
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "8",
+        "--json",
+        "--kv-cache-mb",
+        "4",
+        "--tensor-parallel-size",
+        "2",
+    ]
     port = str(free_port())
     procs = []
     for rank in (1, 0):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     out0, err0 = procs[1].communicate(timeout=300)
     procs[0].communicate(timeout=60)
     assert procs[1].returncode == 0 and procs[0].returncode == 0, err0[-2000:]
-    one = subprocess.run([*argv[:-1], "1"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one = subprocess.run(
+        [*argv[:-1], "1"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     assert json.loads(out0.splitlines()[-1])["token_ids"] == json.loads(one.stdout.splitlines()[-1])["token_ids"]
 
@@ -153,10 +188,20 @@ def test_default_model_three_ranks_equal_one_for_every_plan_kind(tmp_path, tok):
     from headwise.kvcache.plans import ModelShape
 
     shape = ModelShape(30, 3, 9, 64, "smollm2-135m")
-    elastic = Plan("elastic", shape, [[FULL if (l + h) % 3 == 0 else HeadSpec("elastic", sink=16, alpha=32, beta=0.1)
-                                       for h in range(3)] for l in range(30)])
-    plans = {"window": streaming_plan(shape, 16, 64), "elastic": elastic,
-             "select": select_plan(shape, 16, 32, 32, 16), "dynamic": dynamic_plan(shape, 0.34, 16, 32, 32, 16)}
+    elastic = Plan(
+        "elastic",
+        shape,
+        [
+            [FULL if (l + h) % 3 == 0 else HeadSpec("elastic", sink=16, alpha=32, beta=0.1) for h in range(3)]
+            for l in range(30)
+        ],
+    )
+    plans = {
+        "window": streaming_plan(shape, 16, 64),
+        "elastic": elastic,
+        "select": select_plan(shape, 16, 32, 32, 16),
+        "dynamic": dynamic_plan(shape, 0.34, 16, 32, 32, 16),
+    }
     paths = {}
     for name, plan in plans.items():
         save_plan(plan, tmp_path / f"{name}.json")
@@ -164,5 +209,7 @@ def test_default_model_three_ranks_equal_one_for_every_plan_kind(tmp_path, tok):
     text = "The lighthouse keeper counted the ships that passed the rocky cape every evening. "
     prompts = [tok(text * (8 + i))["input_ids"] for i in range(5)]
     names = ["full", *paths]
-    _assert_same(_run("smollm2-135m", paths, 3, names, prompts, kv_cache_mb=128),
-                 _run("smollm2-135m", paths, 1, names, prompts, kv_cache_mb=128))
+    _assert_same(
+        _run("smollm2-135m", paths, 3, names, prompts, kv_cache_mb=128),
+        _run("smollm2-135m", paths, 1, names, prompts, kv_cache_mb=128),
+    )

@@ -15,19 +15,33 @@ import torch
 from headwise.engine.config import EngineConfig
 from headwise.engine.errors import ModelLoadError
 from headwise.engine.llm_engine import LLMEngine
-from headwise.engine.weights import load_model
 from headwise.engine.loader import read_config
 from headwise.engine.sampling_params import SamplingParams
-from headwise.engine.weights import DUMMY_STD, build_model, materialize
+from headwise.engine.weights import DUMMY_STD, build_model, load_model, materialize
 from tests.tiny_model import VOCAB, random_prompts, write_tiny_llama
 
 # /work/shared/models/llama3-8b-shape/config.json: Llama-3-8B's layers and heads with SmolLM2's vocabulary
 LLAMA3_8B_SHAPE = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 128, "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-05,
-    "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
-    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
 # 32 x (q 4096^2 + k, v 4096 x 1024 + o 4096^2 + 3 x 4096 x 14336 + 2 norms) + 2 x 49152 x 4096 + 4096
 LLAMA3_8B_SHAPE_PARAMS = 7_382_241_280
 
@@ -40,18 +54,24 @@ def _whole_state_dict_loader(model_dir: Path, cfg, dtype: torch.dtype) -> dict[s
     state: dict[str, torch.Tensor] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(f)))
-    own = {"embed_tokens.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"],
-           "lm_head.weight": state.get("lm_head.weight", state["model.embed_tokens.weight"])}
+    own = {
+        "embed_tokens.weight": state["model.embed_tokens.weight"],
+        "norm.weight": state["model.norm.weight"],
+        "lm_head.weight": state.get("lm_head.weight", state["model.embed_tokens.weight"]),
+    }
     for i in range(cfg.num_layers):
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
         own[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
-            [state[a + "q_proj.weight"], state[a + "k_proj.weight"], state[a + "v_proj.weight"]])
+            [state[a + "q_proj.weight"], state[a + "k_proj.weight"], state[a + "v_proj.weight"]]
+        )
         if cfg.qkv_bias:
             own[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
-                [state[a + "q_proj.bias"], state[a + "k_proj.bias"], state[a + "v_proj.bias"]])
+                [state[a + "q_proj.bias"], state[a + "k_proj.bias"], state[a + "v_proj.bias"]]
+            )
         own[f"layers.{i}.self_attn.o_proj.weight"] = state[a + "o_proj.weight"]
         own[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
-            [state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]])
+            [state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]
+        )
         own[f"layers.{i}.mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"]
         own[f"layers.{i}.input_layernorm.weight"] = state[p + "input_layernorm.weight"]
         own[f"layers.{i}.post_attention_layernorm.weight"] = state[p + "post_attention_layernorm.weight"]
@@ -70,9 +90,19 @@ def _save(kind: str, d: Path, max_shard_size: str | None = None, **overrides) ->
     """A small random transformers model of `kind` (llama, qwen2) saved to `d`."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=False) | overrides
+    common = (
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
+        | overrides
+    )
     cfg = Qwen2Config(**common, use_sliding_window=False) if kind == "qwen2" else LlamaConfig(**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -113,8 +143,9 @@ def test_index_json_picks_the_files_and_ignores_stray_safetensors(sharded_dir, t
     # e.g. Mistral's consolidated.safetensors: other names and shapes, not in the index
     save_file({"model.norm.weight": torch.zeros(7)}, str(d / "consolidated.safetensors"))
     cfg = read_config(d)
-    _assert_same_weights(materialize(cfg, d, torch.float32, "cpu"),
-                         _whole_state_dict_loader(sharded_dir, cfg, torch.float32))
+    _assert_same_weights(
+        materialize(cfg, d, torch.float32, "cpu"), _whole_state_dict_loader(sharded_dir, cfg, torch.float32)
+    )
 
 
 def test_index_json_naming_a_missing_shard_is_a_load_error(sharded_dir, tmp_path):
@@ -161,10 +192,13 @@ def test_qkv_bias_lands_in_the_fused_bias(tmp_path):
     assert model.layers[0].self_attn.qkv_proj.bias.abs().sum() > 0
 
 
-@pytest.mark.parametrize("edit, error", [
-    ("drop", "weights lack tensor 'model.layers.1.mlp.down_proj.weight'"),
-    ("reshape", r"tensor model.layers.0.self_attn.k_proj.weight: shape \(32, 128\), model expects \(64, 128\)"),
-])
+@pytest.mark.parametrize(
+    "edit, error",
+    [
+        ("drop", "weights lack tensor 'model.layers.1.mlp.down_proj.weight'"),
+        ("reshape", r"tensor model.layers.0.self_attn.k_proj.weight: shape \(32, 128\), model expects \(64, 128\)"),
+    ],
+)
 def test_missing_or_misshapen_tensor_is_a_load_error_naming_it(tmp_path, edit, error):
     d = _save("llama", tmp_path)
     from safetensors.torch import load_file, save_file
@@ -188,9 +222,8 @@ def test_streamed_tiny_model_generates_like_transformers(tiny_dir):
     eng = LLMEngine(EngineConfig(model=str(tiny_dir), kv_cache_mb=8))
     out = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
-    assert out.token_ids == ref[0, len(prompt):].tolist()
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.token_ids == ref[0, len(prompt) :].tolist()
 
 
 def test_dummy_format_builds_the_config_shapes_without_weights(tiny_dir, tmp_path):
@@ -265,9 +298,17 @@ def test_host_peak_is_the_model_plus_the_mapped_file(tmp_path):
 
     from safetensors.torch import save_file
 
-    config = {"model_type": "llama", "vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1536,
-              "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8,
-              "max_position_embeddings": 512, "tie_word_embeddings": False}
+    config = {
+        "model_type": "llama",
+        "vocab_size": 8192,
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     meta = build_model(read_config(tmp_path), torch.float32, "meta")
     params = dict(meta.named_parameters())
@@ -279,8 +320,13 @@ def test_host_peak_is_the_model_plus_the_mapped_file(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     del state
     file_bytes = (tmp_path / "model.safetensors").stat().st_size
-    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(tmp_path)], capture_output=True, text=True,
-                         check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     r = json.loads(out.stdout)
     assert r["weights"] == 35_660_288 * 4
     # measured here: 8 MB over model + file; the whole-state-dict loader: 67 MB over

@@ -32,9 +32,18 @@ def write_tiny_llama(d: Path, heads: int = 6, kv_heads: int = 2, intermediate: i
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>").save_pretrained(d)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64 * heads, intermediate_size=intermediate, num_hidden_layers=4,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
-                      tie_word_embeddings=False, eos_token_id=VOCAB - 1, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64 * heads,
+        intermediate_size=intermediate,
+        num_hidden_layers=4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        eos_token_id=VOCAB - 1,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -44,8 +53,10 @@ def write_tiny_llama(d: Path, heads: int = 6, kv_heads: int = 2, intermediate: i
 
 
 # a plain template for server tests: each message's content, then the reply starts
-TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-                      "{% if add_generation_prompt %}assistant {% endif %}")
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant {% endif %}"
+)
 
 
 def add_chat_template(model_dir: str) -> None:
@@ -61,8 +72,12 @@ def write_plans(model_dir: str, d: Path) -> dict[str, str]:
         "window": Plan("window", shape, _mixed(shape, HeadSpec("window", sink=4, recent=32))),
         "elastic": Plan("elastic", shape, _mixed(shape, HeadSpec("elastic", sink=4, alpha=8, beta=0.15))),
         "select": Plan("select", shape, _mixed(shape, HeadSpec("select", sink=4, recent=16, select=16, window=8))),
-        "dynamic": Plan("dynamic", shape, [[FULL] * shape.kv_heads for _ in range(shape.layers)],
-                        dynamic=DynamicSpec(0.5, HeadSpec("select", sink=4, recent=16, select=16, window=8))),
+        "dynamic": Plan(
+            "dynamic",
+            shape,
+            [[FULL] * shape.kv_heads for _ in range(shape.layers)],
+            dynamic=DynamicSpec(0.5, HeadSpec("select", sink=4, recent=16, select=16, window=8)),
+        ),
     }
     for name, plan in plans.items():
         save_plan(plan, d / f"{name}.json")

@@ -21,14 +21,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk (the engine's step budget)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="ranks; --kv-cache-mb is each rank's pool")
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, help="ranks; --kv-cache-mb is each rank's pool"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line per plan")
     p.set_defaults(func=run)
 
 
-def capacity(plan, pool_blocks: int, input_len: int, output_len: int, block_size: int, chunk: int = 2048,
-             sharding=None) -> dict:
+def capacity(
+    plan, pool_blocks: int, input_len: int, output_len: int, block_size: int, chunk: int = 2048, sharding=None
+) -> dict:
     """Blocks per request and the requests that fit: all admitted at once (each holding its
     peak), and held while decoding with one request prefilling at a time. With `sharding`,
     per rank: the tightest rank decides. Select heads count as compacting in place: with
@@ -37,16 +39,24 @@ def capacity(plan, pool_blocks: int, input_len: int, output_len: int, block_size
     from headwise.kvcache.sharding import rank_plans
 
     parts = rank_plans(plan, sharding) if sharding is not None else [plan]
-    blocks = [request_blocks(part, input_len, output_len, block_size, chunk, prefix_caching=False)
-              for part in parts]
+    blocks = [request_blocks(part, input_len, output_len, block_size, chunk, prefix_caching=False) for part in parts]
     peak, end = max(b[0] for b in blocks), max(b[1] for b in blocks)
     at_once = min(pool_blocks // b[0] for b in blocks)
     decoding = min(0 if pool_blocks < b[0] else 1 + (pool_blocks - b[0]) // b[1] for b in blocks)
-    row = {"plan": plan.name, "blocks_peak": peak, "blocks_decode": end, "pool_blocks": pool_blocks,
-           "admitted_at_once": at_once, "held_decoding": decoding}
+    row = {
+        "plan": plan.name,
+        "blocks_peak": peak,
+        "blocks_decode": end,
+        "pool_blocks": pool_blocks,
+        "admitted_at_once": at_once,
+        "held_decoding": decoding,
+    }
     if sharding is not None:
-        row |= {"tensor_parallel_size": sharding.ranks, "sharding": "contiguous" if sharding.is_contiguous else
-                "balanced", "rank_blocks_decode": [b[1] for b in blocks]}
+        row |= {
+            "tensor_parallel_size": sharding.ranks,
+            "sharding": "contiguous" if sharding.is_contiguous else "balanced",
+            "rank_blocks_decode": [b[1] for b in blocks],
+        }
     return row
 
 
@@ -80,23 +90,31 @@ def run(args: argparse.Namespace) -> int:
             even = contiguous(shape, args.tensor_parallel_size)
             spread = balanced(p, args.tensor_parallel_size, args.input_len + args.output_len, args.block_size)
             shardings = [even] + ([spread] if spread.order != even.order else [])  # a full plan: the same
-        rows += [capacity(p, pool, args.input_len, args.output_len, args.block_size, args.max_num_batched_tokens, s)
-                 for s in shardings]
+        rows += [
+            capacity(p, pool, args.input_len, args.output_len, args.block_size, args.max_num_batched_tokens, s)
+            for s in shardings
+        ]
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return 0
-    print(f"{args.kv_cache_mb:g} MiB pool = {pool} blocks of {args.block_size} slots ({args.dtype}); requests of "
-          f"{args.input_len} + {args.output_len} tokens")
+    print(
+        f"{args.kv_cache_mb:g} MiB pool = {pool} blocks of {args.block_size} slots ({args.dtype}); requests of "
+        f"{args.input_len} + {args.output_len} tokens"
+    )
     for r in rows:
         if "sharding" in r:
             r["plan"] = f"{r['plan']} ({r['sharding']})"
     width = max(len(r["plan"]) for r in rows)
     per = " per rank" if args.tensor_parallel_size > 1 else ""
-    print(f"{'plan':<{width}}  {'blocks peak' + per:>11}  {'blocks decode' + per:>13}  {'at once':>7}  "
-          f"{'decoding':>8}  {'vs full':>7}")
+    print(
+        f"{'plan':<{width}}  {'blocks peak' + per:>11}  {'blocks decode' + per:>13}  {'at once':>7}  "
+        f"{'decoding':>8}  {'vs full':>7}"
+    )
     base = rows[0]["held_decoding"] or 1
     for r in rows:
-        print(f"{r['plan']:<{width}}  {r['blocks_peak']:>11}  {r['blocks_decode']:>13}  {r['admitted_at_once']:>7}  "
-              f"{r['held_decoding']:>8}  {r['held_decoding'] / base:>6.2f}x")
+        print(
+            f"{r['plan']:<{width}}  {r['blocks_peak']:>11}  {r['blocks_decode']:>13}  {r['admitted_at_once']:>7}  "
+            f"{r['held_decoding']:>8}  {r['held_decoding'] / base:>6.2f}x"
+        )
     return 0

@@ -50,17 +50,30 @@ def add_parser(subparsers) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag, minimum in (("batch_size", 1), ("input_len", 1), ("output_len", 2), ("num_iters", 1),
-                          ("num_iters_warmup", 0)):
+    for flag, minimum in (
+        ("batch_size", 1),
+        ("input_len", 1),
+        ("output_len", 2),
+        ("num_iters", 1),
+        ("num_iters_warmup", 0),
+    ):
         if getattr(args, flag) < minimum:
             raise CliError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {getattr(args, flag)}")
     if args.batch_size > args.max_num_seqs:
-        raise CliError(f"--batch-size {args.batch_size} exceeds --max-num-seqs {args.max_num_seqs}: the batch "
-                       "would not run at once")
+        raise CliError(
+            f"--batch-size {args.batch_size} exceeds --max-num-seqs {args.max_num_seqs}: the batch "
+            "would not run at once"
+        )
 
 
-def run_iteration(engine, prompts: list[list[int]], output_len: int, plan: str | None, tag: str,
-                  step_timings: list[dict[str, float]] | None = None) -> Iteration:
+def run_iteration(
+    engine,
+    prompts: list[list[int]],
+    output_len: int,
+    plan: str | None,
+    tag: str,
+    step_timings: list[dict[str, float]] | None = None,
+) -> Iteration:
     """One batch from submission to its last token; with `step_timings`, the engine's phase
     timings of every decode step are appended to it."""
     from headwise.engine.sampling_params import SamplingParams
@@ -86,15 +99,22 @@ def run_iteration(engine, prompts: list[list[int]], output_len: int, plan: str |
             prefill_end = now
     end = time.perf_counter()
     decode_s = end - prefill_end
-    return Iteration(latency_s=end - t0, prefill_s=prefill_end - t0,
-                     decode_ms_per_step=1000 * decode_s / decode_steps,
-                     decode_tok_s=len(prompts) * decode_steps / decode_s,
-                     output_tok_s=len(prompts) * output_len / (end - t0), peak_num_running=peak)
+    return Iteration(
+        latency_s=end - t0,
+        prefill_s=prefill_end - t0,
+        decode_ms_per_step=1000 * decode_s / decode_steps,
+        decode_tok_s=len(prompts) * decode_steps / decode_s,
+        output_tok_s=len(prompts) * output_len / (end - t0),
+        peak_num_running=peak,
+    )
 
 
 def summarize(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "p50": float(np.percentile(values, 50)),
-            "p90": float(np.percentile(values, 90))}
+    return {
+        "mean": float(np.mean(values)),
+        "p50": float(np.percentile(values, 50)),
+        "p90": float(np.percentile(values, 90)),
+    }
 
 
 def mean_phases(step_timings: list[dict[str, float]]) -> dict[str, float]:
@@ -126,14 +146,24 @@ def run(args: argparse.Namespace) -> int:
         iteration("phases", step_timings)
     finally:
         engine.record_step_timings = False
-    result = {"model": engine.model_id, "device": args.device, "dtype": args.dtype,
-              "load_format": args.load_format, "batch_size": args.batch_size, "input_len": args.input_len,
-              "output_len": args.output_len, "num_iters_warmup": args.num_iters_warmup,
-              "num_iters": args.num_iters}
+    result = {
+        "model": engine.model_id,
+        "device": args.device,
+        "dtype": args.dtype,
+        "load_format": args.load_format,
+        "batch_size": args.batch_size,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "num_iters_warmup": args.num_iters_warmup,
+        "num_iters": args.num_iters,
+    }
     result |= {f: summarize([getattr(it, f) for it in measured]) for f in FIGURES}
-    result |= {"peak_num_running": max(it.peak_num_running for it in measured),
-               "step_breakdown_ms": mean_phases(step_timings), "step_breakdown_steps": len(step_timings),
-               "iterations": [asdict(it) for it in measured]}
+    result |= {
+        "peak_num_running": max(it.peak_num_running for it in measured),
+        "step_breakdown_ms": mean_phases(step_timings),
+        "step_breakdown_steps": len(step_timings),
+        "iterations": [asdict(it) for it in measured],
+    }
     print(format_report(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -142,24 +172,36 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"bench latency: {r['model']} on {r['device']} ({r['dtype']}, {r['load_format']} weights), "
-             f"batch {r['batch_size']} x {r['input_len']} tokens in, {r['output_len']} out; "
-             f"{r['num_iters']} measured iteration{'s' * (r['num_iters'] != 1)} after {r['num_iters_warmup']} "
-             "warm-up",
-             f"{'':<20}{'mean':>10}{'p50':>10}{'p90':>10}"]
-    for label, key, fmt in (("latency s", "latency_s", ".3f"), ("prefill s", "prefill_s", ".3f"),
-                            ("decode ms/step", "decode_ms_per_step", ".2f"), ("decode tok/s", "decode_tok_s", ".1f"),
-                            ("output tok/s", "output_tok_s", ".1f")):
+    lines = [
+        f"bench latency: {r['model']} on {r['device']} ({r['dtype']}, {r['load_format']} weights), "
+        f"batch {r['batch_size']} x {r['input_len']} tokens in, {r['output_len']} out; "
+        f"{r['num_iters']} measured iteration{'s' * (r['num_iters'] != 1)} after {r['num_iters_warmup']} "
+        "warm-up",
+        f"{'':<20}{'mean':>10}{'p50':>10}{'p90':>10}",
+    ]
+    for label, key, fmt in (
+        ("latency s", "latency_s", ".3f"),
+        ("prefill s", "prefill_s", ".3f"),
+        ("decode ms/step", "decode_ms_per_step", ".2f"),
+        ("decode tok/s", "decode_tok_s", ".1f"),
+        ("output tok/s", "output_tok_s", ".1f"),
+    ):
         lines.append(f"{label:<20}" + "".join(f"{r[key][s]:>10{fmt}}" for s in ("mean", "p50", "p90")))
     phases = r["step_breakdown_ms"]
-    lines.append(f"one decode step, mean of {r['step_breakdown_steps']} recorded steps (device synchronised "
-                 f"between phases): {phases['total']:.2f} ms")
+    lines.append(
+        f"one decode step, mean of {r['step_breakdown_steps']} recorded steps (device synchronised "
+        f"between phases): {phases['total']:.2f} ms"
+    )
     for name, ms in phases.items():
         if name != "total":
             lines.append(f"  {name:<12}{ms:>9.3f} ms {100 * ms / phases['total']:>6.1f}%")
     if r["peak_num_running"] < r["batch_size"]:
-        lines.append(f"warning: at most {r['peak_num_running']} of {r['batch_size']} requests ran at once "
-                     "(KV pool too small?): the decode figures mix in prefills")
-    lines.append(f"latency: {r['output_tok_s']['mean']:.1f} output tok/s, decode {r['decode_ms_per_step']['mean']:.2f} "
-                 f"ms/step ({r['decode_tok_s']['mean']:.1f} tok/s), prefill {r['prefill_s']['mean']:.3f} s")
+        lines.append(
+            f"warning: at most {r['peak_num_running']} of {r['batch_size']} requests ran at once "
+            "(KV pool too small?): the decode figures mix in prefills"
+        )
+    lines.append(
+        f"latency: {r['output_tok_s']['mean']:.1f} output tok/s, decode {r['decode_ms_per_step']['mean']:.2f} "
+        f"ms/step ({r['decode_tok_s']['mean']:.1f} tok/s), prefill {r['prefill_s']['mean']:.3f} s"
+    )
     return "\n".join(lines)

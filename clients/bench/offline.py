@@ -19,8 +19,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input-len", default="128-1024", help="tokens per prompt: N or a range LO-HI")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--baseline", choices=["hf"], default=None, help="also time transformers generate")
-    p.add_argument("--hf-batch-size", type=int, default=None,
-                   help="static batch size of the baseline (default: --max-num-seqs)")
+    p.add_argument(
+        "--hf-batch-size", type=int, default=None, help="static batch size of the baseline (default: --max-num-seqs)"
+    )
     p.add_argument("--kv-plan", default=None, help="plan for every request (default: the default plan)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
@@ -90,13 +91,19 @@ def run_hf(hf, prompts, output_len: int, batch: int, pad_id: int) -> float:
     device = next(hf.parameters()).device
     t = time.perf_counter()
     for i in tqdm(range(0, len(prompts), batch), desc="transformers", unit="batch"):
-        chunk = prompts[i:i + batch]
+        chunk = prompts[i : i + batch]
         width = max(map(len, chunk))
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)  # left padding
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len,
-                              min_new_tokens=output_len, do_sample=False, pad_token_id=pad_id)
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
         assert out.shape[1] == width + output_len
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -116,11 +123,20 @@ def run(args: argparse.Namespace) -> int:
     prompts = make_prompts(args.num_prompts, lo, hi, engine.model_config.vocab_size, args.seed)
     total_out = args.num_prompts * args.output_len
     t_engine, peak = run_engine(engine, prompts, args.output_len, args.kv_plan)
-    result = {"model": engine.model_id, "dtype": args.dtype, "num_prompts": args.num_prompts,
-              "input_len": args.input_len, "output_len": args.output_len,
-              "prompt_tokens": sum(map(len, prompts)), "max_num_seqs": args.max_num_seqs,
-              "engine_s": round(t_engine, 2), "engine_tok_s": round(total_out / t_engine, 2),
-              "device": args.device, "load_format": args.load_format, "peak_num_running": peak}
+    result = {
+        "model": engine.model_id,
+        "dtype": args.dtype,
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "prompt_tokens": sum(map(len, prompts)),
+        "max_num_seqs": args.max_num_seqs,
+        "engine_s": round(t_engine, 2),
+        "engine_tok_s": round(total_out / t_engine, 2),
+        "device": args.device,
+        "load_format": args.load_format,
+        "peak_num_running": peak,
+    }
     if args.baseline == "hf":
         batch = args.hf_batch_size or args.max_num_seqs
         pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
@@ -131,16 +147,25 @@ def run(args: argparse.Namespace) -> int:
         hf = load_hf(str(resolve_model_dir(args.model)), args.dtype, args.device, args.load_format, args.seed)
         t_hf = run_hf(hf, prompts, args.output_len, batch, pad)
         param = next(hf.parameters())
-        result.update(hf_batch_size=batch, hf_s=round(t_hf, 2), hf_tok_s=round(total_out / t_hf, 2),
-                      speedup=round(t_hf / t_engine, 2), hf_device=str(param.device),
-                      hf_dtype=str(param.dtype).removeprefix("torch."))
+        result.update(
+            hf_batch_size=batch,
+            hf_s=round(t_hf, 2),
+            hf_tok_s=round(total_out / t_hf, 2),
+            speedup=round(t_hf / t_engine, 2),
+            hf_device=str(param.device),
+            hf_dtype=str(param.dtype).removeprefix("torch."),
+        )
     if args.json:
         print(json.dumps(result))
     else:
-        line = (f"headwise: {result['engine_tok_s']} output tok/s ({total_out} tokens in {result['engine_s']} s, "
-                f"{result['prompt_tokens']} prompt tokens, at most {peak} requests running)")
+        line = (
+            f"headwise: {result['engine_tok_s']} output tok/s ({total_out} tokens in {result['engine_s']} s, "
+            f"{result['prompt_tokens']} prompt tokens, at most {peak} requests running)"
+        )
         if "hf_tok_s" in result:
-            line += (f"; transformers generate (batch {result['hf_batch_size']}, {result['hf_device']}): "
-                     f"{result['hf_tok_s']} tok/s; speed-up {result['speedup']}x")
+            line += (
+                f"; transformers generate (batch {result['hf_batch_size']}, {result['hf_device']}): "
+                f"{result['hf_tok_s']} tok/s; speed-up {result['speedup']}x"
+            )
         print(line)
     return 0

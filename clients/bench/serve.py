@@ -22,9 +22,11 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-_WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
-          "point government company number group problem fact river garden music window letter paper "
-          "mountain silver orange yellow quiet rapid gentle ancient modern simple narrow").split()
+_WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work week case "
+    "point government company number group problem fact river garden music window letter paper "
+    "mountain silver orange yellow quiet rapid gentle ancient modern simple narrow"
+).split()
 
 
 @dataclass
@@ -45,11 +47,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=None, help="model name (default: the server's)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
-    p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="Poisson arrival rate in requests/s (default inf: all at once)")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Poisson arrival rate in requests/s (default inf: all at once)",
+    )
     p.add_argument("--input-len", type=int, default=512, help="prompt tokens per request (after the shared prefix)")
-    p.add_argument("--shared-prefix-len", type=int, default=0,
-                   help="tokens every prompt starts with (a common system prompt), before its own --input-len")
+    p.add_argument(
+        "--shared-prefix-len",
+        type=int,
+        default=0,
+        help="tokens every prompt starts with (a common system prompt), before its own --input-len",
+    )
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
     p.add_argument("--kv-plan", default=None, help="kv_plan sent with every request")
     p.add_argument("--api-key", default=None, help="bearer token, if the server has --api-key")
@@ -80,8 +90,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=args.url.rstrip("/"), headers=headers, timeout=None, limits=limits) as client:
         model = args.model or (await _get_json(client, "GET", "/v1/models"))["data"][0]["id"]
-        prompts = await make_prompts(client, model, args.num_prompts, args.input_len, args.seed,
-                                     args.shared_prefix_len)
+        prompts = await make_prompts(client, model, args.num_prompts, args.input_len, args.seed, args.shared_prefix_len)
         peaks = {"num_requests_running": 0.0, "kv_cache_usage_perc": 0.0}
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_metrics(client, peaks, stop))
@@ -109,8 +118,9 @@ async def benchmark(args: argparse.Namespace) -> dict:
     return summarize(results, duration, peaks, vars(args) | {"model": model})
 
 
-async def make_prompts(client: httpx.AsyncClient, model: str, count: int, length: int, seed: int,
-                       shared: int = 0) -> list[list[int]]:
+async def make_prompts(
+    client: httpx.AsyncClient, model: str, count: int, length: int, seed: int, shared: int = 0
+) -> list[list[int]]:
     """`count` distinct prompts of `shared` common token ids then `length` of their own, cut
     from one tokenized text (the prefix from its start, the rest from random offsets past it)."""
     rng = random.Random(seed)
@@ -119,14 +129,23 @@ async def make_prompts(client: httpx.AsyncClient, model: str, count: int, length
     while len(pool) < shared + length + count:
         pool = pool + pool
     prefix, rest = pool[:shared], pool[shared:]
-    return [prefix + rest[start:start + length]
-            for start in (rng.randrange(len(rest) - length + 1) for _ in range(count))]
+    return [
+        prefix + rest[start : start + length] for start in (rng.randrange(len(rest) - length + 1) for _ in range(count))
+    ]
 
 
-async def send_request(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int,
-                       kv_plan: str | None) -> RequestResult:
-    payload = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
-               "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+async def send_request(
+    client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int, kv_plan: str | None
+) -> RequestResult:
+    payload = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if kv_plan:
         payload["kv_plan"] = kv_plan
     result = RequestResult(prompt_tokens=len(prompt))
@@ -170,10 +189,14 @@ def summarize(results: list[RequestResult], duration: float, peaks: dict, config
     output_tokens = sum(r.output_tokens for r in done)
     summary = {
         "config": {k: v for k, v in config.items() if k != "func"},
-        "completed": len(done), "failed": len(results) - len(done),
+        "completed": len(done),
+        "failed": len(results) - len(done),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
-        "duration_s": duration, "total_input_tokens": prompt_tokens, "total_output_tokens": output_tokens,
-        "request_throughput": len(done) / duration, "output_throughput": output_tokens / duration,
+        "duration_s": duration,
+        "total_input_tokens": prompt_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(done) / duration,
+        "output_throughput": output_tokens / duration,
         "total_token_throughput": (prompt_tokens + output_tokens) / duration,
         "max_concurrency_observed": peaks["num_requests_running"],
         "peak_kv_cache_usage": peaks["kv_cache_usage_perc"],
@@ -182,29 +205,46 @@ def summarize(results: list[RequestResult], duration: float, peaks: dict, config
         # what a warm prefix cache serves
         "mean_ttft_after_first_ms": float(np.mean([r.ttft for r in done[1:]] or [0.0]) * 1000),
     }
-    for name, values in (("ttft", [r.ttft for r in done]), ("tpot", tpot), ("itl", itl),
-                         ("e2el", [r.latency for r in done])):
+    for name, values in (
+        ("ttft", [r.ttft for r in done]),
+        ("tpot", tpot),
+        ("itl", itl),
+        ("e2el", [r.latency for r in done]),
+    ):
         ms = np.array(values or [0.0]) * 1000
-        summary.update({f"mean_{name}_ms": float(ms.mean()), f"median_{name}_ms": float(np.median(ms)),
-                        f"p99_{name}_ms": float(np.percentile(ms, 99))})
+        summary.update(
+            {
+                f"mean_{name}_ms": float(ms.mean()),
+                f"median_{name}_ms": float(np.median(ms)),
+                f"p99_{name}_ms": float(np.percentile(ms, 99)),
+            }
+        )
     return summary
 
 
 def format_report(s: dict) -> str:
     """vLLM benchmark_serving's layout, plus the peaks read from /metrics."""
-    rows = [("=" * 12 + " Serving Benchmark Result " + "=" * 12, None),
-            ("Successful requests:", s["completed"]), ("Failed requests:", s["failed"]),
-            ("Benchmark duration (s):", f"{s['duration_s']:.2f}"),
-            ("Total input tokens:", s["total_input_tokens"]), ("Total generated tokens:", s["total_output_tokens"]),
-            ("Request throughput (req/s):", f"{s['request_throughput']:.2f}"),
-            ("Output token throughput (tok/s):", f"{s['output_throughput']:.2f}"),
-            ("Total Token throughput (tok/s):", f"{s['total_token_throughput']:.2f}"),
-            ("Max concurrency observed:", f"{s['max_concurrency_observed']:.0f}"),
-            ("Peak KV cache usage (%):", f"{100 * s['peak_kv_cache_usage']:.1f}"),
-            ("Prompt tokens from cache:", s["total_cached_tokens"]),
-            ("Mean TTFT after the 1st (ms):", f"{s['mean_ttft_after_first_ms']:.2f}")]
-    titles = {"ttft": ("Time to First Token", "TTFT"), "tpot": ("Time per Output Token (excl. 1st token)", "TPOT"),
-              "itl": ("Inter-token Latency", "ITL"), "e2el": ("End-to-end Latency", "E2EL")}
+    rows = [
+        ("=" * 12 + " Serving Benchmark Result " + "=" * 12, None),
+        ("Successful requests:", s["completed"]),
+        ("Failed requests:", s["failed"]),
+        ("Benchmark duration (s):", f"{s['duration_s']:.2f}"),
+        ("Total input tokens:", s["total_input_tokens"]),
+        ("Total generated tokens:", s["total_output_tokens"]),
+        ("Request throughput (req/s):", f"{s['request_throughput']:.2f}"),
+        ("Output token throughput (tok/s):", f"{s['output_throughput']:.2f}"),
+        ("Total Token throughput (tok/s):", f"{s['total_token_throughput']:.2f}"),
+        ("Max concurrency observed:", f"{s['max_concurrency_observed']:.0f}"),
+        ("Peak KV cache usage (%):", f"{100 * s['peak_kv_cache_usage']:.1f}"),
+        ("Prompt tokens from cache:", s["total_cached_tokens"]),
+        ("Mean TTFT after the 1st (ms):", f"{s['mean_ttft_after_first_ms']:.2f}"),
+    ]
+    titles = {
+        "ttft": ("Time to First Token", "TTFT"),
+        "tpot": ("Time per Output Token (excl. 1st token)", "TPOT"),
+        "itl": ("Inter-token Latency", "ITL"),
+        "e2el": ("End-to-end Latency", "E2EL"),
+    }
     for key, (title, short) in titles.items():
         rows.append((f"{title:-^50}", None))
         for stat, label in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
@@ -213,8 +253,10 @@ def format_report(s: dict) -> str:
     lines = [label if value is None else f"{label:<40} {value:<10}" for label, value in rows]
     for error in s["errors"]:
         lines.append(f"error: {error}")
-    lines.append(f"bench serve: {s['completed']} requests, {s['output_throughput']:.1f} output tok/s, "
-                 f"mean TTFT {s['mean_ttft_ms']:.0f} ms, max concurrency {s['max_concurrency_observed']:.0f}")
+    lines.append(
+        f"bench serve: {s['completed']} requests, {s['output_throughput']:.1f} output tok/s, "
+        f"mean TTFT {s['mean_ttft_ms']:.0f} ms, max concurrency {s['max_concurrency_observed']:.0f}"
+    )
     return "\n".join(lines)
 
 
@@ -239,5 +281,5 @@ async def _sample_metrics(client: httpx.AsyncClient, peaks: dict, stop: asyncio.
             peaks[name] = max(peaks[name], float(value))
         try:
             await asyncio.wait_for(stop.wait(), timeout=0.2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass

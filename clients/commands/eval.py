@@ -16,18 +16,24 @@ DEFAULT_LENGTHS = "1024,2048,4096"
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="accuracy and KV memory of plans on offline long-context tasks",
+        "eval",
+        help="accuracy and KV memory of plans on offline long-context tasks",
         description="Runs passkey, RULER-style needle tasks, variable tracking and perplexity through the "
-                    "engine for every plan (and the full cache), and reports accuracy, greedy agreement "
-                    "with the full cache, and KV bytes per request.")
+        "engine for every plan (and the full cache), and reports accuracy, greedy agreement "
+        "with the full cache, and KV bytes per request.",
+    )
     add_engine_args(parser)
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--lengths", default=DEFAULT_LENGTHS, help="comma-separated prompt lengths in tokens")
     parser.add_argument("--samples", type=int, default=5, help="samples per task and length")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=FORMATS, default="plain",
-                        help="plain: text continuation after an answer prefix (default, best for small "
-                             "models); chat: the model's chat template")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="plain",
+        help="plain: text continuation after an answer prefix (default, best for small "
+        "models); chat: the model's chat template",
+    )
     parser.add_argument("--keys", choices=KEY_KINDS, default="words", help="needle keys")
     parser.add_argument("--json", dest="json_path", help="also write rows and config to this JSON file")
     parser.set_defaults(func=run)
@@ -48,11 +54,21 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(format_table(rows))
     if args.json_path:
-        run_config = {"model": config.model, "dtype": config.dtype, "plans": {"full": None, **config.plans},
-                      "tasks": tasks, "lengths": lengths, "samples": args.samples, "seed": args.seed,
-                      "format": args.format, "keys": args.keys, "max_tokens": {t: MAX_TOKENS[t] for t in tasks},
-                      # the ppl corpus and natural haystacks are the running Python's pydoc topics
-                      "python": platform.python_version(), "elapsed_s": round(elapsed, 3)}
+        run_config = {
+            "model": config.model,
+            "dtype": config.dtype,
+            "plans": {"full": None, **config.plans},
+            "tasks": tasks,
+            "lengths": lengths,
+            "samples": args.samples,
+            "seed": args.seed,
+            "format": args.format,
+            "keys": args.keys,
+            "max_tokens": {t: MAX_TOKENS[t] for t in tasks},
+            # the ppl corpus and natural haystacks are the running Python's pydoc topics
+            "python": platform.python_version(),
+            "elapsed_s": round(elapsed, 3),
+        }
         write_json(args.json_path, rows, run_config)
     print(summarize(rows, elapsed))
     return 0
@@ -62,8 +78,9 @@ def parse_tasks(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
-        raise ValueError(f"--tasks {text!r}: unknown task {', '.join(bad) or '(none given)'}; "
-                         f"choose from {', '.join(TASKS)}")
+        raise ValueError(
+            f"--tasks {text!r}: unknown task {', '.join(bad) or '(none given)'}; choose from {', '.join(TASKS)}"
+        )
     return list(dict.fromkeys(tasks))
 
 

@@ -15,8 +15,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text for one prompt or a JSON-lines file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts", type=Path,
-                     help='JSON lines: {"prompt": "..."} or {"messages": [...]}, optional "plan"')
+    src.add_argument(
+        "--prompts", type=Path, help='JSON lines: {"prompt": "..."} or {"messages": [...]}, optional "plan"'
+    )
     p.add_argument("--chat", action="store_true", help="apply the chat template to --prompt / prompt lines")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -44,7 +45,9 @@ def read_prompts(args: argparse.Namespace) -> list[dict]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise CliError(f"{args.prompts}:{n}: not JSON ({e.msg})") from e
-        if not isinstance(item, dict) or not (isinstance(item.get("prompt"), str) or isinstance(item.get("messages"), list)):
+        if not isinstance(item, dict) or not (
+            isinstance(item.get("prompt"), str) or isinstance(item.get("messages"), list)
+        ):
             raise CliError(f'{args.prompts}:{n}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
         items.append(item)
     if not items:
@@ -57,9 +60,16 @@ def run(args: argparse.Namespace) -> int:
     from headwise.engine.sampling_params import SamplingParams
 
     items = read_prompts(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
-                            ignore_eos=args.ignore_eos)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
     engine = LLMEngine(engine_config_from_args(args))
     prompts = []
     for item in items:
@@ -69,13 +79,25 @@ def run(args: argparse.Namespace) -> int:
             prompts.append(engine.encode_chat([{"role": "user", "content": item["prompt"]}]))
         else:
             prompts.append(engine.tokenizer(item["prompt"])["input_ids"])
-    outs = engine.generate(prompts, params, [item.get("plan") for item in items], use_tqdm=not args.json and len(items) > 1)
+    outs = engine.generate(
+        prompts, params, [item.get("plan") for item in items], use_tqdm=not args.json and len(items) > 1
+    )
     for out in outs:
         if args.json:
-            print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": len(out.prompt_token_ids),
-                              "completion_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
-                              "kv_bytes": out.kv_bytes, "kv_bytes_decode": out.kv_bytes_decode,
-                              "cached_tokens": out.num_cached_tokens}))
+            print(
+                json.dumps(
+                    {
+                        "text": out.text,
+                        "token_ids": out.token_ids,
+                        "prompt_tokens": len(out.prompt_token_ids),
+                        "completion_tokens": len(out.token_ids),
+                        "finish_reason": out.finish_reason,
+                        "kv_bytes": out.kv_bytes,
+                        "kv_bytes_decode": out.kv_bytes_decode,
+                        "cached_tokens": out.num_cached_tokens,
+                    }
+                )
+            )
         else:
             print(out.text)
             if len(outs) > 1:

@@ -26,22 +26,28 @@ def add_parser(subparsers) -> None:
     _common(p, ratio=None)
     p.add_argument("--density", type=float, default=0.5, help="bound on the mean attention density per length")
     p.add_argument("--lengths", default="1024,2048,4096", help="lengths the density bound holds at")
-    p.add_argument("--profile-length", type=int, default=1024,
-                   help="calibration text length the influence is measured at (scaled to --lengths)")
+    p.add_argument(
+        "--profile-length",
+        type=int,
+        default=1024,
+        help="calibration text length the influence is measured at (scaled to --lengths)",
+    )
     p.add_argument("--samples", type=int, default=4, help="calibration sequences per profiled length")
-    p.add_argument("--data", choices=["text", "needle"], default="needle",
-                   help="calibration: needle prompts in real text answered by the model (default: the "
-                        "long-range dependency the cache must keep), or text continued by the model")
-    p.add_argument("--generate", type=int, default=64,
-                   help="with --data text: tokens the model writes after each text")
+    p.add_argument(
+        "--data",
+        choices=["text", "needle"],
+        default="needle",
+        help="calibration: needle prompts in real text answered by the model (default: the "
+        "long-range dependency the cache must keep), or text continued by the model",
+    )
+    p.add_argument("--generate", type=int, default=64, help="with --data text: tokens the model writes after each text")
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--rules-per-layer", type=int, default=2)
     p.set_defaults(func=_moa)
 
     p = sub.add_parser("taskkv", help="Task-KV: heads far from their layer's semantic center stay full")
     _common(p, ratio=0.25)
-    p.add_argument("--task", required=True, help="JSONL, one sample a line: {\"prompt\": TEXT} or "
-                   "{\"prompt_ids\": [...]}")
+    p.add_argument("--task", required=True, help='JSONL, one sample a line: {"prompt": TEXT} or {"prompt_ids": [...]}')
     p.add_argument("--samples", type=int, default=16, help="at most this many task samples")
     p.add_argument("--max-tokens", type=int, default=2048, help="prompts are cut to their last N tokens")
     _rest_args(p)
@@ -63,15 +69,19 @@ def _common(p: argparse.ArgumentParser, ratio: float | None) -> None:
     p.add_argument("--seed", type=int, default=0)
     if ratio is not None:
         p.add_argument("--ratio", type=float, default=ratio, help="fraction of KV heads kept full")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is fastest on a busy "
-                   "machine, where extra threads spin-wait)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's; 1 is fastest on a busy machine, where extra threads spin-wait)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _rest_args(p: argparse.ArgumentParser) -> None:
     # defaults: what measured best at ratio 0.25 (docs/benchmarks.md, Profiled plans)
-    p.add_argument("--rest", choices=REST_KINDS, default="select",
-                   help="budget of the heads that are not full (default select)")
+    p.add_argument(
+        "--rest", choices=REST_KINDS, default="select", help="budget of the heads that are not full (default select)"
+    )
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--recent", type=int, default=256)
     p.add_argument("--select", type=int, default=256, help="middle tokens of select heads")
@@ -146,12 +156,25 @@ def _retrieval(args: argparse.Namespace) -> int:
     cfg, model, tok = _load(args)
     tests = build_tests(tok, lengths, args.samples, args.seed)
     q_scores, n_correct = retrieval_scores(
-        model, tests, lambda t, gen: t.answer in tok.decode(gen), _eos(cfg, tok), args.progress)
+        model, tests, lambda t, gen: t.answer in tok.decode(gen), _eos(cfg, tok), args.progress
+    )
     scores = reduce_query_scores(q_scores.tolist(), cfg.num_kv_heads)
-    params = {"lengths": lengths, "samples": args.samples, "seed": args.seed, "tests": len(tests),
-              "correct": n_correct, "query_scores": [[round(v, 5) for v in row] for row in q_scores.tolist()]}
-    plan = plan_from_scores(cfg.shape, scores, args.ratio, rest, args.name or ratio_plan_name("retrieval", args.ratio),
-                            plan_source("retrieval", params))
+    params = {
+        "lengths": lengths,
+        "samples": args.samples,
+        "seed": args.seed,
+        "tests": len(tests),
+        "correct": n_correct,
+        "query_scores": [[round(v, 5) for v in row] for row in q_scores.tolist()],
+    }
+    plan = plan_from_scores(
+        cfg.shape,
+        scores,
+        args.ratio,
+        rest,
+        args.name or ratio_plan_name("retrieval", args.ratio),
+        plan_source("retrieval", params),
+    )
     note = f"{n_correct} of {len(tests)} needle tests answered correctly"
     if n_correct == 0:
         note += " (none: scores averaged over all tests)"
@@ -169,8 +192,21 @@ def _moa(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
     start = time.perf_counter()
     cfg, model, tok = _load(args)
-    plan, note = profile_moa(model, tok, lengths, args.density, args.profile_length, args.samples, args.generate,
-                             args.sink, args.rules_per_layer, args.seed, args.name, args.progress, args.data)
+    plan, note = profile_moa(
+        model,
+        tok,
+        lengths,
+        args.density,
+        args.profile_length,
+        args.samples,
+        args.generate,
+        args.sink,
+        args.rules_per_layer,
+        args.seed,
+        args.name,
+        args.progress,
+        args.data,
+    )
     return _finish(plan, args.out, start, note)
 
 
@@ -196,8 +232,9 @@ def _duo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cfg, model, tok = _load(args)
     steps, length = args.steps or duo.DEFAULT_STEPS, args.length or duo.DEFAULT_LENGTH
-    plan, note = duo.profile_duo(model, tok, args.ratio, rest, steps, length, args.lr or duo.DEFAULT_LR, args.seed,
-                                 args.name, args.progress)
+    plan, note = duo.profile_duo(
+        model, tok, args.ratio, rest, steps, length, args.lr or duo.DEFAULT_LR, args.seed, args.name, args.progress
+    )
     return _finish(plan, args.out, start, note)
 
 
@@ -212,7 +249,9 @@ def _finish(plan, out: str, start: float, note: str) -> int:
     heads = static_heads(plan)
     n_full = sum(s.kind == "full" for row in heads for s in row)
     total = plan.model.layers * plan.model.kv_heads
-    print(f"profile {plan.source.get('method', '?')}: {n_full} of {total} kv heads full, KV "
-          f"{kv_ratio(plan, SUMMARY_CONTEXT):.3f}x of full at {SUMMARY_CONTEXT} tokens; {note}; "
-          f"wrote {out} ({plan.name!r}) in {time.perf_counter() - start:.0f} s")
+    print(
+        f"profile {plan.source.get('method', '?')}: {n_full} of {total} kv heads full, KV "
+        f"{kv_ratio(plan, SUMMARY_CONTEXT):.3f}x of full at {SUMMARY_CONTEXT} tokens; {note}; "
+        f"wrote {out} ({plan.name!r}) in {time.perf_counter() - start:.0f} s"
+    )
     return 0

@@ -12,8 +12,7 @@ from statistics import mean
 
 from tqdm import tqdm
 
-from headwise.clients.eval.score import (corpus_perplexity, greedy_agreement, mean_nll, string_match_all,
-                                         top1_agreement)
+from headwise.clients.eval.score import corpus_perplexity, greedy_agreement, mean_nll, string_match_all, top1_agreement
 from headwise.engine.outputs import RequestOutput
 from headwise.engine.sampling_params import SamplingParams
 from headwise.synthetic.tasks import Sample, build_samples
@@ -37,16 +36,26 @@ class Row:
     kv_ratio_decode: float = 0.0
 
 
-def evaluate(engine, tasks: list[str], lengths: list[int], samples: int, seed: int, fmt: str = "plain",
-             keys: str = "words", progress: bool = True) -> list[Row]:
+def evaluate(
+    engine,
+    tasks: list[str],
+    lengths: list[int],
+    samples: int,
+    seed: int,
+    fmt: str = "plain",
+    keys: str = "words",
+    progress: bool = True,
+) -> list[Row]:
     """Rows for every (task, length, plan); the full plan first, then the others as loaded."""
     plans = ["full"] + [p for p in engine.plans if p != "full"]
     limit = getattr(engine, "max_model_len", None)
     # a ppl window is `length` tokens plus the one it must generate; other tasks fit in `length`
     longest = max(lengths) + (1 if "ppl" in tasks else 0)
     if limit is not None and longest > limit:
-        raise ValueError(f"--lengths: {max(lengths)} does not fit the model's context of {limit} tokens"
-                         + (" (ppl needs length + 1)" if "ppl" in tasks else ""))
+        raise ValueError(
+            f"--lengths: {max(lengths)} does not fit the model's context of {limit} tokens"
+            + (" (ppl needs length + 1)" if "ppl" in tasks else "")
+        )
     groups = [(t, n) for t in tasks for n in lengths]
     rows: list[Row] = []
     with tqdm(total=len(groups) * samples * len(plans), unit="req", desc="eval", disable=not progress) as bar:
@@ -58,7 +67,7 @@ def evaluate(engine, tasks: list[str], lengths: list[int], samples: int, seed: i
             names = [p for p in plans for _ in group]
             outs = engine.generate(prompts, params, names)
             bar.update(len(outs))
-            by_plan = {p: outs[i * len(group):(i + 1) * len(group)] for i, p in enumerate(plans)}
+            by_plan = {p: outs[i * len(group) : (i + 1) * len(group)] for i, p in enumerate(plans)}
             rows.extend(score_group(group, by_plan))
     return rows
 
@@ -80,16 +89,29 @@ def score_group(group: list[Sample], by_plan: dict[str, list[RequestOutput]]) ->
     rows = []
     for plan, outs in by_plan.items():
         if task == "ppl":
-            score = corpus_perplexity([mean_nll([None if lp is None else lp.logprob for lp in o.prompt_logprobs])
-                                       for o in outs])
+            score = corpus_perplexity(
+                [mean_nll([None if lp is None else lp.logprob for lp in o.prompt_logprobs]) for o in outs]
+            )
             agreement = mean(top1_agreement(_top1(o), _top1(f)) for o, f in zip(outs, full))
         else:
             score = mean(string_match_all(o.text, s.expected) for o, s in zip(outs, group))
             agreement = mean(greedy_agreement(o.token_ids, f.token_ids) for o, f in zip(outs, full))
         kv = mean(o.kv_bytes for o in outs)
         dec = mean(o.kv_bytes_decode for o in outs)
-        rows.append(Row(plan, task, length, len(group), score, agreement, kv, kv / full_kv if full_kv else 0.0,
-                        dec, dec / full_dec if full_dec else 0.0))
+        rows.append(
+            Row(
+                plan,
+                task,
+                length,
+                len(group),
+                score,
+                agreement,
+                kv,
+                kv / full_kv if full_kv else 0.0,
+                dec,
+                dec / full_dec if full_dec else 0.0,
+            )
+        )
     return rows
 
 
@@ -100,8 +122,10 @@ def _top1(out: RequestOutput) -> list[int]:
 def format_table(rows: list[Row]) -> str:
     """One block per (task, length), a line per plan; score is accuracy, or perplexity for ppl."""
     width = max([len(r.plan) for r in rows] + [4])
-    header = (f"{'task':<16} {'length':>6}  {'plan':<{width}}  {'score':>8}  {'agree':>6}  "
-              f"{'KV MiB':>8}  {'KV ratio':>8}  {'dec MiB':>8}  {'dec ratio':>9}")
+    header = (
+        f"{'task':<16} {'length':>6}  {'plan':<{width}}  {'score':>8}  {'agree':>6}  "
+        f"{'KV MiB':>8}  {'KV ratio':>8}  {'dec MiB':>8}  {'dec ratio':>9}"
+    )
     lines = [header, "-" * len(header)]
     previous = None
     for r in rows:
@@ -109,12 +133,16 @@ def format_table(rows: list[Row]) -> str:
             lines.append("")
         previous = (r.task, r.length)
         score = f"{r.score:8.2f}" if r.task == "ppl" else f"{r.score:8.3f}"
-        lines.append(f"{r.task:<16} {r.length:>6}  {r.plan:<{width}}  {score}  {r.agreement:6.3f}  "
-                     f"{r.kv_bytes / 2**20:8.2f}  {r.kv_ratio:8.3f}  {r.kv_bytes_decode / 2**20:8.2f}  "
-                     f"{r.kv_ratio_decode:9.3f}")
-    lines.append("score: string_match_all accuracy, ppl rows: perplexity (lower is better); agree: greedy "
-                 "common prefix with full, ppl rows: top-1 match with full per position; KV: peak bytes per "
-                 "request (prefill included); dec: peak once the prompt is processed (select heads shrunk)")
+        lines.append(
+            f"{r.task:<16} {r.length:>6}  {r.plan:<{width}}  {score}  {r.agreement:6.3f}  "
+            f"{r.kv_bytes / 2**20:8.2f}  {r.kv_ratio:8.3f}  {r.kv_bytes_decode / 2**20:8.2f}  "
+            f"{r.kv_ratio_decode:9.3f}"
+        )
+    lines.append(
+        "score: string_match_all accuracy, ppl rows: perplexity (lower is better); agree: greedy "
+        "common prefix with full, ppl rows: top-1 match with full per position; KV: peak bytes per "
+        "request (prefill included); dec: peak once the prompt is processed (select heads shrunk)"
+    )
     return "\n".join(lines)
 
 
@@ -140,7 +168,9 @@ def summarize(rows: list[Row], elapsed: float) -> str:
             # generation agreement and ppl's teacher-forced agreement are different measures
             gen = [r.agreement for r in mine if r.task != "ppl"]
             figures.append(f"agree {mean(gen or [r.agreement for r in mine]):.3f}")
-        figures.append(f"KV {mean(r.kv_ratio for r in mine):.2f}x (decode {mean(r.kv_ratio_decode for r in mine):.2f}x)")
+        figures.append(
+            f"KV {mean(r.kv_ratio for r in mine):.2f}x (decode {mean(r.kv_ratio_decode for r in mine):.2f}x)"
+        )
         parts.append(f"{plan}: " + " ".join(figures))
     groups = len({(r.task, r.length) for r in rows})
     requests = sum(r.samples for r in rows)

@@ -18,8 +18,9 @@ def mean_nll(prompt_logprobs: Sequence[float | None]) -> float:
     """Mean negative log-probability of every token after the first (which has no context)."""
     scored = [lp for lp in prompt_logprobs[1:] if lp is not None]
     if len(scored) != len(prompt_logprobs) - 1 or not scored:
-        raise ValueError(f"need a logprob for every token after the first; got {len(scored)} of "
-                         f"{len(prompt_logprobs) - 1}")
+        raise ValueError(
+            f"need a logprob for every token after the first; got {len(scored)} of {len(prompt_logprobs) - 1}"
+        )
     return -sum(scored) / len(scored)
 
 

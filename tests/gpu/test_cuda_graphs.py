@@ -31,8 +31,18 @@ def test_graph_replayed_decode_equals_eager_for_every_plan(tmp_path, dtype):
     params = [SamplingParams(max_tokens=10 + 5 * i, temperature=0, ignore_eos=True, logprobs=0) for i in range(11)]
     outs = {}
     for eager in (True, False):
-        eng = LLMEngine(EngineConfig(model=model, plans=plans, device="cuda", dtype=dtype, kv_cache_mb=64,
-                                     max_num_seqs=16, max_num_batched_tokens=256, enforce_eager=eager))
+        eng = LLMEngine(
+            EngineConfig(
+                model=model,
+                plans=plans,
+                device="cuda",
+                dtype=dtype,
+                kv_cache_mb=64,
+                max_num_seqs=16,
+                max_num_batched_tokens=256,
+                enforce_eager=eager,
+            )
+        )
         assert isinstance(eng.runner.decode_graphs, DecodeGraphs) != eager
         for i in range(9):
             eng.add_request(f"r{i}", prompts[i], params[i], names[i])
@@ -40,7 +50,7 @@ def test_graph_replayed_decode_equals_eager_for_every_plan(tmp_path, dtype):
         def grow(step: int) -> None:
             if step == 30:  # the batch grows again after shrinking
                 for i in (9, 10):
-                    eng.add_request(f"r{i}", prompts[i], params[i], names[i])
+                    eng.add_request(f"r{i}", prompts[i], params[i], names[i])  # noqa: B023
 
         done = run_to_end(eng, grow)
         assert eng.block_census()["held"] == 0

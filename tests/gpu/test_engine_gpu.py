@@ -56,17 +56,32 @@ def test_cuda_engine_matches_cpu_for_every_plan_kind(model_dir, plan_paths, chun
     got = gpu.generate(prompts, params, PLANS)
     for plan, w, g in zip(PLANS, want, got):
         assert g.token_ids == w.token_ids, plan
-        torch.testing.assert_close(torch.tensor([lp.logprob for lp in g.logprobs]),
-                                   torch.tensor([lp.logprob for lp in w.logprobs]), atol=ATOL, rtol=0)
-        torch.testing.assert_close(torch.tensor([lp.logprob for lp in g.prompt_logprobs[1:]]),
-                                   torch.tensor([lp.logprob for lp in w.prompt_logprobs[1:]]), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor([lp.logprob for lp in g.logprobs]),
+            torch.tensor([lp.logprob for lp in w.logprobs]),
+            atol=ATOL,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            torch.tensor([lp.logprob for lp in g.prompt_logprobs[1:]]),
+            torch.tensor([lp.logprob for lp in w.prompt_logprobs[1:]]),
+            atol=ATOL,
+            rtol=0,
+        )
         assert g.kv_bytes == w.kv_bytes and g.kv_bytes_decode == w.kv_bytes_decode, plan
     assert gpu.kv_manager.num_free == gpu.kv_manager.num_blocks
 
 
 def test_cuda_sampling_and_preemption_match_cpu(model_dir, plan_paths):
-    params = SamplingParams(max_tokens=DECODE, temperature=0.8, top_p=0.9, repetition_penalty=1.1,
-                            presence_penalty=0.2, seed=7, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=DECODE,
+        temperature=0.8,
+        top_p=0.9,
+        repetition_penalty=1.1,
+        presence_penalty=0.2,
+        seed=7,
+        ignore_eos=True,
+    )
     prompts = _prompts(10)
     plans = [PLANS[i % len(PLANS)] for i in range(10)]
     want = _engine(model_dir, plan_paths, "cpu", kv_cache_mb=64).generate(prompts, params, plans)

@@ -61,12 +61,12 @@ def test_rotary_is_bit_identical_to_reference(dtype, head_dim, hq, hkv):
     t = 257
     gen = torch.Generator(device=DEV).manual_seed(1)
     qkv = torch.randn(t, (hq + 2 * hkv) * head_dim, device=DEV, generator=gen).to(dtype)
-    q = qkv[:, :hq * head_dim].view(t, hq, head_dim)
-    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(t, hkv, head_dim)
+    q = qkv[:, : hq * head_dim].view(t, hq, head_dim)
+    k = qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(t, hkv, head_dim)
     inv = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, device=DEV).float() / head_dim))
     angles = torch.arange(t, device=DEV, dtype=torch.float32)[:, None] * 37 * inv[None, :]
     table = torch.cat([angles.cos(), angles.sin()], dim=-1)
-    cos, sin = table[:, :head_dim // 2], table[:, head_dim // 2:]
+    cos, sin = table[:, : head_dim // 2], table[:, head_dim // 2 :]
     (qo, ko), (q_ref, k_ref) = tri.apply_rotary(q, k, cos, sin), ref.apply_rotary(q, k, cos, sin)
     assert torch.equal(qo, q_ref) and torch.equal(ko, k_ref)
 
@@ -76,12 +76,12 @@ def test_causal_prefill_with_host_max_seqlen_matches_reference(lens):
     hq, hkv, d, t = 32, 8, 128, sum(lens)
     gen = torch.Generator(device=DEV).manual_seed(2)
     qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEV, generator=gen).to(torch.bfloat16)
-    q = qkv[:, :hq * d].view(t, hq, d).contiguous()
-    k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d).contiguous()
-    v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)  # a strided view, as the model passes it
+    q = qkv[:, : hq * d].view(t, hq, d).contiguous()
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d).contiguous()
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)  # a strided view, as the model passes it
     cu = torch.tensor([sum(lens[:i]) for i in range(len(lens) + 1)], dtype=torch.int32, device=DEV)
-    out = ops.causal_prefill(q, k, v, cu, d ** -0.5, max(lens))
-    torch.testing.assert_close(out.float(), ref.causal_prefill(q, k, v, cu, d ** -0.5).float(), atol=2e-2, rtol=2e-2)
+    out = ops.causal_prefill(q, k, v, cu, d**-0.5, max(lens))
+    torch.testing.assert_close(out.float(), ref.causal_prefill(q, k, v, cu, d**-0.5).float(), atol=2e-2, rtol=2e-2)
 
 
 def test_batched_sampler_draws_the_per_row_samplers_tokens_on_cuda():
@@ -122,8 +122,17 @@ def test_forward_makes_no_implicit_host_sync(tiny):
         pytest.importorskip("torch.nn.attention.varlen", reason="no varlen attention: full-head prefill syncs")
     model_dir, plans = tiny
     # eager decode, so decode steps go through forward too (a captured graph cannot sync at all)
-    eng = LLMEngine(EngineConfig(model=model_dir, device="cuda", dtype="bfloat16", plans=plans, kv_cache_mb=64,
-                                 max_num_batched_tokens=96, enforce_eager=True))
+    eng = LLMEngine(
+        EngineConfig(
+            model=model_dir,
+            device="cuda",
+            dtype="bfloat16",
+            plans=plans,
+            kv_cache_mb=64,
+            max_num_batched_tokens=96,
+            enforce_eager=True,
+        )
+    )
     forward = eng.model.forward
     calls = []
 
@@ -138,8 +147,9 @@ def test_forward_makes_no_implicit_host_sync(tiny):
 
     eng.model.forward = checked  # the model is shared by engines of this model dir: restored below
     try:
-        outs = eng.generate(random_prompts(len(PLANS), 150),
-                            SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), PLANS)
+        outs = eng.generate(
+            random_prompts(len(PLANS), 150), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), PLANS
+        )
     finally:
         del eng.model.forward
     assert all(len(o.token_ids) == 6 for o in outs) and len(calls) > 6

@@ -64,8 +64,9 @@ def budgets(num_seqs: int, hkv: int) -> tuple[torch.Tensor, torch.Tensor]:
 def ring_cache(lens, dtype, head_dim, block_size, hkv, seed=0, extra=0):
     gen = torch.Generator().manual_seed(seed)
     sink, recent = budgets(len(lens), hkv)
-    caps = torch.tensor([[head_capacity(int(sink[s, h]), int(recent[s, h]), n + extra) for h in range(hkv)]
-                         for s, n in enumerate(lens)])
+    caps = torch.tensor(
+        [[head_capacity(int(sink[s, h]), int(recent[s, h]), n + extra) for h in range(hkv)] for s, n in enumerate(lens)]
+    )
     cache = allocate(caps, block_size, head_dim, dtype, DEV, gen)
     pos = torch.cat([torch.arange(n) for n in lens]).to(DEV)
     seq = torch.cat([torch.full((n,), s) for s, n in enumerate(lens)]).to(DEV)
@@ -103,8 +104,9 @@ def test_paged_decode_matches_reference(dtype, head_dim, block_size, hkv, group,
     lens = [0, 1, block_size, 333, 9000, 700]
     cache, sink, recent = ring_cache(lens, dtype, head_dim, block_size, hkv)
     q = torch.randn(len(lens), hkv * group, head_dim, device=DEV).to(dtype)
-    args = decode_args(cache, q, torch.tensor([max(n - 1, 0) for n in lens], device=DEV), sink.to(DEV),
-                       recent.to(DEV), SCALE)
+    args = decode_args(
+        cache, q, torch.tensor([max(n - 1, 0) for n in lens], device=DEV), sink.to(DEV), recent.to(DEV), SCALE
+    )
     out, lse = tri.paged_decode(*args)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
     assert_state_close((out, lse), ref.paged_decode(*args), dtype)
@@ -119,8 +121,20 @@ def test_paged_prefix_matches_reference(dtype, head_dim, block_size, hkv, group,
     q_pos = torch.cat([torch.arange(n, n + chunk) for n in lens]).to(DEV)
     q_seq = torch.arange(len(lens)).repeat_interleave(chunk).to(DEV)
     q = torch.randn(len(q_pos), hkv * group, head_dim, device=DEV).to(dtype)
-    args = (q, q_pos, q_seq, cache.k_cache, cache.v_cache, cache.pos_cache, cache.block_tables, rows_of(cache),
-            cache.lengths, keep_of(cache, sink.to(DEV)), recent.to(DEV), SCALE)
+    args = (
+        q,
+        q_pos,
+        q_seq,
+        cache.k_cache,
+        cache.v_cache,
+        cache.pos_cache,
+        cache.block_tables,
+        rows_of(cache),
+        cache.lengths,
+        keep_of(cache, sink.to(DEV)),
+        recent.to(DEV),
+        SCALE,
+    )
     assert_state_close(tri.paged_prefix(*args), ref.paged_prefix(*args), dtype)
 
 
@@ -156,11 +170,13 @@ def test_chunked_prefill_pipeline_matches_reference(chunk):
     q = torch.randn(rows, hkv * group, d, device=DEV).to(dtype)
     k = torch.randn(rows, hkv, d, device=DEV).to(dtype)
     v = torch.randn(rows, hkv, d, device=DEV).to(dtype)
-    caps = torch.tensor([[head_capacity(int(sink[s, h]), int(recent[s, h]), n) for h in range(hkv)]
-                         for s, n in enumerate(lens)])
+    caps = torch.tensor(
+        [[head_capacity(int(sink[s, h]), int(recent[s, h]), n) for h in range(hkv)] for s, n in enumerate(lens)]
+    )
     caches = [allocate(caps, 16, d, dtype, DEV, torch.Generator().manual_seed(4)) for _ in range(2)]
-    states = [prefill_in_chunks(ops, c, q, k, v, lens, sink, recent, chunk, SCALE)
-              for ops, c in zip((tri, ref), caches)]
+    states = [
+        prefill_in_chunks(ops, c, q, k, v, lens, sink, recent, chunk, SCALE) for ops, c in zip((tri, ref), caches)
+    ]
     assert_state_close(states[0], states[1], dtype)
 
 

@@ -63,9 +63,30 @@ def test_dummy_weights_are_drawn_on_the_gpu_in_bf16(model_dir, tmp_path):
 
 def test_bench_latency_on_cuda_records_every_phase(model_dir, tmp_path, capsys):
     out = tmp_path / "latency.json"
-    rc = main(["bench", "latency", "--model", str(model_dir), "--device", "cuda", "--dtype", "bfloat16",
-               "--batch-size", "4", "--input-len", "64", "--output-len", "8", "--num-iters", "2",
-               "--kv-cache-mb", "64", "--json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "latency",
+            "--model",
+            str(model_dir),
+            "--device",
+            "cuda",
+            "--dtype",
+            "bfloat16",
+            "--batch-size",
+            "4",
+            "--input-len",
+            "64",
+            "--output-len",
+            "8",
+            "--num-iters",
+            "2",
+            "--kv-cache-mb",
+            "64",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["device"] == "cuda" and r["peak_num_running"] == 4 and r["step_breakdown_steps"] == 7
@@ -73,9 +94,31 @@ def test_bench_latency_on_cuda_records_every_phase(model_dir, tmp_path, capsys):
 
 
 def test_bench_offline_hf_baseline_runs_on_the_same_gpu(model_dir, capsys):
-    rc = main(["bench", "offline", "--model", str(model_dir), "--device", "cuda", "--dtype", "bfloat16",
-               "--load-format", "dummy", "--num-prompts", "4", "--input-len", "16-32", "--output-len", "4",
-               "--kv-cache-mb", "64", "--baseline", "hf", "--json"])
+    rc = main(
+        [
+            "bench",
+            "offline",
+            "--model",
+            str(model_dir),
+            "--device",
+            "cuda",
+            "--dtype",
+            "bfloat16",
+            "--load-format",
+            "dummy",
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "16-32",
+            "--output-len",
+            "4",
+            "--kv-cache-mb",
+            "64",
+            "--baseline",
+            "hf",
+            "--json",
+        ]
+    )
     assert rc == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["device"] == "cuda" and r["hf_device"].startswith("cuda") and r["hf_dtype"] == "bfloat16"
