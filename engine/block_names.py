@@ -56,7 +56,7 @@ class BlockNames:
         if not seq.cacheable or done <= seq.num_registered:
             return
         first = seq.num_registered
-        self.kv_manager.register(seq.tables, self._hashes(seq, done)[first:], first)
+        self.kv_manager.register(seq.kv, self._hashes(seq, done)[first:], first)
         seq.num_registered = done
 
     def _hashes(self, seq: Sequence, n: int) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,7 @@ class TPGroup:
     def __init__(self, rank: int = 0, size: int = 1, device: torch.device | None = None):
         self.rank, self.size = rank, size
         self.device = device or torch.device("cpu")
-        self._control = None
+        self._control: Any = None  # a ProcessGroup, or WORLD (gloo everywhere)
 
     @staticmethod
     def init(env: ParallelEnv, device: torch.device) -> TPGroup:
@@ -71,15 +72,15 @@ class TPGroup:
             dist.all_reduce(x, group=None)
         return x
 
-    def broadcast(self, obj: object = None) -> object:
+    def broadcast(self, obj: object = None) -> Any:  # whatever rank 0 sent
         """Rank 0's object, on every rank (the control group)."""
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self._control)
         return box[0]
 
-    def gather(self, obj: object) -> list[object] | None:
+    def gather(self, obj: object) -> list[Any] | None:
         """Every rank's object, on rank 0 (None elsewhere)."""
-        out = [None] * self.size if self.rank == 0 else None
+        out: list[Any] | None = [None] * self.size if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0, group=self._control)
         return out
 

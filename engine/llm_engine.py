@@ -243,7 +243,7 @@ class LLMEngine:
 
     def kv_blocks_in_use(self, request_id: str) -> int:
         seq = self._seqs.get(request_id)
-        return seq.tables.num_blocks_held if seq is not None and seq.tables is not None else 0
+        return seq.kv.num_blocks_held if seq is not None and seq.has_kv else 0
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (idempotent; nothing to do with one rank)."""
@@ -255,7 +255,7 @@ class LLMEngine:
     def block_census(self) -> dict[str, int]:
         """Held / evictable / free block counts, checked against every live request's
         tables (an AssertionError names what leaked)."""
-        return self.kv_manager.census([s.tables for s in self._seqs.values() if s.tables is not None])
+        return self.kv_manager.census([s.kv for s in self._seqs.values() if s.has_kv])
 
     def stats(self) -> EngineStats:
         total = self.kv_manager.num_blocks
@@ -347,7 +347,7 @@ class LLMEngine:
             seq.num_computed_tokens = r.end
             if self.block_names is not None:
                 self.block_names.register(seq)
-            self.kv_manager.finish_step(seq.tables, r.end)
+            self.kv_manager.finish_step(seq.kv, r.end)
             if seq.needs_selection() and r.end >= seq.num_prompt_tokens:
                 with guard(seq):
                     self._select(seq)
@@ -399,14 +399,14 @@ class LLMEngine:
         """End of the prompt: choose full heads (dynamic plans) and middle tokens, from the
         queries and outputs every rank kept for its heads."""
         mc, p = self.model_config, seq.num_prompt_tokens
-        dynamic = seq.plan.dynamic is not None
-        scores, outputs = self._selection_inputs(seq.tables.row, p, dynamic)
+        dynamic = seq.plan.dynamic
+        scores, outputs = self._selection_inputs(seq.kv.row, p, dynamic is not None)
         keep_full = torch.zeros(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
-        if dynamic:
+        if dynamic is not None:
             for layer in range(mc.num_layers):
                 dists = head_distances(outputs[layer], mc.num_kv_heads)
-                keep_full[layer] = farthest_heads(dists, seq.plan.dynamic.ratio)
-        self.kv_manager.compact(seq.tables, keep_full, list(scores))
+                keep_full[layer] = farthest_heads(dists, dynamic.ratio)
+        self.kv_manager.compact(seq.kv, keep_full, list(scores))
 
     def _selection_inputs(self, row: int, prompt_len: int, with_outputs: bool):
         """Middle-token scores `[L, Hkv, P]` (and attention outputs `[L, W, Hq, D]`) of the
@@ -437,8 +437,8 @@ class LLMEngine:
         )
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
-        if seq.tables is not None:
-            seq.decode_peak_blocks = max(seq.decode_peak_blocks, seq.tables.num_blocks_held)
+        if seq.has_kv:
+            seq.decode_peak_blocks = max(seq.decode_peak_blocks, seq.kv.num_blocks_held)
         seq.output_token_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -478,7 +478,7 @@ class LLMEngine:
         cumulative = list if seq.finished else Snapshot
         if seq.finished:
             self._seqs.pop(seq.request_id, None)
-        peak = max(seq.peak_blocks, seq.tables.peak_blocks if seq.tables is not None else 0)
+        peak = max(seq.peak_blocks, seq.kv.peak_blocks if seq.has_kv else 0)
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,

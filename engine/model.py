@@ -278,7 +278,7 @@ class LlamaModel(nn.Module):
             slot = slots.get(name)
             if slot is None:
                 continue
-            dest = params[slot.param]
+            dest: torch.Tensor = params[slot.param]
             if slot.rows is not None:
                 dest = dest.narrow(0, slot.start, slot.rows)
             tensor = slot.take(tensor)

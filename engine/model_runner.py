@@ -128,7 +128,7 @@ class ModelRunner:
             meta.capture = CaptureMeta(rows=torch.tensor(rows).to(self.device, non_blocking=True))
         timer.mark("prepare")
         hidden = self.model(packed[:t], meta, self.kv_manager.buffers)
-        if plan.capture:
+        if meta.capture is not None:
             self._keep_capture(plan, meta.capture)
         return hidden
 
@@ -173,11 +173,11 @@ def plan_step(scheduled: list[tuple[Sequence, int]], capture_window: dict[str, i
     ids: list[int] = []
     rows: list[StepRows] = []
     capture: list[tuple[int, int, int, bool]] = []
-    info = [[], [], []]  # table row, first position, token count per sequence
+    info: list[list[int]] = [[], [], []]  # table row, first position, token count per sequence
     width = max_seqlen = 0
     has_cache, all_full, self_visible = False, True, True
     for i, (seq, n) in enumerate(prefill + decode):
-        tables = seq.tables
+        tables = seq.kv
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         rows.append(StepRows(seq, start, end, len(ids)))
         w = capture_window.get(seq.request_id)

@@ -57,7 +57,7 @@ def isolate_rows(run: Callable[[list[int]], list[T]], seqs: list[Sequence], guar
     if that raises, called again on each index alone under `guard`: a row that still
     raises fails its request (its result is None), the others get theirs."""
     try:
-        return run(list(range(len(seqs))))
+        return list[T | None](run(list(range(len(seqs)))))
     except Exception as error:
         log.warning(
             "a batched step of %d requests raised (%s: %s); retrying them one by one to find the request(s) at fault",
@@ -65,7 +65,7 @@ def isolate_rows(run: Callable[[list[int]], list[T]], seqs: list[Sequence], guar
             type(error).__name__,
             error,
         )
-    results: list[T | None] = [None] * len(seqs)
+    results = list[T | None]([None] * len(seqs))
     for i, seq in enumerate(seqs):
         if guard.ok(seq):
             with guard(seq):

@@ -67,14 +67,15 @@ class Sampler:
         if draw_rows:
             drawn = self._draw(logits[self._index(draw_rows, len(seqs))], [seqs[i] for i in draw_rows])
             tokens = drawn if tokens is None else tokens.index_copy_(0, self._tensor(draw_rows, torch.long), drawn)
-        host = [tokens]
-        if lp_rows:
+        assert tokens is not None  # every row is greedy or drawn
+        on_device = [tokens]
+        if raw_logprobs is not None:
             chosen = raw_logprobs.gather(1, tokens[self._index(lp_rows, len(seqs))][:, None])[:, 0]
-            top_k = max(params[i].logprobs for i in lp_rows)
-            host.append(chosen)
+            top_k = max(params[i].logprobs or 0 for i in lp_rows)
+            on_device.append(chosen)
             if top_k:
-                host.extend(raw_logprobs.topk(top_k, dim=-1))
-        host = [t.tolist() for t in _to_host(host)]
+                on_device.extend(raw_logprobs.topk(top_k, dim=-1))
+        host = [t.tolist() for t in _to_host(on_device)]
         token_list = host[0]
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         for j, i in enumerate(lp_rows):
@@ -148,6 +149,7 @@ class Sampler:
         self.prefetch_noise(s for s in seqs if s.noise is None)
         rows = []
         for seq in seqs:
+            assert seq.noise is not None  # prefetched just above
             rows.append(seq.noise.result())
             seq.noise = None
         if self.device.type == "cpu":

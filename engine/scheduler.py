@@ -61,15 +61,15 @@ class Scheduler:
                 continue
             n = self._chunk(seq, budget)
             end = seq.num_computed_tokens + n
-            comp = self._compaction(seq, n, lambda r: self.kv_manager.can_grow(seq.tables, end, r))  # noqa: B023
-            while not self.kv_manager.can_grow(seq.tables, end, comp):
+            comp = self._compaction(seq, n, lambda r: self.kv_manager.can_grow(seq.kv, end, r))  # noqa: B023
+            while not self.kv_manager.can_grow(seq.kv, end, comp):
                 victim = max((s for s in self.running if s.status == Status.RUNNING), key=lambda s: s.arrival_time)
                 budget += self._preempt(victim, out)
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:
                 continue
-            self.kv_manager.grow(seq.tables, end, comp)
+            self.kv_manager.grow(seq.kv, end, comp)
             out.scheduled.append((seq, n))
             budget -= n
         self.running = [s for s in self.running if s.status == Status.RUNNING]
@@ -80,13 +80,13 @@ class Scheduler:
                 if not n:
                     break
                 self.waiting.popleft()
-                self.kv_manager.grow(seq.tables, seq.num_computed_tokens + n, comp)
+                self.kv_manager.grow(seq.kv, seq.num_computed_tokens + n, comp)
                 self.running.append(seq)
                 out.scheduled.append((seq, n))
                 budget -= n
         for seq, n in out.scheduled:
             if n > 1:
-                self.kv_manager.fill_placeholders(seq.tables)
+                self.kv_manager.fill_placeholders(seq.kv)
         return out
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
@@ -107,12 +107,12 @@ class Scheduler:
             return 0
         p, kv = seq.num_prompt_tokens, self.kv_manager
         if kv.prefix_cache is not None:
-            fresh = kv.compaction_blocks(seq.tables, p, in_place=False)
-            if fits(fresh) or not may_seal or not kv.seal_for_compaction(seq.tables, p):
+            fresh = kv.compaction_blocks(seq.kv, p, in_place=False)
+            if fits(fresh) or not may_seal or not kv.seal_for_compaction(seq.kv, p):
                 return fresh
         else:
-            seq.tables.compact_in_place = True
-        return kv.compaction_blocks(seq.tables, p, in_place=True)
+            seq.kv.compact_in_place = True
+        return kv.compaction_blocks(seq.kv, p, in_place=True)
 
     def _admit(self, seq: Sequence, budget: int) -> tuple[int, np.ndarray | int]:
         """Admit `seq` if it fits; returns its first chunk's token count (0: not admitted)
@@ -124,7 +124,7 @@ class Scheduler:
         hashes = self.prefix_fn(seq) if self.prefix_fn is not None else []
         k, cached = self.kv_manager.match_prefix(tables, hashes)
         taken = tables.adopt_prefix(k, cached) if k else np.zeros(0, dtype=np.int32)
-        seq.tables = tables
+        seq.kv = tables
         seq.num_computed_tokens = k * self.kv_manager.block_size
         n = self._chunk(seq, budget)
         end = seq.num_computed_tokens + n
@@ -136,7 +136,7 @@ class Scheduler:
         comp = self._compaction(seq, n, fits, may_seal=not k)
         if not fits(comp):
             self.kv_manager.tables.free_row(tables.row)
-            seq.tables = None
+            seq.kv = None
             seq.num_computed_tokens = 0
             return 0, 0
         self.kv_manager.admit(tables, taken)
@@ -167,10 +167,10 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         """Give a sequence's blocks back (finish, abort, preemption)."""
-        if seq.tables is not None:
-            seq.peak_blocks = max(seq.peak_blocks, seq.tables.peak_blocks)
-            self.kv_manager.free(seq.tables)
-            seq.tables = None
+        if seq.has_kv:
+            seq.peak_blocks = max(seq.peak_blocks, seq.kv.peak_blocks)
+            self.kv_manager.free(seq.kv)
+            seq.kv = None
 
     def abort(self, request_id: str) -> Sequence | None:
         for seq in list(self.waiting) + self.running:

@@ -32,7 +32,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # positions whose K/V are in the cache
-    tables: HeadTables | None = None
+    _kv: HeadTables | None = field(default=None, repr=False)  # set by admission, cleared when freed
     finish_reason: str | None = None
     error: str | None = None  # set with finish_reason "error" (LLMEngine.fail_request)
     stop_reason: str | int | None = None
@@ -86,5 +86,20 @@ class Sequence:
     def finished(self) -> bool:
         return self.status == Status.FINISHED
 
+    @property
+    def kv(self) -> HeadTables:
+        """This request's KV state (block tables, ring params, reserves): only while it holds blocks."""
+        if self._kv is None:
+            raise RuntimeError(f"request {self.request_id!r} holds no KV state (waiting or finished)")
+        return self._kv
+
+    @kv.setter
+    def kv(self, value: HeadTables | None) -> None:
+        self._kv = value
+
+    @property
+    def has_kv(self) -> bool:
+        return self._kv is not None
+
     def needs_selection(self) -> bool:
-        return self.tables is not None and bool(self.tables.pending.any())
+        return self._kv is not None and bool(self._kv.pending.any())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from headwise.engine.attention import AttentionMetadata, DecodeMeta, PrefillMeta
-from headwise.kvcache.block_tables import PARAMS, BlockTables
+from headwise.kvcache.block_tables import PARAMS, BlockTables, DeviceTables
 
 GAP, RING, SINK, KEEP, RECENT = (PARAMS.index(n) for n in ("gap", "ring", "sink", "keep", "recent"))
 
@@ -41,7 +41,9 @@ def head_lengths(params: torch.Tensor, n: torch.Tensor, block_size: int) -> torc
     return torch.where(ring >= 0, ring_len, m - gap * block_size)
 
 
-def flat_slots(tables: BlockTables, rows: torch.Tensor, slot: torch.Tensor, block_size: int) -> torch.Tensor:
+def flat_slots(
+    tables: BlockTables | DeviceTables, rows: torch.Tensor, slot: torch.Tensor, block_size: int
+) -> torch.Tensor:
     """Head slot indices `[L, N, Hkv]` of tokens in table rows `rows [N]` -> pool slots."""
     layers, nrows, hkv, width = tables.dev.shape
     lidx = torch.arange(layers, device=slot.device)[:, None, None]
@@ -53,7 +55,7 @@ def flat_slots(tables: BlockTables, rows: torch.Tensor, slot: torch.Tensor, bloc
 
 
 def build_metadata(
-    tables: BlockTables,
+    tables: BlockTables | DeviceTables,
     block_size: int,
     seq_info: torch.Tensor,
     num_prefill: int,

@@ -18,6 +18,7 @@ import logging
 import multiprocessing as mp
 import time
 from dataclasses import dataclass, replace
+from multiprocessing.process import BaseProcess
 
 import torch
 
@@ -68,7 +69,7 @@ def rank_device(config: EngineConfig, local_rank: int) -> torch.device:
 class TPWorkers:
     """Rank 0's handle on the other ranks."""
 
-    def __init__(self, group: TPGroup, kv_manager: KVCacheManager, processes: list[mp.Process]):
+    def __init__(self, group: TPGroup, kv_manager: KVCacheManager, processes: list[BaseProcess]):
         self.group = group
         self.kv_manager = kv_manager
         self.processes = processes  # empty under torchrun (the launcher owns them)
@@ -106,7 +107,9 @@ class TPWorkers:
         """Every rank's selection inputs for table `row`, rank 0's first."""
         self.check_alive()
         self.group.broadcast(("select", row, prompt_len, with_outputs))
-        return self.group.gather(runner.selection_inputs(row, prompt_len, with_outputs))
+        gathered = self.group.gather(runner.selection_inputs(row, prompt_len, with_outputs))
+        assert gathered is not None  # rank 0 gathers
+        return gathered
 
     def shutdown(self) -> None:
         """Stop the workers: every rank leaves the groups together, then the processes exit."""
@@ -123,12 +126,12 @@ class TPWorkers:
                 p.kill()
 
 
-def start(config: EngineConfig, setup: RankSetup) -> tuple[TPGroup, list[mp.Process]]:
+def start(config: EngineConfig, setup: RankSetup) -> tuple[TPGroup, list[BaseProcess]]:
     """Rank 0's process group: under torchrun from its variables, else with N - 1 spawned
     worker processes on this node."""
     n = config.tensor_parallel_size
     env = ParallelEnv.from_env()
-    processes: list[mp.Process] = []
+    processes: list[BaseProcess] = []
     if env is None:
         env = ParallelEnv(0, n, 0, "127.0.0.1", free_port())
         ctx = mp.get_context("spawn")

@@ -15,6 +15,7 @@ import functools
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,8 +101,8 @@ def load_model(
     load_format: str = "auto",
     shard: Shard | None = None,
     tp: TPGroup | None = None,
-) -> tuple[ModelConfig, LlamaModel, object]:
-    """(config, model, tokenizer) of `--model`; engines and profilers in one process share
+) -> tuple[ModelConfig, LlamaModel, Any]:
+    """(config, model, tokenizer) of `--model` (a transformers tokenizer, used duck-typed); engines and profilers in one process share
     the read-only weights. `load_format` "dummy" reads config.json alone (random weights).
     With `shard` (tensor parallelism) this rank's part of the model, never shared."""
     if shard is not None:

@@ -241,7 +241,10 @@ def _paged_cell(
     row.gbps = read / (row.paged_ms * 1e-3) / 1e9
     n = min(check_seqs, row.batch)
     out, lse = triton_ops.paged_decode(*args)
-    ref_out, ref_lse = reference.paged_decode(q[:n], *args[1:5], args[5][:n], *(a[:n] for a in args[6:10]), scale)
+    lengths_n, keep_n, recent_n, q_pos_n = (a[:n] for a in args[6:10])
+    ref_out, ref_lse = reference.paged_decode(
+        q[:n], *args[1:5], args[5][:n], lengths_n, keep_n, recent_n, q_pos_n, scale
+    )
     row.max_err = float((out[:n].float() - ref_out.float()).abs().max())
     if row.max_err > 2e-2 or float((lse[:n] - ref_lse).abs().max()) > 1e-3:
         row.note = "MISMATCH"

@@ -161,7 +161,10 @@ def prefill_in_chunks(
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=device)
     while any(d < n for d, n in zip(done, seq_lens)):
-        rows, pos, seqs, cu = [], [], [], [0]
+        rows: list[int] = []
+        pos: list[int] = []
+        seqs: list[int] = []
+        cu = [0]
         for s, n in enumerate(seq_lens):
             take = min(chunk, n - done[s])
             rows += range(starts[s] + done[s], starts[s] + done[s] + take)

@@ -269,8 +269,8 @@ def launch_decode(
     if max_splits == 1:
         # one split per head: write the final state directly and skip the reduce launch
         po, plse = out, lse
-        o_strides = (out.stride(0), g * out.stride(1), 0, out.stride(1))
-        e_strides = (lse.stride(0), g * lse.stride(1), 0, lse.stride(1))
+        o_strides: tuple[int, ...] = (out.stride(0), g * out.stride(1), 0, out.stride(1))
+        e_strides: tuple[int, ...] = (lse.stride(0), g * lse.stride(1), 0, lse.stride(1))
     else:
         po = torch.empty(b, hkv, max_splits, g, d, dtype=torch.float32, device=q.device)
         plse = torch.empty(b, hkv, max_splits, g, dtype=torch.float32, device=q.device)

@@ -124,7 +124,7 @@ class BlockPool:
                 self._evict(int(self._num_evictable[r]), r)
 
     def _evict(self, n: int, rank: int) -> None:
-        out = []
+        out: list[int] = []
         cold, warm = self._lru[rank]
         while len(out) < n:
             b, epoch = (cold or warm).popleft()

@@ -49,6 +49,7 @@ class DeviceTables:
         self.width = width
         self.pad_row = rows - 1
         if host is not None:  # the host mirror itself (one rank on the CPU)
+            assert host_params is not None
             self.dev, self.dev_params = host, host_params
         else:
             self.dev = torch.zeros(num_layers, rows, heads, width, dtype=torch.int32, device=device)

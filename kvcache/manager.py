@@ -224,7 +224,8 @@ class KVCacheManager:
         private blocks; their prompt blocks go back to the pool (or the prefix cache)."""
         p = tables.num_tokens
         bs = self.block_size
-        moves = [([], []) for _ in range(self.ranks)]  # rank-local (source, destination) slots
+        # rank-local (source, destination) slots
+        moves: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in range(self.ranks)]
         released = []
         reserve = [list(r) for r in tables.reserve]
         heads_per_rank = self.num_kv_heads // self.ranks
@@ -260,9 +261,9 @@ class KVCacheManager:
             moves[rank][0].append(old_t[src // bs] * bs + src % bs)
             moves[rank][1].append(new_t[dst // bs] * bs + dst % bs)
             tables.to_ring(l, h, new.astype(np.int32), sink, base, ring)
-        for rank, (src, dst) in enumerate(moves):
-            if src:
-                pair = (torch.cat(src), torch.cat(dst))
+        for rank, (srcs, dsts) in enumerate(moves):
+            if srcs:
+                pair = (torch.cat(srcs), torch.cat(dsts))
                 if rank == 0:
                     apply_moves(self.buffers, *pair)
                 else:

@@ -246,6 +246,7 @@ def _replay(
             if spec not in per_spec:
                 b = resolve_budget(spec, prompt_len, ctx)
                 if spec.kind in ("window", "elastic"):
+                    assert b.recent is not None  # window kinds always keep a recent ring
                     g, a = (
                         window_blocks(b.sink, b.recent, prev, ends, block_size),
                         window_blocks(b.sink, b.recent, ends, ends, block_size),

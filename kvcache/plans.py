@@ -217,6 +217,7 @@ def _check_rows(rows: object, path: str, model: ModelShape) -> None:
 def parse_scores(rows: object, model: ModelShape) -> list[list[float]]:
     """Check a [layers][kv_heads] score table (finite numbers) and return it as floats."""
     _check_rows(rows, "scores", model)
+    assert isinstance(rows, list)  # _check_rows raised otherwise
     return [[_number(v, f"scores[{i}][{j}]") for j, v in enumerate(row)] for i, row in enumerate(rows)]
 
 

@@ -67,7 +67,7 @@ def test_window_blocks_follow_the_formula(make_engine, plan_paths, tok):
     seq = eng._seqs["w"]
 
     def check(step):
-        if seq.tables is None:
+        if not seq.has_kv:
             return
         held = eng.kv_blocks_in_use("w")
         # after a step: full heads hold every written position's block; window heads their
@@ -100,7 +100,7 @@ def test_select_heads_shrink_to_their_budget_after_prefill(make_engine, plan_pat
     assert eng.kv_blocks_in_use("s") == n_full * _cdiv(200, BS) + n_sel * _cdiv(4 + 12 + 20, BS)
     # the prefill peak held the whole prompt in every head, and (prefix caching keeps the
     # prompt blocks intact for later hits) the select heads' new blocks
-    assert eng._seqs["s"].tables.peak_blocks == 90 * _cdiv(200, BS) + n_sel * _cdiv(36, BS)
+    assert eng._seqs["s"].kv.peak_blocks == 90 * _cdiv(200, BS) + n_sel * _cdiv(36, BS)
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.stats().num_free_blocks == eng.stats().num_blocks
