@@ -18,6 +18,8 @@ COPY kvcache kvcache
 COPY kernels kernels
 COPY server server
 COPY clients clients
+COPY synthetic synthetic
+COPY profilers profilers
 COPY loadtest loadtest
 RUN pip install --no-cache-dir --no-deps .
 

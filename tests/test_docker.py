@@ -7,9 +7,13 @@ import http.server
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
+import tomllib
+import zipfile
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -132,3 +136,53 @@ def test_healthcheck_command_passes_only_when_health_is_200(status, healthy):
 def test_dockerignore_keeps_the_venv_and_git_out_of_the_context():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "tests"} <= set(ignored)
+
+
+def build_stage_copies() -> list[str]:
+    """The paths the build stage copies from the context (COPY without --from)."""
+    steps = instructions()
+    last_from = max(i for i, (op, _) in enumerate(steps) if op == "FROM")
+    sources = []
+    for op, args in steps[:last_from]:
+        if op == "COPY" and not args.startswith("--"):
+            sources += shlex.split(args)[:-1]
+    return sources
+
+
+def pyproject_package_dirs() -> dict[str, str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+
+
+def test_every_package_in_pyproject_is_copied_into_the_build_stage():
+    copied = set(build_stage_copies())
+    assert {"pyproject.toml", "README.md"} <= copied
+    missing = {pkg: folder for pkg, folder in pyproject_package_dirs().items() if folder.split("/")[0] not in copied}
+    assert not missing, f"pyproject.toml packages the Dockerfile does not COPY: {missing}"
+
+
+def test_the_wheel_builds_from_exactly_the_files_the_dockerfile_copies(tmp_path):
+    """What `docker build` sees: the COPY sources minus .dockerignore, then `pip install .`
+    builds a wheel from them (here without docker: the same pip step, no network)."""
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    context = tmp_path / "context"
+    context.mkdir()
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if any(fnmatch(n, pattern.removeprefix("**/")) for pattern in ignored)}
+
+    for source in build_stage_copies():
+        src = ROOT / source
+        if src.is_dir():
+            shutil.copytree(src, context / source, ignore=skip)
+        else:
+            shutil.copy2(src, context / source)
+    out = tmp_path / "wheels"
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), "."]
+    run = subprocess.run(command, cwd=context, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (wheel,) = out.glob("headwise-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for package in pyproject_package_dirs():
+        init = package.replace(".", "/") + "/__init__.py"
+        assert init in names, f"{package} is not in the wheel"
+    assert any(n.startswith("headwise/kvcache/plans_data/") and n.endswith(".json") for n in names)
