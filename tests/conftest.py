@@ -10,6 +10,14 @@ import os
 
 os.environ.setdefault("HEADWISE_DEBUG", "1")
 
+import torch  # noqa: E402
+
+# Without a GPU the Triton tests run the interpreter, and triton reads TRITON_INTERPRET when a
+# kernel is decorated: set it before any test module (or headwise) imports triton, so those
+# tests never depend on which module was collected first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 
 from headwise.engine.config import EngineConfig  # noqa: E402
