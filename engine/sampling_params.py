@@ -6,6 +6,13 @@ from dataclasses import dataclass, field
 
 # a seed is a signed 64-bit integer (vLLM's bounds); torch.Generator takes this whole range
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# below this a temperature or top_p is greedy (vLLM's _SAMPLING_EPS): the sampler works in
+# fp32, where logits / 1e-38 overflow to inf and a top_p of 1e-46 rounds to 0, and either
+# turns every probability into NaN, whose argmax is token 0
+SAMPLING_EPS = 1e-5
+# repetition_penalty divides positive logits and multiplies negative ones: outside this
+# range fp32 overflows (inf, NaN for a logit of 0) and the draw is token 0 again
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 1e-6, 1e6
 
 
 class InvalidRequest(ValueError):
@@ -45,9 +52,10 @@ class SamplingParams:
         _check(0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
         _check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(
-            self.repetition_penalty > 0,
+            REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX,
             "repetition_penalty",
-            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            f"repetition_penalty must be in [{REPETITION_PENALTY_MIN:g}, {REPETITION_PENALTY_MAX:g}], "
+            f"got {self.repetition_penalty}",
         )
         _check(
             -2 <= self.presence_penalty <= 2,
@@ -84,7 +92,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Argmax: temperature or top_p too small to draw with in fp32 mean the top token too."""
+        return self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS or self.top_k == 1
 
 
 def _check(ok: bool, param: str, message: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from headwise.engine.config import EngineConfig
 from headwise.engine.llm_engine import LLMEngine
 from headwise.engine.sampler import Sampler
+from headwise.engine.sampling_params import InvalidRequest
 from headwise.engine.sampling_params import SamplingParams as SP
 from headwise.engine.sequence import Sequence
 from tests.sampler_cases import mixed_batch, per_row_sample
@@ -173,3 +174,24 @@ def test_batch_draws_the_per_row_samplers_tokens():
         got, logprobs = sampler.sample(logits.clone(), mixed_batch(step))
         assert got == want, step
         assert sum(lp is not None for lp in logprobs) == 6
+
+
+@pytest.mark.parametrize("knobs", [{"temperature": 1e-300}, {"temperature": 1e-39}, {"top_p": 1e-46}, {"top_p": 1e-6}])
+def test_temperature_or_top_p_that_underflows_fp32_is_greedy_not_token_0(tiny_engine, prompts, knobs):
+    greedy = tiny_engine.generate([prompts[0]], SP(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    tiny = tiny_engine.generate([prompts[0]], SP(max_tokens=6, seed=3, ignore_eos=True, **knobs))[0]
+    assert SP(**knobs).greedy
+    assert tiny.token_ids == greedy.token_ids
+    assert tiny.token_ids != [0] * 6
+
+
+def test_smallest_drawing_temperature_is_not_greedy():
+    assert not SP(temperature=1e-5).greedy and not SP(top_p=1e-5).greedy
+
+
+@pytest.mark.parametrize("penalty", [1e-308, 1e-7, 1e7, 1e308])
+def test_repetition_penalty_outside_the_fp32_safe_range_is_refused_naming_it(penalty):
+    with pytest.raises(InvalidRequest) as e:
+        SP(repetition_penalty=penalty)
+    assert e.value.param == "repetition_penalty"
+    assert str(e.value) == f"repetition_penalty must be in [1e-06, 1e+06], got {penalty}"
