@@ -55,6 +55,7 @@ class LLMEngine:
         self.model_id = model_id(config.model)
         self.dtype = getattr(torch, config.dtype)
         model_dir = resolve_model_dir(config.model)
+        self.model_dir = model_dir  # the server reads generation_config.json from it
         mc = read_config(model_dir, self.model_id)
         self.plans: dict[str, Plan] = load_plans(config.plans, mc.shape)
         if config.default_plan not in self.plans:
@@ -274,12 +275,19 @@ class LLMEngine:
             self.kv_manager.pool.num_evictable,
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
+        """The chat template's token ids; `continue_final_message` leaves the last message
+        open (no end-of-turn after it) so generation continues it, as vLLM does."""
         if not messages:
             raise InvalidRequest("messages must not be empty", "messages")
         try:
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=True,
             )
         except Exception as e:  # template errors carry the reason in their message
             raise InvalidRequest(f"cannot apply the chat template: {e}", "messages") from e

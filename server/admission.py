@@ -17,9 +17,21 @@ class Admission:
         self.in_flight = 0
         self._on_reject = on_reject
 
-    def acquire(self, count: int) -> None:
-        """Reserve `count` engine requests or raise HTTP 429; never waits."""
-        if self.max_queue is not None and self.in_flight + count > self.max_queue:
+    def check(self, count: int) -> None:
+        """HTTP 400 if `count` engine requests can never fit under --max-queue, 429 if they do
+        not fit now; reserves nothing. Called before a request is tokenized, so a full server
+        spends nothing on it."""
+        if self.max_queue is None:
+            return
+        if count > self.max_queue:
+            raise APIError(
+                400,
+                f"this request needs {count} engine requests (prompts x n) but --max-queue is {self.max_queue}: "
+                "it can never be admitted; lower n or send fewer prompts",
+                "n",
+                "exceeds_max_queue",
+            )
+        if self.in_flight + count > self.max_queue:
             self._on_reject()
             raise APIError(
                 429,
@@ -28,6 +40,10 @@ class Admission:
                 None,
                 "queue_full",
             )
+
+    def acquire(self, count: int) -> None:
+        """Reserve `count` engine requests or raise (as `check`); never waits."""
+        self.check(count)
         self.in_flight += count
 
     def release(self, count: int) -> None:

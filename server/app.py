@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -60,9 +61,19 @@ def create_app(
     app.state.headwise = state
     # the last added runs first: the request id is on every response (413 and 401 too), and
     # the key is checked before the size limit reads the body
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout)
     app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(RequestIdMiddleware)
+    if settings.allowed_origins:
+        # outermost: a browser's preflight carries no API key and must be answered before the key check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=list(settings.allowed_methods),
+            allow_headers=list(settings.allowed_headers),
+            allow_credentials=False,
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
     install_error_handlers(app)
     app.include_router(completions.router)
     app.include_router(chat.router)
@@ -81,12 +92,12 @@ def create_app(
     )
     async def health() -> Response:
         status, body = state.health()
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=state.health_headers(status))
 
-    def model_card() -> dict:
+    def model_card(name: str) -> dict:
         engine, _ = state.require_engine()
         return {
-            "id": state.model_name,
+            "id": name,
             "object": "model",
             "created": state.created,
             "owned_by": "headwise",
@@ -98,13 +109,14 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList, responses=errors(401, 503))
     async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        state.require_engine()
+        return JSONResponse({"object": "list", "data": [model_card(name) for name in state.model_names]})
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=errors(401, 404, 503))
     async def model(model: str) -> Response:
-        card = model_card()  # 503 while loading: the served name is not known yet
+        state.require_engine()  # 503 while loading: the served names are not known yet
         state.check_model(model)
-        return JSONResponse(card)
+        return JSONResponse(model_card(model))
 
     @app.get(
         "/metrics",
@@ -121,6 +133,7 @@ def create_app(
 
     install_openapi(
         app,
+        state.schema_bounds,
         requests=[
             protocol.CompletionRequest,
             protocol.ChatCompletionRequest,

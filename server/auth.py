@@ -35,14 +35,24 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.api_key is not None and is_protected(scope["path"]):
-            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            if not key_matches(header, self.api_key):
+            sent = [value for name, value in scope.get("headers") or [] if name == b"authorization"]
+            error = None
+            if len(sent) > 1:
+                # proxies and frameworks disagree on which of two wins; refuse rather than pick one
+                error = APIError(
+                    401,
+                    f"send exactly one Authorization header, got {len(sent)}",
+                    None,
+                    "duplicate_authorization",
+                )
+            elif not key_matches(sent[0].decode("latin-1") if sent else "", self.api_key):
                 error = APIError(
                     401,
                     "invalid API key: send `Authorization: Bearer <key>` with the server's --api-key",
                     None,
                     "invalid_api_key",
                 )
+            if error is not None:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)

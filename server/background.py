@@ -9,11 +9,11 @@ import time
 from collections.abc import Callable
 
 import httpx
-import uvicorn
 
 from headwise.engine.llm_engine import LLMEngine
 from headwise.server.app import create_app
 from headwise.server.drain import DrainingServer
+from headwise.server.http_protocol import uvicorn_config
 from headwise.server.settings import ServerSettings
 from headwise.server.state import ServerState
 
@@ -39,9 +39,7 @@ class BackgroundServer:
         self._sock.bind((settings.host, settings.port))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://{settings.host}:{self.port}"
-        config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, timeout_graceful_shutdown=settings.drain_timeout
-        )
+        config = uvicorn_config(self.app, settings, log_level="warning")
         self._server = DrainingServer(config, self.state, settings.drain_timeout)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, name="headwise-http", daemon=True

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from headwise.engine.outputs import RequestOutput
 from headwise.server.context import RequestContext, usage
+from headwise.server.errors import APIError
 from headwise.server.generation import GenerationGroup, Job
 from headwise.server.logprobs import TokenText, chat_logprobs
 from headwise.server.openapi import errors, event_stream
@@ -25,6 +26,18 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
+def check_prefill(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    """vLLM's rule: a turn cannot both be continued and have a new one opened after it."""
+    if add_generation_prompt and continue_final_message:
+        raise APIError(
+            400,
+            "continue_final_message continues the last message, add_generation_prompt opens a new turn: "
+            "set add_generation_prompt to false",
+            "continue_final_message",
+            "invalid_value",
+        )
+
+
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
@@ -32,11 +45,17 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = RequestContext(request, body, "chatcmpl")
+    check_prefill(body.add_generation_prompt, body.continue_final_message)
+    ctx.check_fits(body.n)
     prompt = await ctx.state.tokenizer_thread.run(
-        ctx.engine.encode_chat, template_messages(body.messages), add_generation_prompt=body.add_generation_prompt
+        ctx.engine.encode_chat,
+        template_messages(body.messages),
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
     )
+    defaults = ctx.state.generation_defaults
     jobs = [
-        Job(ctx.job_id(i), prompt, sampling_params(body, len(prompt), ctx.engine.max_model_len, i))
+        Job(ctx.job_id(i), prompt, sampling_params(body, len(prompt), ctx.engine.max_model_len, i, defaults))
         for i in range(body.n)
     ]
     group = ctx.group(jobs)

@@ -20,6 +20,11 @@ from headwise.server.responses import CompletionChunk, CompletionResponse
 router = APIRouter()
 
 
+def prompt_count(prompt: str | list) -> int:
+    """How many prompts the body holds: one text, one id list, or a list of either."""
+    return 1 if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else len(prompt)
+
+
 def prompt_ids(prompt: str | list, tokenizer, vocab_size: int) -> tuple[list[list[int]], list[str]]:
     """Token ids per prompt, and each prompt's text (for echo): as sent, or decoded from the
     ids, which must be in the vocabulary before anything decodes them."""
@@ -57,13 +62,15 @@ def prompt_ids(prompt: str | list, tokenizer, vocab_size: int) -> tuple[list[lis
 )
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     ctx = RequestContext(request, body, "cmpl")
+    ctx.check_fits(prompt_count(body.prompt) * body.n)
     tokenizer = ctx.engine.tokenizer
     prompts, texts = await ctx.state.tokenizer_thread.run(
         prompt_ids, body.prompt, tokenizer, ctx.engine.model_config.vocab_size
     )
     n = body.n
+    defaults = ctx.state.generation_defaults
     jobs = [
-        Job(ctx.job_id(p * n + i), ids, sampling_params(body, len(ids), ctx.engine.max_model_len, i))
+        Job(ctx.job_id(p * n + i), ids, sampling_params(body, len(ids), ctx.engine.max_model_len, i, defaults))
         for p, ids in enumerate(prompts)
         for i in range(n)
     ]

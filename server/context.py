@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from headwise.engine.outputs import RequestOutput
-from headwise.server.errors import api_error
+from headwise.server.errors import APIError, api_error
 from headwise.server.generation import GenerationGroup, Job
 from headwise.server.protocol import GenerationRequest
 from headwise.server.state import ServerState
@@ -42,6 +42,19 @@ class RequestContext:
         if unknown:
             log.info("%s: ignoring unknown fields %s", self.id, ", ".join(unknown))
         log.debug("%s: X-Request-Id %s", self.id, request.state.request_id)
+
+    def check_fits(self, count: int) -> None:
+        """Before any tokenizing: `count` engine requests (prompts x n) within
+        --max-prompts-per-request (400) and --max-queue (400 if never, 429 if not now)."""
+        limit = self.state.settings.max_prompts_per_request
+        if count > limit:
+            raise APIError(
+                400,
+                f"this request asks for {count} generations (prompts x n); --max-prompts-per-request is {limit}",
+                "prompt" if self.body.n == 1 else "n",
+                "too_many_prompts",
+            )
+        self.state.admission.check(count)
 
     def group(self, jobs: list[Job]) -> GenerationGroup:
         for job in jobs:

@@ -55,6 +55,23 @@ class DrainingServer(uvicorn.Server):
     def _start_drain(self) -> None:
         self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit())
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """The engine stops and the last responses go out while the socket still listens
+        (probes keep getting 503 draining); only then does uvicorn close the socket, with
+        nothing left to wait for, so the process exits right after."""
+        if self._drain_begun and not self.force_exit:
+            await self._state.shutdown()
+            await self._wait_for_requests(ABORT_GRACE_S)
+        await super().shutdown(sockets)
+
+    async def _wait_for_requests(self, timeout: float) -> None:
+        """Until no request task is older than this call (new probes come and go), or `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = set(self.server_state.tasks)
+        while pending & self.server_state.tasks and loop.time() < deadline and not self.force_exit:
+            await asyncio.sleep(0.02)
+
     async def _drain_then_exit(self) -> None:
         try:
             await self._state.drain(self._drain_timeout)

@@ -22,11 +22,16 @@ _TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
 }
+
+# seconds a client should wait before retrying a 429 (a slot frees as soon as any request
+# ends) or a 503 (loading, draining into a restart, or a dead engine being replaced)
+RETRY_AFTER_S = {429: 1, 503: 5}
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none)$|[\[\-]")
 
@@ -34,12 +39,20 @@ _UNION_TAG = re.compile(r"^(str|int|float|bool|none)$|[\[\-]")
 class APIError(Exception):
     """Raised anywhere in a handler; rendered as the OpenAI error object with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = printable(message)
         self.param = None if param is None else printable(param)
         self.code = code
+        self.headers = {**retry_after(status), **(headers or {})}
 
     def body(self) -> dict:
         return {
@@ -52,7 +65,12 @@ class APIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def retry_after(status: int) -> dict[str, str]:
+    """`Retry-After` for the statuses a client may retry (429, 503); none for the others."""
+    return {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else {}
 
 
 def printable(text: str) -> str:
@@ -85,7 +103,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return APIError(400, "invalid request body", None, "invalid_request")
     # the longest location is the most specific complaint (inside a union, the member that got furthest)
-    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    # and among equals, a member of the right type that broke a bound over one of the wrong type
+    first = max(errors, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")))
     loc = []
     for part in first.get("loc", ())[1:] if first.get("loc", ())[:1] == ("body",) else first.get("loc", ()):
         if isinstance(part, str) and _UNION_TAG.search(part):
@@ -105,6 +124,26 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if len(errors) > 1:
         message += f"; and {len(errors) - 1} more error(s)"
     return APIError(400, message, param, first.get("type"))
+
+
+def http_error(request: Request, exc: HTTPException) -> APIError:
+    """Starlette's and FastAPI's own errors with a code, and their headers (405's `Allow`)."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 400:  # FastAPI could not decode the body: invalid UTF-8, nesting too deep for json
+        message = "request body is not valid JSON: it could not be decoded (invalid UTF-8 or nested too deeply)"
+        return APIError(400, message, None, "invalid_json", headers)
+    if exc.status_code == 405:
+        allowed = headers.get("Allow", "")
+        return APIError(
+            405,
+            f"method {request.method} is not allowed on {request.url.path}; allowed: {allowed}",
+            None,
+            "method_not_allowed",
+            headers,
+        )
+    if exc.status_code == 404:
+        return APIError(404, f"no route {request.url.path}", None, "not_found", headers)
+    return APIError(exc.status_code, str(exc.detail), None, f"http_{exc.status_code}", headers)
 
 
 def _jsonable(value: object) -> bool:
@@ -134,7 +173,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), None, None).response()
+        return http_error(request, exc).response()
 
     @app.exception_handler(Exception)
     async def _fault(request: Request, exc: Exception) -> JSONResponse:

@@ -4,18 +4,23 @@ FastAPI's automatic 422 (this server answers validation errors with 400) is remo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from headwise.server.protocol import CONTEXT_BOUND, PROMPTS_BOUND, VOCAB_BOUND
 from headwise.server.responses import ErrorResponse
 
 _WHY = {
     400: "Invalid request: a field of the wrong type or out of range, invalid JSON or Unicode, token ids "
-    "outside the vocabulary, or a prompt longer than the context.",
+    "outside the vocabulary, a prompt longer than the context, more prompts x n than "
+    "--max-prompts-per-request, or more than --max-queue could ever admit.",
     401: "Missing or wrong API key (only when the server runs with --api-key).",
     404: "Unknown model or kv_plan.",
+    408: "The request body did not arrive within --body-timeout.",
     413: "The request body is larger than --max-request-bytes.",
     429: "--max-queue requests are already in flight; retry later.",
     500: "The engine failed this request (other requests go on), or the engine died (the server then "
@@ -51,36 +56,66 @@ def event_stream(chunk: type[BaseModel]) -> dict[int | str, dict]:
     }
 
 
-def install_openapi(app: FastAPI, requests: list[type[BaseModel]], responses: list[type[BaseModel]]) -> None:
+# marker -> the JSON Schema keyword its number goes into
+_BOUND_KEYWORD = {VOCAB_BOUND: "maximum", CONTEXT_BOUND: "maximum", PROMPTS_BOUND: "maxItems"}
+
+
+def apply_bounds(node: object, bounds: dict[str, int]) -> None:
+    """Write each marked schema's bound (vocabulary, context, prompts per request) in place."""
+    if isinstance(node, dict):
+        for marker, keyword in _BOUND_KEYWORD.items():
+            if node.get(marker) is True:
+                node[keyword] = bounds[marker]
+        for value in node.values():
+            apply_bounds(value, bounds)
+    elif isinstance(node, list):
+        for value in node:
+            apply_bounds(value, bounds)
+
+
+def install_openapi(
+    app: FastAPI,
+    bounds: Callable[[], dict[str, int] | None],
+    requests: list[type[BaseModel]],
+    responses: list[type[BaseModel]],
+) -> None:
     """Replace app.openapi with one that documents 413 everywhere (the body limit guards
     every route) and drops 422. The component schemas are pydantic's own for `requests`
     (validation) and `responses` (serialization, the stream chunks included): FastAPI's
     round trip through its OpenAPI model turns integer bounds into floats, and 2**63 - 1
-    does not survive that."""
+    does not survive that. `bounds()` gives the loaded model's limits (token ids below the
+    vocabulary size, max_tokens within the context, prompts per request), so the document
+    allows nothing the server refuses for those; before the model loads it has none and is
+    not cached."""
 
     def openapi() -> dict:
         if app.openapi_schema is not None:
             return app.openapi_schema
+        numbers = bounds()
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for path in schema["paths"].values():
             for operation in path.values():
                 documented = operation.setdefault("responses", {})
                 documented.pop("422", None)
-                documented.setdefault(
-                    "413",
-                    {
-                        "description": _WHY[413],
-                        "content": {
-                            "application/json": {"schema": {"$ref": _REF.format(model=ErrorResponse.__name__)}}
+                for status in (408, 413):  # the body's limits guard every route
+                    documented.setdefault(
+                        str(status),
+                        {
+                            "description": _WHY[status],
+                            "content": {
+                                "application/json": {"schema": {"$ref": _REF.format(model=ErrorResponse.__name__)}}
+                            },
                         },
-                    },
-                )
+                    )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in _FASTAPI_422:
             components.pop(name, None)
         modes = [(m, "validation") for m in requests] + [(m, "serialization") for m in responses]
         _, defs = models_json_schema(modes, ref_template=_REF)
         components.update(defs.get("$defs", {}))
+        if numbers is None:
+            return schema
+        apply_bounds(schema, numbers)
         app.openapi_schema = schema
         return schema
 

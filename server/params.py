@@ -9,12 +9,15 @@ from headwise.server.protocol import ChatCompletionRequest, CompletionRequest, G
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
-def max_tokens(body: GenerationRequest, prompt_len: int, max_model_len: int) -> int:
-    """The explicit limit, else the endpoint's default; at least 1 so an over-long prompt
-    reaches the engine's context check instead of a max_tokens error."""
+def max_tokens(body: GenerationRequest, prompt_len: int, max_model_len: int, default: int | None = None) -> int:
+    """The explicit limit, else `default` (generation_config.json's max_new_tokens, within
+    the context), else the endpoint's default; at least 1 so an over-long prompt reaches the
+    engine's context check instead of a max_tokens error."""
     limit = body.max_completion_tokens or body.max_tokens
     if limit is not None:
         return limit
+    if default is not None:
+        return max(1, min(default, max_model_len - prompt_len))
     if isinstance(body, CompletionRequest):
         return COMPLETION_DEFAULT_MAX_TOKENS
     return max(1, max_model_len - prompt_len)
@@ -32,9 +35,13 @@ def choice_seed(seed: int, choice: int) -> int:
     return (seed + choice - SEED_MIN) % 2**64 + SEED_MIN
 
 
-def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int, choice: int) -> SamplingParams:
+def sampling_params(
+    body: GenerationRequest, prompt_len: int, max_model_len: int, choice: int, defaults: dict | None = None
+) -> SamplingParams:
     """Params for choice `choice` of n; a given seed becomes seed + choice so choices differ
-    yet the whole response stays reproducible."""
+    yet the whole response stays reproducible. `defaults` (--generation-config) fill the
+    sampling fields the body leaves unset."""
+    defaults = defaults or {}
     chosen = {
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -46,8 +53,9 @@ def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int
     }
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     echo_logprobs = isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None
+    chosen = {name: defaults.get(name) if value is None else value for name, value in chosen.items()}
     return SamplingParams(
-        max_tokens=max_tokens(body, prompt_len, max_model_len),
+        max_tokens=max_tokens(body, prompt_len, max_model_len, defaults.get("max_tokens")),
         seed=None if body.seed is None else choice_seed(body.seed, choice),
         stop=stop,
         stop_token_ids=list(body.stop_token_ids or []),

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from headwise.engine.sampling_params import SEED_MAX, SEED_MIN
+from headwise.engine.sampling_params import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, SEED_MAX, SEED_MIN
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
@@ -29,10 +29,38 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+def _whole(value: object) -> object:
+    """24.0 is the integer 24: JSON Schema's `integer` includes whole floats, so the
+    document promises them; strings and 24.5 still fail the strict check."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# markers the OpenAPI document replaces with the loaded model's numbers (server/openapi.py)
+VOCAB_BOUND = "x-headwise-token-id"  # maximum: vocabulary size - 1
+CONTEXT_BOUND = "x-headwise-max-model-len"  # maximum: max_model_len
+PROMPTS_BOUND = "x-headwise-max-prompts"  # maxItems: --max-prompts-per-request
+MAX_STOP_STRINGS = 32  # each one is searched for in every new piece of text
+MAX_STOP_LENGTH = 1024  # characters
+
+
+def Int(**field) -> object:  # noqa: N802  (a type, spelled like one)
+    """An integer field with pydantic `Field(**field)` bounds that also takes a whole float.
+    The bounds go inside the validator so the document states them as minimum / maximum."""
+    return Annotated[int, Field(**field), BeforeValidator(_whole)]
+
+
 Text = Annotated[str, AfterValidator(_valid_unicode)]
-TokenId = Annotated[int, Field(ge=0)]
+PromptText = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]  # "" has no token to start from
+TokenId = Int(ge=0, json_schema_extra={VOCAB_BOUND: True})
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-Prompt = Text | TokenIds | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
+Prompt = (
+    PromptText
+    | TokenIds
+    | Annotated[list[PromptText], Field(min_length=1, json_schema_extra={PROMPTS_BOUND: True})]
+    | Annotated[list[TokenIds], Field(min_length=1, json_schema_extra={PROMPTS_BOUND: True})]
+)
+OutputTokens = Int(ge=1, json_schema_extra={CONTEXT_BOUND: True})
+StopText = Annotated[str, Field(max_length=MAX_STOP_LENGTH), AfterValidator(_valid_unicode)]
 
 
 class _Body(BaseModel):
@@ -52,21 +80,21 @@ class GenerationRequest(_Body):
     """Fields both generation endpoints share (OpenAI names, vLLM extensions)."""
 
     model: Text | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: OutputTokens | None = None
+    max_completion_tokens: OutputTokens | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Int(ge=-1) | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    stop: Text | list[Text] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: list[TokenId] | None = None
-    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    n: Annotated[int, Field(ge=1, le=64)] = 1
+    seed: Int(ge=SEED_MIN, le=SEED_MAX) | None = None
+    n: Int(ge=1, le=64) = 1
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)] | None = None
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Int(ge=0) = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
@@ -80,7 +108,7 @@ class GenerationRequest(_Body):
 class CompletionRequest(GenerationRequest):
     prompt: Prompt
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: Int(ge=0, le=20) | None = None
     suffix: None = None  # not supported: any value fails validation with a clear message
 
 
@@ -109,15 +137,23 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Int(ge=0, le=20) | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the last message stays open and is continued
 
 
 class TokenizeRequest(_Body):
+    """Exactly one of `prompt` and `messages`, as the document says (neither is nullable)."""
+
+    model_config = ConfigDict(
+        extra="allow", **_STRICT, json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+    )
+
     model: Text | None = None
-    prompt: Text | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: Text = None  # type: ignore[assignment]  # absent, never null
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = None  # type: ignore[assignment]
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class DetokenizeRequest(_Body):

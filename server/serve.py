@@ -8,12 +8,11 @@ from __future__ import annotations
 import logging
 import signal
 
-import uvicorn
-
 from headwise.engine.config import EngineConfig
 from headwise.engine.llm_engine import LLMEngine
 from headwise.server.app import create_app
 from headwise.server.drain import DrainingServer
+from headwise.server.http_protocol import uvicorn_config
 from headwise.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -32,14 +31,7 @@ def serve(settings: ServerSettings, engine_config: EngineConfig) -> int:
             server.should_exit = True
 
     app = create_app(settings, lambda: LLMEngine(engine_config), stop_on_fatal)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.drain_timeout,
-        access_log=False,
-    )
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, app.state.headwise, settings.drain_timeout)
     # uvicorn re-raises a second SIGTERM it handled once it has stopped; a no-op handler
     # turns that into a normal return

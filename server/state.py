@@ -15,9 +15,11 @@ from collections.abc import Callable
 from headwise.engine.async_engine import AsyncEngine
 from headwise.engine.llm_engine import LLMEngine
 from headwise.server.admission import Admission
-from headwise.server.errors import APIError, printable
+from headwise.server.errors import APIError, printable, retry_after
+from headwise.server.generation_defaults import load_generation_defaults
 from headwise.server.metrics import ServerMetrics
 from headwise.server.offload import TokenizerThread
+from headwise.server.protocol import CONTEXT_BOUND, PROMPTS_BOUND, VOCAB_BOUND
 from headwise.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,14 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.engine_error: BaseException | None = None
         self.draining = False
-        self.model_name = settings.served_model_name or ""
+        self.model_names: tuple[str, ...] = settings.served_model_name or ()
+        self.model_name = self.model_names[0] if self.model_names else ""  # what responses carry
+        self.generation_defaults: dict = {}  # generation_config.json's, under each request's own values
         self.created = int(time.time())
         self._load_engine = load_engine
         self._on_fatal = on_fatal
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine_closed = False
 
     def _count_rejection(self) -> None:
         self.metrics.rejected.labels(self.model_name).inc()
@@ -58,6 +63,9 @@ class ServerState:
     @property
     def ready(self) -> bool:
         return self.async_engine is not None and self.engine_error is None
+
+    def health_headers(self, status: int) -> dict[str, str]:
+        return retry_after(status)
 
     def health(self) -> tuple[int, dict]:
         """/health's status code and body."""
@@ -78,6 +86,7 @@ class ServerState:
         started = time.monotonic()
         try:
             engine = await asyncio.to_thread(self._load_engine)
+            defaults = load_generation_defaults(self.settings.generation_config, engine.model_dir)
             async_engine = AsyncEngine(engine, on_death=self._engine_died)
             async_engine.start()
         except Exception as e:
@@ -87,7 +96,9 @@ class ServerState:
                 self._on_fatal(e)
             return
         self.engine = engine
-        self.model_name = self.settings.served_model_name or engine.model_id
+        self.generation_defaults = defaults
+        self.model_names = self.settings.served_model_name or (engine.model_id,)
+        self.model_name = self.model_names[0]
         self.metrics.bind(self.model_name, engine.stats)
         self.async_engine = async_engine
         log.info(
@@ -131,9 +142,22 @@ class ServerState:
         if self.async_engine is not None:
             await self.async_engine.shutdown(drain=True, timeout=self.settings.drain_timeout)
             self.async_engine = None
-        if self.engine is not None:
+        if self.engine is not None and not self._engine_closed:
+            self._engine_closed = True  # idempotent: the drain calls it before the lifespan does
             await asyncio.to_thread(self.engine.close)
         self.tokenizer_thread.close()
+
+    def schema_bounds(self) -> dict[str, int] | None:
+        """The numbers /openapi.json states for the markers in server/protocol.py; None
+        until the model has loaded (the document is then served without them, uncached)."""
+        if self.engine is None:
+            return None
+        vocab = min(self.engine.model_config.vocab_size, len(self.engine.tokenizer))
+        return {
+            VOCAB_BOUND: vocab - 1,
+            CONTEXT_BOUND: self.engine.max_model_len,
+            PROMPTS_BOUND: self.settings.max_prompts_per_request,
+        }
 
     def require_engine(self) -> tuple[LLMEngine, AsyncEngine]:
         """The loaded engine, or HTTP 503 while it is still loading (or failed to, or died)."""
@@ -156,11 +180,12 @@ class ServerState:
             raise APIError(503, "the server is shutting down and takes no new requests", None, "draining")
 
     def check_model(self, requested: str | None) -> None:
-        """404 unless the request names the served model (or names none)."""
-        if requested is not None and requested != self.model_name:
+        """404 unless the request names a served model (or names none)."""
+        if requested is not None and requested not in self.model_names:
+            served = ", ".join(f"`{name}`" for name in self.model_names)
             raise APIError(
                 404,
-                f"The model {shown(requested)} does not exist; this server serves `{self.model_name}`.",
+                f"The model {shown(requested)} does not exist; this server serves {served}.",
                 "model",
                 "model_not_found",
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from headwise.server.chat import template_messages
+from headwise.server.chat import check_prefill, template_messages
 from headwise.server.errors import APIError
 from headwise.server.openapi import errors
 from headwise.server.protocol import DetokenizeRequest, TokenizeRequest
@@ -23,10 +23,12 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of `prompt` (text) or `messages` (chat)", "prompt", "invalid_value")
     if body.messages is not None:
-        if not body.messages:
-            raise APIError(400, "messages must not be empty", "messages", "invalid_value")
+        check_prefill(body.add_generation_prompt, body.continue_final_message)
         tokens = await state.tokenizer_thread.run(
-            engine.encode_chat, template_messages(body.messages), add_generation_prompt=body.add_generation_prompt
+            engine.encode_chat,
+            template_messages(body.messages),
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
         )
     else:
         tokens = await state.tokenizer_thread.run(engine.tokenizer.encode, body.prompt)
@@ -39,7 +41,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     engine, _ = state.require_engine()
     state.check_model(body.model)
     vocab = len(engine.tokenizer)
-    bad = [t for t in body.tokens if t >= vocab]
+    bad = [t for t in body.tokens if t >= vocab]  # the document states this bound too
     if bad:
         raise APIError(
             400, f"token ids must be < {vocab} (the vocabulary size), got {bad[:5]}", "tokens", "invalid_value"

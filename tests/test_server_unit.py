@@ -188,7 +188,9 @@ def test_serve_flags_read_headwise_environment_variables(monkeypatch):
     settings = settings_from_args(build_parser().parse_args(["serve"]))
     assert (settings.host, settings.port, settings.max_queue, settings.api_key) == ("0.0.0.0", 9123, 7, "secret")
     settings = settings_from_args(build_parser().parse_args(["serve", "--port", "1", "--served-model-name", "m"]))
-    assert (settings.port, settings.served_model_name) == (1, "m")
+    assert (settings.port, settings.served_model_name) == (1, ("m",))
+    settings = settings_from_args(build_parser().parse_args(["serve", "--served-model-name", "a", "b"]))
+    assert settings.served_model_name == ("a", "b")
 
 
 def test_bad_server_settings_name_the_value():
