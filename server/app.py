@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from headwise.engine.llm_engine import LLMEngine
-from headwise.server import chat, completions, protocol, responses, tokenize
+from headwise.server import chat, completions, protocol, responses, responses_api, responses_api_protocol, tokenize
 from headwise.server.auth import APIKeyMiddleware
 from headwise.server.body_limit import BodyLimitMiddleware
 from headwise.server.errors import install_error_handlers
@@ -77,6 +77,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(completions.router)
     app.include_router(chat.router)
+    app.include_router(responses_api.router)
     app.include_router(tokenize.router)
 
     @app.get(
@@ -139,6 +140,8 @@ def create_app(
             protocol.ChatCompletionRequest,
             protocol.TokenizeRequest,
             protocol.DetokenizeRequest,
+            responses_api_protocol.ResponsesRequest,
+            responses_api_protocol.MessageItem,
         ],
         responses=[
             responses.ErrorResponse,
@@ -151,6 +154,8 @@ def create_app(
             responses.TokenizeResponse,
             responses.DetokenizeResponse,
             responses.HealthResponse,
+            responses_api_protocol.ResponseObject,
+            responses_api_protocol.ResponseStreamEvent,
         ],
     )
     return app

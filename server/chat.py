@@ -34,7 +34,7 @@ def check_prefill(add_generation_prompt: bool, continue_final_message: bool) -> 
             "continue_final_message continues the last message, add_generation_prompt opens a new turn: "
             "set add_generation_prompt to false",
             "continue_final_message",
-            "invalid_value",
+            "conflicting_parameters",
         )
 
 

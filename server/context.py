@@ -75,10 +75,16 @@ class RequestContext:
             return Response(status_code=CLIENT_CLOSED)
 
     async def stream(
-        self, group: GenerationGroup, chunks: Callable[[GenerationGroup], AsyncIterator[dict]]
+        self,
+        group: GenerationGroup,
+        chunks: Callable[[GenerationGroup], AsyncIterator[dict]],
+        frame: Callable[[dict], str] = sse,
+        error_payload: Callable[[APIError], dict] = APIError.body,
+        done: str | None = DONE,
     ) -> Response:
         """Start the group (errors before the first token are plain HTTP errors), then stream
-        `chunks` as SSE; a later error is sent as an error event followed by [DONE]."""
+        `chunks` as SSE (`frame` each); a later error is sent as `error_payload` followed by
+        `done` ([DONE]; the Responses API has none)."""
         try:
             await cancel_on_disconnect(self.request, group.start())
         except Disconnected:
@@ -92,10 +98,11 @@ class RequestContext:
         async def events() -> AsyncIterator[str]:
             try:
                 async for payload in chunks(group):
-                    yield sse(payload)
+                    yield frame(payload)
             except Exception as e:
-                yield sse(api_error(e).body())
-            yield DONE
+                yield frame(error_payload(api_error(e)))
+            if done is not None:
+                yield done
 
         return SSEResponse(events(), cleanup=group.close)
 

@@ -7,7 +7,8 @@ method gets 405 with `Allow`.
 
 One kind of refusal of schema-valid data is allowed, because JSON Schema cannot state
 it: limits on a sum or product of fields (prompt tokens + max_tokens within the
-context, prompts x n within --max-prompts-per-request and --max-queue). Each such 400
+context, prompts x n within --max-prompts-per-request and --max-queue) and vLLM's rule
+that continue_final_message and add_generation_prompt are not both true. Each such 400
 carries its own code, and only those codes are let through."""
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tests.tiny_model import VOCAB, add_chat_template, write_tiny_llama
 
 MAX_MODEL_LEN = 32
 # the 400s for limits across fields, which no schema keyword can express
-CROSS_FIELD_CODES = {"context_length_exceeded", "exceeds_max_queue", "too_many_prompts"}
+CROSS_FIELD_CODES = {"context_length_exceeded", "exceeds_max_queue", "too_many_prompts", "conflicting_parameters"}
 # per operation; eight operations. The default suite runs a bounded random pass; `-m slow`
 # adds schemathesis' coverage phase (boundary and negative values of every field, a few
 # hundred cases per generation route) to a longer random pass

@@ -104,7 +104,9 @@ def test_ten_thousand_prompts_are_refused_at_once_without_queueing(server, promp
     started = time.monotonic()
     error = error_of(post(server, COMPLETIONS, {"prompt": prompt, "max_tokens": 1}), 400)
     assert error["param"] == "prompt" and error["code"] == "too_many_prompts"
-    assert time.monotonic() - started < 10.0
+    elapsed = time.monotonic() - started
+    print(f"round2: {len(prompt)} prompts refused in {elapsed:.3f} s")
+    assert elapsed < 10.0
     assert server.state.admission.in_flight == 0 and server.state.async_engine.num_unfinished == 0
 
 
@@ -174,6 +176,7 @@ def test_a_slow_loris_on_the_headers_is_closed_after_the_header_timeout(server):
     received, closed = _drip(socks, head, seconds=HEADER_TIMEOUT + 8)
     for sock in socks:
         sock.close()
+    print(f"round2: {len(socks)} header slow lorises closed after {min(closed):.2f}-{max(closed):.2f} s")
     assert max(closed) < HEADER_TIMEOUT + 4, closed  # 1 s timeout; a loaded 2-core machine adds its latency
     assert all(r.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in r for r in received)
     assert httpx.get(server.url + "/health").status_code == 200
@@ -189,6 +192,7 @@ def test_a_slow_loris_on_the_body_gets_408_after_the_body_timeout(server):
     received, closed = _drip(socks, b'{"prompt": "' + b"w" * 600, seconds=BODY_TIMEOUT + 8)
     for sock in socks:
         sock.close()
+    print(f"round2: {len(socks)} body slow lorises got 408 after {min(closed):.2f}-{max(closed):.2f} s")
     assert max(closed) < BODY_TIMEOUT + 4, closed
     assert all(r.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in r for r in received)
 
