@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from headwise.engine.errors import RequestFailed
 from headwise.engine.llm_engine import LLMEngine
@@ -30,14 +31,44 @@ class EngineDead(RuntimeError):
     """The engine loop stopped after an internal error."""
 
 
+@dataclass
+class _Stream:
+    """Where a request's outputs go: its caller's event loop and queue."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    plan: str | None
+    stream: _Stream
+    added: asyncio.Future  # resolved once the engine accepted (or refused) the request
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _AbortAll:
+    pass
+
+
+_Command = _Add | _Abort | _AbortAll
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None):
         """`on_death(error)` is called from the worker thread once the loop has stopped on an
         engine fault and failed every open stream."""
         self.engine = engine
         self.on_death = on_death
-        self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._commands: queue.Queue[_Command] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -81,7 +112,7 @@ class AsyncEngine:
                 raise EngineDead(f"engine stopped: {self.error}")
             if self._stop.is_set() or self._thread is None:
                 raise EngineDead("engine is not running")
-            self._commands.put(("add", request_id, prompt_token_ids, params, plan, (loop, q), added))
+            self._commands.put(_Add(request_id, prompt_token_ids, params, plan, _Stream(loop, q), added))
         self._wake.set()
         try:
             await added  # raises the engine's InvalidRequest / UnknownPlan / PromptTooLong
@@ -110,14 +141,14 @@ class AsyncEngine:
         self._abort_now(request_id)
 
     def _abort_now(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(_Abort(request_id))
         self._wake.set()
 
     def abort_all(self) -> None:
         """End every open request now with finish_reason "abort", delivered to its stream as
         a final output (a drain past its deadline), unlike `abort`, whose caller has stopped
         listening."""
-        self._commands.put(("abort_all",))
+        self._commands.put(_AbortAll())
         self._wake.set()
 
     # -- the worker ------------------------------------------------------------------
@@ -127,20 +158,18 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
-                _, rid, ids, params, plan, stream, added = cmd
+            if isinstance(cmd, _Add):
                 try:
-                    self.engine.add_request(rid, ids, params, plan)
-                    self._streams[rid] = stream
-                    _resolve(stream[0], added, None)
+                    self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.plan)
+                    self._streams[cmd.request_id] = cmd.stream
+                    _resolve(cmd.stream.loop, cmd.added, None)
                 except Exception as e:
-                    _resolve(stream[0], added, e)
-            elif cmd[0] == "abort":
-                rid = cmd[1]
-                if rid in self._streams:
-                    self.engine.abort_request(rid)
-                    self._streams.pop(rid, None)
-            elif cmd[0] == "abort_all":
+                    _resolve(cmd.stream.loop, cmd.added, e)
+            elif isinstance(cmd, _Abort):
+                if cmd.request_id in self._streams:
+                    self.engine.abort_request(cmd.request_id)
+                    self._streams.pop(cmd.request_id, None)
+            else:
                 for rid in list(self._streams):
                     self.engine.abort_request(rid)  # the stream stays: it gets the "abort" output
 
@@ -151,8 +180,7 @@ class AsyncEngine:
                 continue
             if out.finished:
                 self._streams.pop(out.request_id, None)
-            loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, out)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 
     def _loop(self) -> None:
         try:
@@ -168,8 +196,9 @@ class AsyncEngine:
             log.exception("engine loop failed; the engine is dead")
             with self._lock:
                 self.error = e
-            for loop, q in list(self._streams.values()):
-                loop.call_soon_threadsafe(q.put_nowait, EngineDead(f"engine fault: {type(e).__name__}: {e}"))
+            for stream in list(self._streams.values()):
+                dead = EngineDead(f"engine fault: {type(e).__name__}: {e}")
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, dead)
             self._streams.clear()
             if self.on_death is not None:
                 self.on_death(e)
@@ -183,8 +212,8 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
-                _resolve(cmd[5][0], cmd[6], EngineDead("engine is shut down"))
+            if isinstance(cmd, _Add):
+                _resolve(cmd.stream.loop, cmd.added, EngineDead("engine is shut down"))
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, error: BaseException | None) -> None:

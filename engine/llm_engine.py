@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from headwise.engine.block_names import BlockNames
+from headwise.engine.block_names import name_seed
 from headwise.engine.config import DEFAULT_KV_CACHE_MB, EngineConfig
 from headwise.engine.detokenizer import Detokenizer
 from headwise.engine.errors import PromptTooLong, UnknownPlan
@@ -26,7 +26,7 @@ from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
 from headwise.engine.tp_workers import RankSetup, TPWorkers
 from headwise.engine.tp_workers import start as start_workers
 from headwise.engine.weights import load_model
-from headwise.kvcache.budget import resolve_budget
+from headwise.kvcache.budget import HeadBudget, resolve_budget
 from headwise.kvcache.manager import KVCacheManager
 from headwise.kvcache.plan_build import request_blocks
 from headwise.kvcache.plans import Plan, load_plans
@@ -118,18 +118,7 @@ class LLMEngine:
             )
         )
         # prefix caching: the names of each request's blocks (None: caching off)
-        self.block_names = (
-            BlockNames(self.kv_manager, self.model_id, config.dtype, self._budgets)
-            if config.enable_prefix_caching
-            else None
-        )
-        self.scheduler = Scheduler(
-            self.kv_manager,
-            config.max_num_seqs,
-            config.max_num_batched_tokens,
-            self._budgets,
-            self.block_names.hit_candidates if self.block_names else None,
-        )
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_manager, device)
         self.runner.remote = self.workers
         if torch.device(device).type == "cuda" and not config.enforce_eager:
@@ -172,8 +161,9 @@ class LLMEngine:
             request_id, list(prompt_token_ids), params, self.plans[name], torch.Generator().manual_seed(seed)
         )
         seq.capture_window = self._capture_windows[name]
-        if self.block_names is not None:
-            seq.hash_seed = self.block_names.seed(seq)
+        seq.budgets, seq.pending_heads = self._budgets(seq)
+        if self.config.enable_prefix_caching:
+            seq.hash_seed = name_seed(seq, self.model_id, self.config.dtype, self.kv_manager.block_size)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         parts = rank_plans(seq.plan, self.sharding) if self.sharding.ranks > 1 else [seq.plan]
@@ -294,7 +284,7 @@ class LLMEngine:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     # -- budgets ---------------------------------------------------------------------
-    def _budgets(self, seq: Sequence):
+    def _budgets(self, seq: Sequence) -> tuple[list[list[HeadBudget]], np.ndarray]:
         """Head budgets of `seq` and the heads that decide at the end of the prompt, in the
         tables' column order (rank-major under tensor parallelism: `self.sharding`)."""
         plan = seq.plan
@@ -352,10 +342,7 @@ class LLMEngine:
         sample_rows, sample_seqs, lp_rows = [], [], []
         for r in rows:
             seq = r.seq
-            seq.num_computed_tokens = r.end
-            if self.block_names is not None:
-                self.block_names.register(seq)
-            self.kv_manager.finish_step(seq.kv, r.end)
+            self.scheduler.record_written(seq, r.end)
             if seq.needs_selection() and r.end >= seq.num_prompt_tokens:
                 with guard(seq):
                     self._select(seq)

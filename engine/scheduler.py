@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from headwise.engine.block_names import hit_candidates, register_blocks
 from headwise.engine.sequence import Sequence, Status
 from headwise.kvcache.manager import KVCacheManager
 
@@ -33,14 +35,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(
-        self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, budget_fn, prefix_fn=None
-    ):
+    def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.kv_manager = kv_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.budget_fn = budget_fn  # Sequence -> (budgets, pending) for new tables
-        self.prefix_fn = prefix_fn  # Sequence -> the block hashes a cache hit may cover
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -89,6 +87,14 @@ class Scheduler:
                 self.kv_manager.fill_placeholders(seq.kv)
         return out
 
+    def record_written(self, seq: Sequence, end: int) -> None:
+        """The step wrote `seq`'s positions up to `end`: its progress, its new whole blocks
+        named for the prefix cache, and the blocks its windows dropped released."""
+        seq.num_computed_tokens = end
+        if self.kv_manager.prefix_cache is not None:
+            register_blocks(seq, self.kv_manager)
+        self.kv_manager.finish_step(seq.kv, end)
+
     def _chunk(self, seq: Sequence, budget: int) -> int:
         n = min(seq.num_tokens - seq.num_computed_tokens, budget)
         if seq.needs_selection():
@@ -98,30 +104,20 @@ class Scheduler:
                 n = min(n, left)
         return n
 
-    def _compaction(self, seq: Sequence, n: int, fits, may_seal: bool = True):
-        """Blocks the step that ends the prompt sets aside for the select heads' compaction.
-        With the prefix cache, new blocks for their whole layout when `fits` them (the prompt
-        blocks stay cached); otherwise they compact in place into the prompt's last blocks,
-        when this request alone holds them, and only what those lack is set aside."""
+    def _compaction(self, seq: Sequence, n: int, fits: Callable[[np.ndarray], bool], may_seal: bool = True):
+        """Blocks the step that ends the prompt sets aside for the select heads' compaction
+        (KVCacheManager.compaction_reserve); 0 for any other step."""
         if not (seq.needs_selection() and seq.num_computed_tokens + n == seq.num_prompt_tokens):
             return 0
-        p, kv = seq.num_prompt_tokens, self.kv_manager
-        if kv.prefix_cache is not None:
-            fresh = kv.compaction_blocks(seq.kv, p, in_place=False)
-            if fits(fresh) or not may_seal or not kv.seal_for_compaction(seq.kv, p):
-                return fresh
-        else:
-            seq.kv.compact_in_place = True
-        return kv.compaction_blocks(seq.kv, p, in_place=True)
+        return self.kv_manager.compaction_reserve(seq.kv, seq.num_prompt_tokens, fits, may_seal)
 
     def _admit(self, seq: Sequence, budget: int) -> tuple[int, np.ndarray | int]:
         """Admit `seq` if it fits; returns its first chunk's token count (0: not admitted)
         and that chunk's compaction reserve."""
-        budgets, pending = self.budget_fn(seq)
-        tables = self.kv_manager.new_tables(budgets, pending, seq.context_len)
+        tables = self.kv_manager.new_tables(seq.budgets, seq.pending_heads, seq.context_len)
         if tables is None:
             return 0, 0
-        hashes = self.prefix_fn(seq) if self.prefix_fn is not None else []
+        hashes = hit_candidates(seq, self.kv_manager.block_size) if self.kv_manager.prefix_cache is not None else []
         k, cached = self.kv_manager.match_prefix(tables, hashes)
         taken = tables.adopt_prefix(k, cached) if k else np.zeros(0, dtype=np.int32)
         seq.kv = tables
@@ -135,16 +131,14 @@ class Scheduler:
         # a hit's blocks are not this request's yet: compacting in place needs a prompt of its own
         comp = self._compaction(seq, n, fits, may_seal=not k)
         if not fits(comp):
-            self.kv_manager.tables.free_row(tables.row)
+            self.kv_manager.discard(tables)
             seq.kv = None
             seq.num_computed_tokens = 0
             return 0, 0
         self.kv_manager.admit(tables, taken)
-        if seq.num_cached_tokens is None:
+        if seq.num_cached_tokens is None:  # a prompt's first admission: what the cache served it
             seq.num_cached_tokens = seq.num_computed_tokens
-            if self.kv_manager.prefix_cache is not None:
-                self.kv_manager.prefix_cache.queries += seq.num_prompt_tokens
-                self.kv_manager.prefix_cache.hits += seq.num_computed_tokens
+            self.kv_manager.count_lookup(seq.num_prompt_tokens, seq.num_computed_tokens)
         seq.status = Status.RUNNING
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.monotonic()

@@ -7,10 +7,12 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from headwise.engine.outputs import TokenLogprob
 from headwise.engine.sampling_params import SamplingParams
+from headwise.kvcache.budget import HeadBudget
 from headwise.kvcache.head_tables import HeadTables
 from headwise.kvcache.plans import Plan
 
@@ -28,6 +30,10 @@ class Sequence:
     params: SamplingParams
     plan: Plan
     generator: torch.Generator
+    # the plan resolved for this request once, when it is added, in the tables' column order:
+    # each head's budget and the heads that decide at the end of the prompt (select, dynamic)
+    budgets: list[list[HeadBudget]] = field(default_factory=list)
+    pending_heads: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=bool))
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING

@@ -15,6 +15,8 @@ fits when it fits on every rank. Compaction moves of other ranks' heads wait in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -147,6 +149,17 @@ class KVCacheManager:
             self.pool.release(reserve)
         self.tables.free_row(tables.row)
 
+    def discard(self, tables: HeadTables) -> None:
+        """Drop tables that were laid out but never admitted (they hold no blocks yet)."""
+        self.tables.free_row(tables.row)
+
+    def count_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """A prompt's first admission asked the prefix cache for `prompt_tokens` and got
+        `hit_tokens` (the prefix_cache_queries / _hits counters)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.queries += prompt_tokens
+            self.prefix_cache.hits += hit_tokens
+
     def census(self, live: list[HeadTables]) -> dict[str, int]:
         """Every block is free, evictable (cached, unused) or held: the refcount of each block
         equals the number of live requests' tables (compaction reserves included) naming it.
@@ -199,6 +212,22 @@ class KVCacheManager:
             nkeep = -(-compacted_capacity(tables.budgets[l][h], prompt_len, tables.context_len) // self.block_size)
             need[l, h] = max(0, nkeep - prompt_blocks) if in_place else nkeep
         return tables.per_rank(need)
+
+    def compaction_reserve(
+        self, tables: HeadTables, prompt_len: int, fits: Callable[[np.ndarray], bool], may_seal: bool = True
+    ) -> np.ndarray:
+        """Blocks per rank the step that ends the prompt sets aside for the select heads'
+        compaction. With the prefix cache, new blocks for their whole layout when `fits` them
+        (the prompt blocks stay cached); otherwise (or when `may_seal` is False: the prompt's
+        blocks are a hit's, not this request's) they compact in place into the prompt's last
+        blocks, when this request alone holds them, and only what those lack is set aside."""
+        if self.prefix_cache is not None:
+            fresh = self.compaction_blocks(tables, prompt_len, in_place=False)
+            if fits(fresh) or not may_seal or not self.seal_for_compaction(tables, prompt_len):
+                return fresh
+        else:
+            tables.compact_in_place = True
+        return self.compaction_blocks(tables, prompt_len, in_place=True)
 
     def seal_for_compaction(self, tables: HeadTables, prompt_len: int) -> bool:
         """Prepare select heads to compact in place into the prompt's last blocks: possible
