@@ -19,7 +19,7 @@ import torch
 
 from headwise.engine.model import LlamaModel
 from headwise.engine.step_inputs import build_metadata
-from headwise.kvcache.manager import KVCacheManager
+from headwise.kvcache.worker_kv import WorkerKV
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -30,8 +30,8 @@ def capture_sizes(max_batch: int) -> list[int]:
 class StaticDecode:
     """Decode over fixed buffers: inputs copied into `[:n]`, the rest padding."""
 
-    def __init__(self, model: LlamaModel, kv_manager: KVCacheManager, max_batch: int, device: torch.device):
-        self.model, self.kv_manager = model, kv_manager
+    def __init__(self, model: LlamaModel, kv: WorkerKV, max_batch: int, device: torch.device):
+        self.model, self.kv = model, kv
         self.max_batch = max_batch
         self.sizes = capture_sizes(max_batch)
         self.ids = torch.zeros(max_batch, dtype=torch.int32, device=device)
@@ -41,7 +41,7 @@ class StaticDecode:
 
     def _pad(self) -> None:
         self.ids.zero_()
-        self.info[0].fill_(self.kv_manager.tables.local.pad_row)
+        self.info[0].fill_(self.kv.tables.pad_row)
         self.info[1].zero_()
         self.info[2].fill_(1)
 
@@ -50,10 +50,10 @@ class StaticDecode:
 
     def forward(self, size: int) -> torch.Tensor:
         """The captured computation: hidden states `[size, hidden]` of the static inputs."""
-        tables = self.kv_manager.tables.local
+        tables = self.kv.tables
         meta = build_metadata(
             tables,
-            self.kv_manager.block_size,
+            self.kv.block_size,
             self.info[:, :size],
             num_prefill=0,
             num_prefill_tokens=0,
@@ -63,7 +63,7 @@ class StaticDecode:
             has_cache=False,
             all_full=True,
         )
-        return self.model(self.ids[:size], meta, self.kv_manager.buffers)
+        return self.model(self.ids[:size], meta, self.kv.buffers)
 
     def load(self, packed: torch.Tensor, n: int) -> int:
         """Copy a step's `packed` inputs (ids then rows, positions, counts; on the device) into
@@ -82,8 +82,8 @@ class StaticDecode:
 class DecodeGraphs(StaticDecode):
     """StaticDecode captured once per batch size and replayed."""
 
-    def __init__(self, model: LlamaModel, kv_manager: KVCacheManager, max_batch: int, device: torch.device):
-        super().__init__(model, kv_manager, max_batch, device)
+    def __init__(self, model: LlamaModel, kv: WorkerKV, max_batch: int, device: torch.device):
+        super().__init__(model, kv, max_batch, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         pool = None

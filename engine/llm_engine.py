@@ -119,7 +119,7 @@ class LLMEngine:
         )
         # prefix caching: the names of each request's blocks (None: caching off)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_manager, device)
+        self.runner = ModelRunner(self.model, self.kv_manager.worker_view(), device)
         self.runner.remote = self.workers
         if torch.device(device).type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode(config.max_num_seqs)
@@ -337,6 +337,8 @@ class LLMEngine:
             s.request_id: s.capture_window for s, _ in sched.scheduled if s.capture_window and s.needs_selection()
         }
         self.sampler.prefetch_noise(s for s, _ in sched.scheduled)  # drawn on the host while the forward runs
+        if self.workers is None:  # TPWorkers.step commits and sends every rank its edits
+            self.kv_manager.commit_tables()
         hidden, rows = self.runner.execute(sched.scheduled, windows, timer)
         timer.mark("forward")
         sample_rows, sample_seqs, lp_rows = [], [], []

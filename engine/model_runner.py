@@ -26,6 +26,7 @@ from headwise.engine.sequence import Sequence
 from headwise.engine.step_inputs import build_metadata
 from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
 from headwise.kvcache.selection import middle_scores
+from headwise.kvcache.worker_kv import WorkerKV
 
 
 @dataclass
@@ -62,11 +63,11 @@ class Remote(Protocol):
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_manager, device: str = "cpu"):
-        """`kv_manager`: rank 0's `KVCacheManager`, or a worker's cache with the same
-        `tables.local` / `buffers` / `block_size`."""
+    def __init__(self, model: LlamaModel, kv: WorkerKV, device: str = "cpu"):
+        """`kv`: this rank's device tables and pool tensors (the host bookkeeping stays with
+        rank 0's KVCacheManager, which commits its table edits before each step)."""
         self.model = model
-        self.kv_manager = kv_manager
+        self.kv = kv
         self.device = torch.device(device)
         self._pinned = self.device.type == "cuda"
         self.decode_graphs: StaticDecode | None = None
@@ -77,7 +78,7 @@ class ModelRunner:
         """Serve decode-only steps of up to `max_batch` sequences from padded static buffers,
         captured as CUDA graphs (`capture=False`: the same padded path, run eagerly)."""
         cls = DecodeGraphs if capture else StaticDecode
-        self.decode_graphs = cls(self.model, self.kv_manager, max_batch, self.device)
+        self.decode_graphs = cls(self.model, self.kv, max_batch, self.device)
 
     def execute(
         self,
@@ -91,8 +92,6 @@ class ModelRunner:
         plan, rows = plan_step(scheduled, capture_window)
         if self.remote is not None:
             self.remote.step(plan)
-        else:
-            self.kv_manager.tables.commit()
         return self.run(plan, timer), rows
 
     def run(self, plan: StepPlan, timer: StepTimer | NoStepTimer = NO_STEP_TIMER) -> torch.Tensor:
@@ -111,8 +110,8 @@ class ModelRunner:
             timer.mark("prepare")
             return self.decode_graphs.run(packed, s)
         meta = build_metadata(
-            self.kv_manager.tables.local,
-            self.kv_manager.block_size,
+            self.kv.tables,
+            self.kv.block_size,
             packed[t:].view(3, s),
             num_prefill=plan.num_prefill,
             num_prefill_tokens=plan.num_prefill_tokens,
@@ -127,7 +126,7 @@ class ModelRunner:
             rows = [i for _, first, n, _ in plan.capture for i in range(first, first + n)]
             meta.capture = CaptureMeta(rows=torch.tensor(rows).to(self.device, non_blocking=True))
         timer.mark("prepare")
-        hidden = self.model(packed[:t], meta, self.kv_manager.buffers)
+        hidden = self.model(packed[:t], meta, self.kv.buffers)
         if meta.capture is not None:
             self._keep_capture(plan, meta.capture)
         return hidden
@@ -151,7 +150,7 @@ class ModelRunner:
         when a dynamic plan needs them; both on the host. Forgets the kept tensors."""
         qs, outs = self.captured.pop(row)
         w = qs[0].shape[0]
-        tables, buffers, bs = self.kv_manager.tables.local, self.kv_manager.buffers, self.kv_manager.block_size
+        tables, buffers, bs = self.kv.tables, self.kv.buffers, self.kv.block_size
         nb = -(-prompt_len // bs)
         # pending heads are positional: their first nb entries are the prompt's blocks
         ids = tables.dev[:, row, :, :nb].long()  # [L, k, nb]

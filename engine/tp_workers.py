@@ -28,8 +28,8 @@ from headwise.engine.model import Shard
 from headwise.engine.model_runner import ModelRunner, StepPlan
 from headwise.engine.weights import load_model
 from headwise.kvcache.block_tables import DeviceTables
-from headwise.kvcache.buffers import KVBuffers
 from headwise.kvcache.manager import KVCacheManager, apply_moves, make_buffers
+from headwise.kvcache.worker_kv import WorkerKV
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +45,6 @@ class RankSetup:
     order: tuple[tuple[int, ...], ...]  # every layer's KV heads in rank order (kvcache.sharding)
     num_blocks: int  # blocks per rank
     max_model_len: int
-
-
-@dataclass
-class WorkerCache:
-    """A worker's KV cache: its pool tensors and its copy of the block tables."""
-
-    tables: _LocalTables
-    buffers: KVBuffers
-    block_size: int
-
-
-class _LocalTables:
-    def __init__(self, local: DeviceTables):
-        self.local = local
 
 
 def rank_device(config: EngineConfig, local_rank: int) -> torch.device:
@@ -98,9 +84,8 @@ class TPWorkers:
     def step(self, plan: StepPlan) -> None:
         """Send the step to every rank (after applying rank 0's table edits)."""
         self.check_alive()
-        edits = self.kv_manager.tables.commit()
-        moves = self.kv_manager.remote_moves
-        self.kv_manager.remote_moves = [[] for _ in moves]
+        edits = self.kv_manager.commit_tables()
+        moves = self.kv_manager.take_remote_moves()
         self.group.broadcast(("step", plan, edits, moves[1:]))
 
     def select(self, row: int, prompt_len: int, with_outputs: bool, runner: ModelRunner) -> list:
@@ -163,8 +148,8 @@ def worker_main(config: EngineConfig, setup: RankSetup | None, env: ParallelEnv)
     dtype = getattr(torch, config.dtype)
     rows = config.max_num_seqs + 1
     width = -(-setup.max_model_len // config.block_size) + 1
-    cache = WorkerCache(
-        _LocalTables(DeviceTables(cfg.num_layers, rows, k, width, device)),
+    cache = WorkerKV(
+        DeviceTables(cfg.num_layers, rows, k, width, device),
         make_buffers(setup.num_blocks, config.block_size, cfg.head_dim, dtype, device),
         config.block_size,
     )
@@ -177,7 +162,7 @@ def worker_main(config: EngineConfig, setup: RankSetup | None, env: ParallelEnv)
             if msg[0] == "step":
                 _, plan, edits, moves = msg
                 table, params = edits[env.rank - 1]
-                cache.tables.local.apply(table, params)
+                cache.tables.apply(table, params)
                 for src, dst in moves[env.rank - 1]:
                     apply_moves(cache.buffers, src, dst)
                 runner.run(plan)

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from headwise.kvcache.block_pool import BlockPool
-from headwise.kvcache.block_tables import BlockTables
+from headwise.kvcache.block_tables import BlockTables, Edits
 from headwise.kvcache.budget import HeadBudget, compacted_capacity, select_range
 from headwise.kvcache.buffers import KVBuffers
 from headwise.kvcache.head_tables import HeadTables
 from headwise.kvcache.prefix_cache import PrefixCache
+from headwise.kvcache.worker_kv import WorkerKV
 
 
 class KVCacheManager:
@@ -159,6 +160,20 @@ class KVCacheManager:
         if self.prefix_cache is not None:
             self.prefix_cache.queries += prompt_tokens
             self.prefix_cache.hits += hit_tokens
+
+    def worker_view(self) -> WorkerKV:
+        """Rank 0's device tables and pool tensors, for the model runner."""
+        return WorkerKV(self.tables.local, self.buffers, self.block_size)
+
+    def commit_tables(self) -> list[tuple[Edits | None, Edits | None]]:
+        """Apply the table edits since the last step to rank 0's device tables (before a
+        step runs); returns the other ranks' edits, for their workers."""
+        return self.tables.commit()
+
+    def take_remote_moves(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The compaction moves of every rank's heads since the last step (rank 0's are applied)."""
+        moves, self.remote_moves = self.remote_moves, [[] for _ in range(self.ranks)]
+        return moves
 
     def census(self, live: list[HeadTables]) -> dict[str, int]:
         """Every block is free, evictable (cached, unused) or held: the refcount of each block
