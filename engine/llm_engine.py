@@ -4,49 +4,37 @@ from __future__ import annotations
 
 import atexit
 import time
-from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 
-import numpy as np
 import torch
 
 from headwise.engine.block_names import name_seed
 from headwise.engine.config import DEFAULT_KV_CACHE_MB, EngineConfig
 from headwise.engine.detokenizer import Detokenizer
+from headwise.engine.distributed import TPGroup
+from headwise.engine.engine_stats import EngineStats, collect_stats
 from headwise.engine.errors import PromptTooLong, UnknownPlan
+from headwise.engine.head_selection import select_and_compact
 from headwise.engine.loader import model_id, read_config, resolve_model_dir
 from headwise.engine.model import Shard
 from headwise.engine.model_runner import ModelRunner
-from headwise.engine.outputs import RequestOutput, Snapshot, TokenLogprob
+from headwise.engine.outputs import RequestOutput, TokenLogprob
+from headwise.engine.prompt_logprobs import extend_prompt_logprobs
 from headwise.engine.request_guard import RequestGuard, isolate_rows
+from headwise.engine.request_output import request_output
+from headwise.engine.request_plan import capture_window, head_budgets, least_blocks
 from headwise.engine.sampler import Sampler
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
 from headwise.engine.sequence import Sequence, Status
 from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
+from headwise.engine.stop_rules import finish_reason
 from headwise.engine.tp_workers import RankSetup, TPWorkers
 from headwise.engine.tp_workers import start as start_workers
 from headwise.engine.weights import load_model
-from headwise.kvcache.budget import HeadBudget, resolve_budget
 from headwise.kvcache.manager import KVCacheManager
-from headwise.kvcache.plan_build import request_blocks
 from headwise.kvcache.plans import Plan, load_plans
-from headwise.kvcache.selection import farthest_heads, head_distances
-from headwise.kvcache.sharding import balanced, check_divisible, contiguous, rank_plans
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_blocks: int
-    kv_cache_usage: float
-    num_preemptions: int
-    kv_bytes_saved: int  # cumulative K/V bytes plans kept out of the pool vs the full cache
-    block_bytes: int
-    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int = 0  # of which served from it
-    num_cached_blocks: int = 0  # evictable blocks (counted as free)
+from headwise.kvcache.sharding import for_default_plan
 
 
 class LLMEngine:
@@ -61,39 +49,24 @@ class LLMEngine:
         if config.default_plan not in self.plans:
             raise ValueError(f"default plan {config.default_plan!r} is not loaded (loaded: {', '.join(self.plans)})")
         self.default_plan = config.default_plan
-        self._capture_windows = {name: _capture_window(plan) for name, plan in self.plans.items()}
+        self._capture_windows = {name: capture_window(plan) for name, plan in self.plans.items()}
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)
         # with tensor parallelism: per rank (each rank's device holds its heads' pool)
         num_blocks = config.num_blocks or int((config.kv_cache_mb or DEFAULT_KV_CACHE_MB) * 2**20 // per_block)
         tp = config.tensor_parallel_size
-        check_divisible(mc.shape, tp)
-        # balanced for the default plan; without one (full), contiguous as usual
-        default = self.plans[self.default_plan]
-        self.sharding = (
-            contiguous(mc.shape, tp)
-            if default.name == "full"
-            and default.dynamic is None
-            and all(s.kind == "full" for row in default.heads for s in row)
-            else balanced(default, tp, self.max_model_len, config.block_size)
-        )
+        self.sharding = for_default_plan(self.plans[self.default_plan], tp, self.max_model_len, config.block_size)
         self.workers: TPWorkers | None = None
-        device = config.device
+        group: TPGroup | None = None
+        processes: list[BaseProcess] = []
+        shard: Shard | None = None
         if tp > 1:
-            setup = RankSetup(self.sharding.order, num_blocks, self.max_model_len)
-            group, processes = start_workers(config, setup)
-            if not processes:  # torchrun: the other ranks learn the setup from rank 0
-                group.broadcast(setup)
-            device = str(group.device)
+            group, processes = start_workers(config, RankSetup(self.sharding.order, num_blocks, self.max_model_len))
             shard = Shard(0, tp, tuple(map(tuple, self.sharding.heads_of(0))))
-            self.model_config, self.model, self.tokenizer = load_model(
-                config.model, config.dtype, device, config.load_format, shard, group
-            )
-        else:
-            group = None
-            self.model_config, self.model, self.tokenizer = load_model(
-                config.model, config.dtype, device, config.load_format
-            )
+        device = str(group.device) if group is not None else config.device
+        self.model_config, self.model, self.tokenizer = load_model(
+            config.model, config.dtype, device, config.load_format, shard, group
+        )
         self.device = device
         self.kv_manager = KVCacheManager(
             mc.num_layers,
@@ -117,7 +90,6 @@ class LLMEngine:
                 | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
             )
         )
-        # prefix caching: the names of each request's blocks (None: caching off)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_manager.worker_view(), device)
         self.runner.remote = self.workers
@@ -161,24 +133,13 @@ class LLMEngine:
             request_id, list(prompt_token_ids), params, self.plans[name], torch.Generator().manual_seed(seed)
         )
         seq.capture_window = self._capture_windows[name]
-        seq.budgets, seq.pending_heads = self._budgets(seq)
+        seq.budgets, seq.pending_heads = head_budgets(seq.plan, self.sharding, len(prompt_token_ids), seq.context_len)
         if self.config.enable_prefix_caching:
             seq.hash_seed = name_seed(seq, self.model_id, self.config.dtype, self.kv_manager.block_size)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
-        parts = rank_plans(seq.plan, self.sharding) if self.sharding.ranks > 1 else [seq.plan]
-        # the least this request can run with (select heads compacting in place)
-        need = max(
-            request_blocks(
-                part,
-                seq.num_prompt_tokens,
-                params.max_tokens,
-                self.kv_manager.block_size,
-                self.config.max_num_batched_tokens,
-                prefix_caching=False,
-            )[0]
-            for part in parts
-        )
+        bs, max_batched = self.kv_manager.block_size, self.config.max_num_batched_tokens
+        need = least_blocks(seq.plan, self.sharding, seq.num_prompt_tokens, params.max_tokens, bs, max_batched)
         if need > self.kv_manager.num_blocks:
             raise PromptTooLong(
                 f"the request needs {need} KV blocks but the pool has {self.kv_manager.num_blocks}; "
@@ -249,21 +210,7 @@ class LLMEngine:
         return self.kv_manager.census([s.kv for s in self._seqs.values() if s.has_kv])
 
     def stats(self) -> EngineStats:
-        total = self.kv_manager.num_blocks
-        cache = self.kv_manager.prefix_cache
-        return EngineStats(
-            len(self.scheduler.running),
-            len(self.scheduler.waiting),
-            self.kv_manager.num_free,
-            total,
-            1 - self.kv_manager.num_free / total,
-            self.scheduler.num_preemptions,
-            self.kv_bytes_saved,
-            self.kv_manager.block_bytes,
-            cache.queries if cache else 0,
-            cache.hits if cache else 0,
-            self.kv_manager.pool.num_evictable,
-        )
+        return collect_stats(self.scheduler, self.kv_bytes_saved)
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
@@ -282,22 +229,6 @@ class LLMEngine:
         except Exception as e:  # template errors carry the reason in their message
             raise InvalidRequest(f"cannot apply the chat template: {e}", "messages") from e
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-    # -- budgets ---------------------------------------------------------------------
-    def _budgets(self, seq: Sequence) -> tuple[list[list[HeadBudget]], np.ndarray]:
-        """Head budgets of `seq` and the heads that decide at the end of the prompt, in the
-        tables' column order (rank-major under tensor parallelism: `self.sharding`)."""
-        plan = seq.plan
-        p, ctx = seq.num_prompt_tokens, seq.context_len
-        mc = self.model_config
-        if plan.dynamic is not None:
-            rest = resolve_budget(plan.dynamic.rest, p, ctx)
-            return [[rest] * mc.num_kv_heads for _ in range(mc.num_layers)], np.ones(
-                (mc.num_layers, mc.num_kv_heads), dtype=bool
-            )
-        heads = [[row[h] for h in order] for row, order in zip(plan.heads, self.sharding.order)]
-        budgets = [[resolve_budget(s, p, ctx) for s in row] for row in heads]
-        return budgets, np.array([[s.kind == "select" for s in row] for row in heads])
 
     # -- prefix caching --------------------------------------------------------------
     def reset_prefix_cache(self) -> None:
@@ -356,7 +287,7 @@ class LLMEngine:
                 sample_seqs.append(seq)
         for r in lp_rows:
             with guard(r.seq):
-                self._prompt_logprobs(r, hidden)
+                extend_prompt_logprobs(r, hidden, self.model.logits)
         if sample_seqs:
             timer.mark("postprocess")
             sampled = isolate_rows(lambda ix: self._sample(hidden, sample_rows, sample_seqs, ix), sample_seqs, guard)
@@ -393,17 +324,10 @@ class LLMEngine:
         return hidden[index]
 
     def _select(self, seq: Sequence) -> None:
-        """End of the prompt: choose full heads (dynamic plans) and middle tokens, from the
-        queries and outputs every rank kept for its heads."""
-        mc, p = self.model_config, seq.num_prompt_tokens
-        dynamic = seq.plan.dynamic
-        scores, outputs = self._selection_inputs(seq.kv.row, p, dynamic is not None)
-        keep_full = torch.zeros(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
-        if dynamic is not None:
-            for layer in range(mc.num_layers):
-                dists = head_distances(outputs[layer], mc.num_kv_heads)
-                keep_full[layer] = farthest_heads(dists, dynamic.ratio)
-        self.kv_manager.compact(seq.kv, keep_full, list(scores))
+        """End of the prompt: heads and middle tokens chosen from every rank's kept queries
+        and outputs, then the select heads compacted."""
+        scores, outputs = self._selection_inputs(seq.kv.row, seq.num_prompt_tokens, seq.plan.dynamic is not None)
+        select_and_compact(seq, self.kv_manager, scores, outputs)
 
     def _selection_inputs(self, row: int, prompt_len: int, with_outputs: bool):
         """Middle-token scores `[L, Hkv, P]` (and attention outputs `[L, W, Hq, D]`) of the
@@ -415,24 +339,6 @@ class LLMEngine:
         outputs = torch.cat([o for _, o in parts], dim=2) if with_outputs else None
         return scores, outputs
 
-    def _prompt_logprobs(self, r, hidden: torch.Tensor) -> None:
-        seq = r.seq
-        if not seq.prompt_logprobs:
-            seq.prompt_logprobs = [None]
-        hi = min(r.end, seq.num_prompt_tokens)
-        n = min(hi, seq.num_prompt_tokens - 1) - r.start  # rows whose next token is a prompt token
-        if n <= 0:
-            return
-        lps = self.model.logits(hidden[r.row : r.row + hi - r.start]).log_softmax(-1)[:n]
-        targets = seq.prompt_token_ids[r.start + 1 : r.start + 1 + n]
-        # the chunk's rows at once: a few transfers per chunk, not a few per prompt token
-        chosen = lps.gather(1, torch.tensor(targets, device=lps.device)[:, None])[:, 0].tolist()
-        k = seq.params.prompt_logprobs or 0
-        top_vals, top_ids = (t.tolist() for t in lps.topk(k, dim=-1)) if k else ([[]] * n, [[]] * n)
-        seq.prompt_logprobs.extend(
-            TokenLogprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in zip(targets, chosen, top_ids, top_vals)
-        )
-
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
         if seq.has_kv:
             seq.decode_peak_blocks = max(seq.decode_peak_blocks, seq.kv.num_blocks_held)
@@ -442,20 +348,7 @@ class LLMEngine:
         if logprob is not None:
             seq.logprobs.append(logprob)
         new_chars = self.detok.update(seq)
-        p = seq.params
-        n_out = len(seq.output_token_ids)
-        reason: tuple[str, str | int | None] | None = None
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_ids:
-                reason = ("stop", None)
-            elif token in p.stop_token_ids:
-                reason = ("stop", token)
-            else:
-                hit = self.detok.find_stop(seq, new_chars)
-                if hit is not None:
-                    reason = ("stop", hit)
-        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = ("length", None)
+        reason = finish_reason(seq, token, new_chars, self.detok, self.eos_ids, self.max_model_len)
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason
             seq.finished_time = time.monotonic()
@@ -470,33 +363,9 @@ class LLMEngine:
         self.kv_bytes_saved += max(0, full - seq.peak_blocks) * self.kv_manager.block_bytes
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        # running: snapshots of the growing lists, O(1) per step; finished: plain lists,
-        # one copy per request
-        cumulative = list if seq.finished else Snapshot
         if seq.finished:
             self._seqs.pop(seq.request_id, None)
-        peak = max(seq.peak_blocks, seq.kv.peak_blocks if seq.has_kv else 0)
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=cumulative(seq.output_token_ids),
-            text=seq.text,
-            finished=seq.finished,
-            finish_reason=seq.finish_reason,
-            kv_bytes=peak * self.kv_manager.block_bytes,
-            plan=seq.plan.name,
-            logprobs=cumulative(seq.logprobs) if seq.params.logprobs is not None else None,
-            prompt_logprobs=cumulative(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
-            arrival_time=seq.arrival_time,
-            first_scheduled_time=seq.first_scheduled_time,
-            first_token_time=seq.first_token_time,
-            finished_time=seq.finished_time,
-            num_preemptions=seq.num_preemptions,
-            stop_reason=seq.stop_reason,
-            kv_bytes_decode=seq.decode_peak_blocks * self.kv_manager.block_bytes,
-            num_cached_tokens=seq.num_cached_tokens or 0,
-            error=seq.error,
-        )
+        return request_output(seq, self.kv_manager.block_bytes)
 
     # -- convenience -----------------------------------------------------------------
     def generate(
@@ -528,10 +397,3 @@ class LLMEngine:
         if bar:
             bar.close()
         return [done[i] for i in ids]
-
-
-def _capture_window(plan: Plan) -> int:
-    """The last prompt positions whose queries and outputs `plan`'s selection needs: its
-    select heads' widest scoring window (a dynamic plan's rest), 0 without selection."""
-    specs = [plan.dynamic.rest] if plan.dynamic else [s for row in plan.heads for s in row if s.kind == "select"]
-    return max(s.window for s in specs) if specs else 0

@@ -131,7 +131,10 @@ def start(config: EngineConfig, setup: RankSetup) -> tuple[TPGroup, list[BasePro
             processes.append(p)
     elif env.world_size != n or env.rank != 0:
         raise ValueError(f"--tensor-parallel-size {n} but torchrun started rank {env.rank} of {env.world_size}")
-    return TPGroup.init(env, rank_device(config, env.local_rank)), processes
+    group = TPGroup.init(env, rank_device(config, env.local_rank))
+    if not processes:  # torchrun: the other ranks learn the setup from rank 0
+        group.broadcast(setup)
+    return group, processes
 
 
 def worker_main(config: EngineConfig, setup: RankSetup | None, env: ParallelEnv) -> None:

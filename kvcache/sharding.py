@@ -62,6 +62,14 @@ def head_blocks(plan: Plan, context_len: int, block_size: int = 16) -> list[list
     return [[-(-cap // block_size) for cap in row] for row in head_capacities(plan, context_len)]
 
 
+def for_default_plan(plan: Plan, ranks: int, context_len: int, block_size: int = 16) -> Sharding:
+    """The engine's sharding: balanced for its default plan, contiguous when that plan is full."""
+    check_divisible(plan.model, ranks)
+    if plan.name == "full" and plan.dynamic is None and all(s.kind == "full" for row in plan.heads for s in row):
+        return contiguous(plan.model, ranks)
+    return balanced(plan, ranks, context_len, block_size)
+
+
 def balanced(plan: Plan, ranks: int, context_len: int, block_size: int = 16) -> Sharding:
     """Per layer, heads go to ranks with room in that layer: full heads first, each to the rank
     with the fewest full heads so far, then the rest, largest first, each to the rank with the
