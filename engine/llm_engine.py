@@ -9,19 +9,21 @@ from multiprocessing.process import BaseProcess
 import torch
 
 from headwise.engine.block_names import name_seed
+from headwise.engine.chat import encode_chat, eos_token_ids
 from headwise.engine.config import DEFAULT_KV_CACHE_MB, EngineConfig
 from headwise.engine.detokenizer import Detokenizer
 from headwise.engine.distributed import TPGroup
 from headwise.engine.engine_stats import EngineStats, collect_stats
 from headwise.engine.errors import PromptTooLong, UnknownPlan
+from headwise.engine.generate import generate_all
 from headwise.engine.head_selection import select_and_compact
 from headwise.engine.loader import model_id, read_config, resolve_model_dir
 from headwise.engine.model import Shard
-from headwise.engine.model_runner import ModelRunner
+from headwise.engine.model_runner import ModelRunner, rows_of
 from headwise.engine.outputs import RequestOutput, TokenLogprob
 from headwise.engine.prompt_logprobs import extend_prompt_logprobs
 from headwise.engine.request_guard import RequestGuard, isolate_rows
-from headwise.engine.request_output import request_output
+from headwise.engine.request_output import kv_bytes_saved, request_output
 from headwise.engine.request_plan import capture_window, head_budgets, least_blocks
 from headwise.engine.sampler import Sampler
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
@@ -84,12 +86,7 @@ class LLMEngine:
         if group is not None:
             self.workers = TPWorkers(group, self.kv_manager, processes)
             atexit.register(self.close)
-        self.eos_ids = tuple(
-            sorted(
-                set(mc.eos_token_ids)
-                | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
-            )
-        )
+        self.eos_ids = eos_token_ids(mc.eos_token_ids, self.tokenizer)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_manager.worker_view(), device)
         self.runner.remote = self.workers
@@ -217,18 +214,7 @@ class LLMEngine:
     ) -> list[int]:
         """The chat template's token ids; `continue_final_message` leaves the last message
         open (no end-of-turn after it) so generation continues it, as vLLM does."""
-        if not messages:
-            raise InvalidRequest("messages must not be empty", "messages")
-        try:
-            ids = self.tokenizer.apply_chat_template(
-                messages,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                tokenize=True,
-            )
-        except Exception as e:  # template errors carry the reason in their message
-            raise InvalidRequest(f"cannot apply the chat template: {e}", "messages") from e
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return encode_chat(self.tokenizer, messages, add_generation_prompt, continue_final_message)
 
     # -- prefix caching --------------------------------------------------------------
     def reset_prefix_cache(self) -> None:
@@ -305,39 +291,22 @@ class LLMEngine:
     ) -> list[tuple[int, TokenLogprob | None]]:
         """(token, logprob) of the requests `ix` (indexes into `seqs`), from their rows of
         `hidden`; logits are made here, since the sampler edits them in place."""
-        logits = self.model.logits(self._rows_of(hidden, [rows[i] for i in ix]))
+        logits = self.model.logits(rows_of(hidden, [rows[i] for i in ix]))
         return list(zip(*self.sampler.sample(logits, [seqs[i] for i in ix])))
 
     def _take_ended(self) -> list[RequestOutput]:
         ended, self._ended = self._ended, []
         return [self._output(s) for s in ended]
 
-    @staticmethod
-    def _rows_of(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """`hidden[rows]` for increasing `rows`; the index goes to the device pinned and
-        non-blocking, since a blocking copy would wait for the forward to finish."""
-        if len(rows) == hidden.shape[0]:  # every row (a decode-only step): no gather
-            return hidden
-        index = torch.tensor(rows)
-        if hidden.is_cuda:
-            index = index.pin_memory().to(hidden.device, non_blocking=True)
-        return hidden[index]
-
     def _select(self, seq: Sequence) -> None:
         """End of the prompt: heads and middle tokens chosen from every rank's kept queries
         and outputs, then the select heads compacted."""
-        scores, outputs = self._selection_inputs(seq.kv.row, seq.num_prompt_tokens, seq.plan.dynamic is not None)
-        select_and_compact(seq, self.kv_manager, scores, outputs)
-
-    def _selection_inputs(self, row: int, prompt_len: int, with_outputs: bool):
-        """Middle-token scores `[L, Hkv, P]` (and attention outputs `[L, W, Hq, D]`) of the
-        request in table `row`, every rank's heads side by side (rank-major, as the tables)."""
+        row, p, with_outputs = seq.kv.row, seq.num_prompt_tokens, seq.plan.dynamic is not None
         if self.workers is None:
-            return self.runner.selection_inputs(row, prompt_len, with_outputs)
-        parts = self.workers.select(row, prompt_len, with_outputs, self.runner)
-        scores = torch.cat([s for s, _ in parts], dim=1)
-        outputs = torch.cat([o for _, o in parts], dim=2) if with_outputs else None
-        return scores, outputs
+            scores, outputs = self.runner.selection_inputs(row, p, with_outputs)
+        else:
+            scores, outputs = self.workers.select(row, p, with_outputs, self.runner)
+        select_and_compact(seq, self.kv_manager, scores, outputs)
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
         if seq.has_kv:
@@ -353,14 +322,7 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = reason
             seq.finished_time = time.monotonic()
             self.scheduler.finish(seq)
-            self._account_saved(seq)
-
-    def _account_saved(self, seq: Sequence) -> None:
-        """K/V bytes the full cache would have held for this request beyond its peak."""
-        mc = self.model_config
-        written = seq.num_tokens - 1  # the last sampled token is never fed back
-        full = mc.num_layers * mc.num_kv_heads * -(-written // self.kv_manager.block_size)
-        self.kv_bytes_saved += max(0, full - seq.peak_blocks) * self.kv_manager.block_bytes
+            self.kv_bytes_saved += kv_bytes_saved(seq, self.kv_manager)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         if seq.finished:
@@ -376,24 +338,4 @@ class LLMEngine:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Run prompts to completion together; outputs in input order."""
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        plan_list = plans if isinstance(plans, list) else [plans] * len(prompts)
-        base = f"gen-{time.monotonic_ns()}"
-        ids = [f"{base}-{i}" for i in range(len(prompts))]
-        for rid, prompt, p, plan in zip(ids, prompts, params_list, plan_list):
-            self.add_request(rid, prompt, p, plan)
-        done: dict[str, RequestOutput] = {}
-        bar = None
-        if use_tqdm:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(prompts), desc="generate", unit="req")
-        while len(done) < len(ids):
-            for out in self.step():
-                if out.finished and out.request_id in ids:
-                    done[out.request_id] = out
-                    if bar:
-                        bar.update(1)
-        if bar:
-            bar.close()
-        return [done[i] for i in ids]
+        return generate_all(self, prompts, params, plans, use_tqdm)

@@ -209,3 +209,14 @@ def plan_step(scheduled: list[tuple[Sequence, int]], capture_window: dict[str, i
         capture,
     )
     return plan, rows
+
+
+def rows_of(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """`hidden[rows]` for increasing `rows`; the index goes to the device pinned and
+    non-blocking, since a blocking copy would wait for the forward to finish."""
+    if len(rows) == hidden.shape[0]:  # every row (a decode-only step): no gather
+        return hidden
+    index = torch.tensor(rows)
+    if hidden.is_cuda:
+        index = index.pin_memory().to(hidden.device, non_blocking=True)
+    return hidden[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from headwise.engine.outputs import RequestOutput, Snapshot
 from headwise.engine.sequence import Sequence
+from headwise.kvcache.manager import KVCacheManager
 
 
 def request_output(seq: Sequence, block_bytes: int) -> RequestOutput:
@@ -33,3 +34,10 @@ def request_output(seq: Sequence, block_bytes: int) -> RequestOutput:
         num_cached_tokens=seq.num_cached_tokens or 0,
         error=seq.error,
     )
+
+
+def kv_bytes_saved(seq: Sequence, kv_manager: KVCacheManager) -> int:
+    """K/V bytes the full cache would have held for a finished request beyond its peak."""
+    written = seq.num_tokens - 1  # the last sampled token is never fed back
+    full = kv_manager.num_layers * kv_manager.num_kv_heads * -(-written // kv_manager.block_size)
+    return max(0, full - seq.peak_blocks) * kv_manager.block_bytes

@@ -88,13 +88,18 @@ class TPWorkers:
         moves = self.kv_manager.take_remote_moves()
         self.group.broadcast(("step", plan, edits, moves[1:]))
 
-    def select(self, row: int, prompt_len: int, with_outputs: bool, runner: ModelRunner) -> list:
-        """Every rank's selection inputs for table `row`, rank 0's first."""
+    def select(
+        self, row: int, prompt_len: int, with_outputs: bool, runner: ModelRunner
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every rank's selection inputs for table `row` side by side (rank-major, as the
+        tables): scores `[L, Hkv, P]` and attention outputs `[L, W, Hq, D]`."""
         self.check_alive()
         self.group.broadcast(("select", row, prompt_len, with_outputs))
-        gathered = self.group.gather(runner.selection_inputs(row, prompt_len, with_outputs))
-        assert gathered is not None  # rank 0 gathers
-        return gathered
+        parts = self.group.gather(runner.selection_inputs(row, prompt_len, with_outputs))
+        assert parts is not None  # rank 0 gathers
+        scores = torch.cat([s for s, _ in parts], dim=1)
+        outputs = torch.cat([o for _, o in parts], dim=2) if with_outputs else None
+        return scores, outputs
 
     def shutdown(self) -> None:
         """Stop the workers: every rank leaves the groups together, then the processes exit."""
