@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from headwise.engine.sampling_params import SamplingParams
 
 
+# the same lifecycles with four plans: test_plan_memory.py::test_no_leaks_with_mixed_plans_aborts_and_preemption;
+# model-free: test_scheduler_rules.py (preemption, abort)
+@pytest.mark.slow
 def test_no_leaked_blocks_after_mixed_lifecycles(make_engine, tok):
     eng = make_engine(num_blocks=90 * 6, kv_cache_mb=None, max_num_batched_tokens=32)
     prompt = tok("Tell me about the ocean and its many creatures")["input_ids"]

@@ -57,6 +57,9 @@ def _run_collecting(eng, request_ids, check):
         check(step)
 
 
+# the rule (sink block + the blocks of the window, released after the step) is pinned model-free by
+# tests/test_scheduler_rules.py::test_window_heads_release_the_blocks_that_leave_their_window
+@pytest.mark.slow
 def test_window_blocks_follow_the_formula(make_engine, plan_paths, tok):
     eng = make_engine(plans=plan_paths, max_num_batched_tokens=64)
     prompt = tok("A quiet harbour town wakes up slowly. " * 20)["input_ids"][:150]
@@ -111,6 +114,9 @@ def test_select_heads_shrink_to_their_budget_after_prefill(make_engine, plan_pat
     assert out.kv_bytes_decode == (n_full * _cdiv(200 + 8 - 1, BS) + n_sel * _cdiv(36, BS)) * block
 
 
+# model-free: test_scheduler_rules.py::test_select_heads_reserve_what_compacting_in_place_lacks_...;
+# end to end: test_prefix_cache.py::test_select_heads_compact_in_place_when_the_pool_has_no_room_...
+@pytest.mark.slow
 def test_select_heads_compact_in_place_without_prefix_caching(make_engine, plan_paths, tok):
     eng = make_engine(plans=plan_paths, max_num_batched_tokens=4096, enable_prefix_caching=False)
     prompt = tok("Numbers and letters fill the page. " * 30)["input_ids"][:200]
