@@ -34,10 +34,11 @@ def hit_candidates(seq: Sequence, block_size: int) -> list[int]:
     return block_hashes(seq, limit, block_size)
 
 
-def register_blocks(seq: Sequence, kv_manager: KVCacheManager) -> None:
-    """Name the blocks this step completed, while the request's K/V is what a fresh
-    prefill of its tokens would compute (before any select head compacts)."""
-    done = seq.num_computed_tokens // kv_manager.block_size
+def register_blocks(seq: Sequence, kv_manager: KVCacheManager, written: int) -> None:
+    """Name the blocks completed once positions up to `written` are in the cache, while the
+    request's K/V is what a fresh prefill of its tokens would compute (before any select
+    head compacts)."""
+    done = written // kv_manager.block_size
     if not seq.cacheable or done <= seq.num_registered:
         return
     first = seq.num_registered

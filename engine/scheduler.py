@@ -90,9 +90,8 @@ class Scheduler:
     def record_written(self, seq: Sequence, end: int) -> None:
         """The step wrote `seq`'s positions up to `end`: its progress, its new whole blocks
         named for the prefix cache, and the blocks its windows dropped released."""
-        seq.num_computed_tokens = end
-        if self.kv_manager.prefix_cache is not None:
-            register_blocks(seq, self.kv_manager)
+        if self.kv_manager.prefix_cache is not None:  # before the windows drop blocks
+            register_blocks(seq, self.kv_manager, end)
         self.kv_manager.finish_step(seq.kv, end)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
@@ -120,8 +119,7 @@ class Scheduler:
         hashes = hit_candidates(seq, self.kv_manager.block_size) if self.kv_manager.prefix_cache is not None else []
         k, cached = self.kv_manager.match_prefix(tables, hashes)
         taken = tables.adopt_prefix(k, cached) if k else np.zeros(0, dtype=np.int32)
-        seq.kv = tables
-        seq.num_computed_tokens = k * self.kv_manager.block_size
+        seq.kv = tables  # its progress: the k cached blocks adopt_prefix laid out
         n = self._chunk(seq, budget)
         end = seq.num_computed_tokens + n
 
@@ -133,7 +131,6 @@ class Scheduler:
         if not fits(comp):
             self.kv_manager.discard(tables)
             seq.kv = None
-            seq.num_computed_tokens = 0
             return 0, 0
         self.kv_manager.admit(tables, taken)
         if seq.num_cached_tokens is None:  # a prompt's first admission: what the cache served it
@@ -149,8 +146,7 @@ class Scheduler:
         refund = sum(n for s, n in out.scheduled if s is seq)
         out.scheduled = [(s, n) for s, n in out.scheduled if s is not seq]
         self.release(seq)
-        seq.status = Status.WAITING
-        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING  # release dropped its tables: nothing computed
         seq.num_registered = 0  # the recomputed prompt is reproducible again
         seq.cacheable = True
         seq.num_preemptions += 1

@@ -37,7 +37,6 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    num_computed_tokens: int = 0  # positions whose K/V are in the cache
     _kv: HeadTables | None = field(default=None, repr=False)  # set by admission, cleared when freed
     finish_reason: str | None = None
     error: str | None = None  # set with finish_reason "error" (LLMEngine.fail_request)
@@ -102,6 +101,12 @@ class Sequence:
     @kv.setter
     def kv(self, value: HeadTables | None) -> None:
         self._kv = value
+
+    @property
+    def num_computed_tokens(self) -> int:
+        """Positions whose K/V are in the cache: the tables' count (the KV manager's), 0
+        without tables (waiting, preempted, finished)."""
+        return self._kv.num_tokens if self._kv is not None else 0
 
     @property
     def has_kv(self) -> bool:
