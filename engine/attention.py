@@ -49,7 +49,7 @@ class DecodeMeta:
 
 
 @dataclass
-class CaptureMeta:
+class SelectionProbe:
     """Rows whose queries and outputs feed head selection at the end of a prompt."""
 
     rows: torch.Tensor  # [R] row indices into the step's tokens
@@ -64,7 +64,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [L, R, Hkv, W] (W may be trimmed to the batch's widest row)
     prefill: PrefillMeta | None
     decode: DecodeMeta | None
-    capture: CaptureMeta | None = None
+    probe: SelectionProbe | None = None
 
 
 def paged_attention(
@@ -122,7 +122,7 @@ def paged_attention(
         out = o if pre is None else torch.cat([pre, o])
     else:
         out = pre
-    if meta.capture is not None:
-        meta.capture.q.append(q[meta.capture.rows])
-        meta.capture.out.append(out[meta.capture.rows])
+    if meta.probe is not None:
+        meta.probe.q.append(q[meta.probe.rows])
+        meta.probe.out.append(out[meta.probe.rows])
     return out

@@ -29,8 +29,8 @@ def hit_candidates(seq: Sequence, block_size: int) -> list[int]:
     if seq.params.prompt_logprobs is not None:
         return []
     limit = (seq.num_tokens - 1) // block_size
-    if seq.capture_window:
-        limit = min(limit, max(0, seq.num_prompt_tokens - seq.capture_window) // block_size)
+    if seq.probe_window:
+        limit = min(limit, max(0, seq.num_prompt_tokens - seq.probe_window) // block_size)
     return block_hashes(seq, limit, block_size)
 
 

@@ -24,7 +24,7 @@ from headwise.engine.outputs import RequestOutput, TokenLogprob
 from headwise.engine.prompt_logprobs import extend_prompt_logprobs
 from headwise.engine.request_guard import RequestGuard, isolate_rows
 from headwise.engine.request_output import kv_bytes_saved, request_output
-from headwise.engine.request_plan import capture_window, head_budgets, least_blocks
+from headwise.engine.request_plan import head_budgets, least_blocks, probe_window
 from headwise.engine.sampler import Sampler
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
@@ -51,7 +51,7 @@ class LLMEngine:
         if config.default_plan not in self.plans:
             raise ValueError(f"default plan {config.default_plan!r} is not loaded (loaded: {', '.join(self.plans)})")
         self.default_plan = config.default_plan
-        self._capture_windows = {name: capture_window(plan) for name, plan in self.plans.items()}
+        self._probe_windows = {name: probe_window(plan) for name, plan in self.plans.items()}
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)
         # with tensor parallelism: per rank (each rank's device holds its heads' pool)
@@ -129,7 +129,7 @@ class LLMEngine:
         seq = Sequence(
             request_id, list(prompt_token_ids), params, self.plans[name], torch.Generator().manual_seed(seed)
         )
-        seq.capture_window = self._capture_windows[name]
+        seq.probe_window = self._probe_windows[name]
         seq.budgets, seq.pending_heads = head_budgets(seq.plan, self.sharding, len(prompt_token_ids), seq.context_len)
         if self.config.enable_prefix_caching:
             seq.hash_seed = name_seed(seq, self.model_id, self.config.dtype, self.kv_manager.block_size)
@@ -250,9 +250,7 @@ class LLMEngine:
         timer.mark("postprocess")
         now = time.monotonic()
         guard = RequestGuard(self._fail)
-        windows = {
-            s.request_id: s.capture_window for s, _ in sched.scheduled if s.capture_window and s.needs_selection()
-        }
+        windows = {s.request_id: s.probe_window for s, _ in sched.scheduled if s.probe_window and s.needs_selection()}
         self.sampler.prefetch_noise(s for s, _ in sched.scheduled)  # drawn on the host while the forward runs
         if self.workers is None:  # TPWorkers.step commits and sends every rank its edits
             self.kv_manager.commit_tables()

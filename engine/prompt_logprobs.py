@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from headwise.engine.model_runner import StepRows
 from headwise.engine.outputs import TokenLogprob
+from headwise.engine.step_inputs import StepRows
 
 
 def extend_prompt_logprobs(r: StepRows, hidden: torch.Tensor, logits: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -26,7 +26,7 @@ def head_budgets(
     return budgets, np.array([[s.kind == "select" for s in row] for row in heads])
 
 
-def capture_window(plan: Plan) -> int:
+def probe_window(plan: Plan) -> int:
     """The last prompt positions whose queries and outputs `plan`'s selection needs: its
     select heads' widest scoring window (a dynamic plan's rest), 0 without selection."""
     specs = [plan.dynamic.rest] if plan.dynamic else [s for row in plan.heads for s in row if s.kind == "select"]

@@ -62,7 +62,7 @@ class Sequence:
     cacheable: bool = True
     num_cached_tokens: int | None = None
     # the last prompt positions whose queries / outputs the select heads score (0: none)
-    capture_window: int = 0
+    probe_window: int = 0
     # the next exponential draw of a non-greedy request, in flight (engine.sampler)
     noise: Future | None = None
 

@@ -1,4 +1,5 @@
-"""A step's attention metadata, computed on the device from the persistent block tables.
+"""A step's inputs: `StepInputs` (plain host values every rank runs, `build_step_inputs`) and
+the attention metadata computed from them on the device from the persistent block tables.
 
 The host sends one small int32 buffer per step (token ids, and per sequence its table row,
 first position and token count); positions, the per-(layer, token, KV head) slot mapping,
@@ -9,9 +10,12 @@ reads a device value back, so a decode step can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from headwise.engine.attention import AttentionMetadata, DecodeMeta, PrefillMeta
+from headwise.engine.sequence import Sequence
 from headwise.kvcache.block_tables import PARAMS, BlockTables, DeviceTables
 
 GAP, RING, SINK, KEEP, RECENT = (PARAMS.index(n) for n in ("gap", "ring", "sink", "keep", "recent"))
@@ -116,3 +120,79 @@ def build_metadata(
             recent=dp[RECENT],
         )
     return meta
+
+
+@dataclass
+class StepRows:
+    seq: Sequence
+    start: int  # first position computed this step
+    end: int
+    row: int  # first row of this sequence in the step's hidden states
+
+
+@dataclass
+class StepInputs:
+    """One step as every rank runs it: token ids then per sequence (table row, first
+    position, token count), prefill chunks first, and host-known flags."""
+
+    packed: list[int]
+    num_tokens: int
+    num_seqs: int
+    num_prefill: int
+    num_prefill_tokens: int
+    width: int  # widest table row of the batch
+    max_seqlen: int
+    has_cache: bool
+    all_full: bool
+    self_visible: bool  # every prefill head sees at least its own token
+    # (table row, first step row, rows, whether it starts the request's window) to keep
+    probes: list[tuple[int, int, int, bool]] = field(default_factory=list)
+
+
+def build_step_inputs(
+    scheduled: list[tuple[Sequence, int]], probe_window: dict[str, int]
+) -> tuple[StepInputs, list[StepRows]]:
+    """The step's inputs (prefill chunks first, then decode tokens) and where each sequence's
+    rows are in its hidden states."""
+    prefill = [(s, n) for s, n in scheduled if n > 1]
+    decode = [(s, n) for s, n in scheduled if n == 1]
+    ids: list[int] = []
+    rows: list[StepRows] = []
+    probes: list[tuple[int, int, int, bool]] = []
+    info: list[list[int]] = [[], [], []]  # table row, first position, token count per sequence
+    width = max_seqlen = 0
+    has_cache, all_full, self_visible = False, True, True
+    for i, (seq, n) in enumerate(prefill + decode):
+        tables = seq.kv
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        rows.append(StepRows(seq, start, end, len(ids)))
+        w = probe_window.get(seq.request_id)
+        if w:
+            lo = max(start, seq.num_prompt_tokens - w)
+            hi = min(end, seq.num_prompt_tokens)
+            if hi > lo:
+                probes.append((tables.row, len(ids) + lo - start, hi - lo, lo == max(0, seq.num_prompt_tokens - w)))
+        ids.extend(seq.all_token_ids[start:end])
+        info[0].append(tables.row)
+        info[1].append(start)
+        info[2].append(n)
+        width = max(width, int(tables.nent.max()))
+        if i < len(prefill):
+            max_seqlen = max(max_seqlen, n)
+            has_cache |= start > 0
+            all_full &= tables.all_unbounded
+            self_visible &= tables.min_recent() >= 1
+    inputs = StepInputs(
+        ids + info[0] + info[1] + info[2],
+        len(ids),
+        len(info[0]),
+        len(prefill),
+        sum(n for _, n in prefill),
+        width,
+        max_seqlen,
+        has_cache,
+        all_full,
+        self_visible,
+        probes,
+    )
+    return inputs, rows

@@ -2,7 +2,7 @@
 
 Rank 0 is the engine: it schedules, keeps the KV bookkeeping of every rank (each rank's pool
 holds its own heads' blocks; a request must fit on every rank) and, once per step, sends the
-other ranks one message on the gloo control group: the step's plan, each rank's block-table
+other ranks one message on the gloo control group: the step's inputs, each rank's block-table
 edits and compaction moves. Every rank then runs its part of the forward; the row-parallel
 layers' all-reduces keep the ranks in step, and every rank ends with the same hidden states,
 of which rank 0 samples. At the end of a prompt that selects (select heads, dynamic plans)
@@ -25,7 +25,8 @@ import torch
 from headwise.engine.config import EngineConfig
 from headwise.engine.distributed import ParallelEnv, TPGroup, free_port
 from headwise.engine.model import Shard
-from headwise.engine.model_runner import ModelRunner, StepPlan
+from headwise.engine.model_runner import ModelRunner
+from headwise.engine.step_inputs import StepInputs
 from headwise.engine.weights import load_model
 from headwise.kvcache.block_tables import DeviceTables
 from headwise.kvcache.manager import KVCacheManager, apply_moves, make_buffers
@@ -81,12 +82,12 @@ class TPWorkers:
                 return
             time.sleep(0.05)
 
-    def step(self, plan: StepPlan) -> None:
+    def step(self, inputs: StepInputs) -> None:
         """Send the step to every rank (after applying rank 0's table edits)."""
         self.check_alive()
         edits = self.kv_manager.commit_tables()
         moves = self.kv_manager.take_remote_moves()
-        self.group.broadcast(("step", plan, edits, moves[1:]))
+        self.group.broadcast(("step", inputs, edits, moves[1:]))
 
     def select(
         self, row: int, prompt_len: int, with_outputs: bool, runner: ModelRunner
@@ -168,12 +169,12 @@ def worker_main(config: EngineConfig, setup: RankSetup | None, env: ParallelEnv)
         while True:
             msg = group.broadcast()
             if msg[0] == "step":
-                _, plan, edits, moves = msg
+                _, inputs, edits, moves = msg
                 table, params = edits[env.rank - 1]
                 cache.tables.apply(table, params)
                 for src, dst in moves[env.rank - 1]:
                     apply_moves(cache.buffers, src, dst)
-                runner.run(plan)
+                runner.run(inputs)
             elif msg[0] == "select":
                 _, row, prompt_len, with_outputs = msg
                 group.gather(runner.selection_inputs(row, prompt_len, with_outputs))

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from headwise.engine.model_runner import plan_step
-from headwise.engine.step_inputs import GAP, KEEP, RING, SINK, flat_slots, head_lengths, head_slots
+from headwise.engine.step_inputs import GAP, KEEP, RING, SINK, build_step_inputs, flat_slots, head_lengths, head_slots
 from headwise.kvcache.block_tables import PARAMS, DeviceTables
 from headwise.kvcache.budget import HeadBudget
 from tests.fake_kv import create_scheduler, make_seq, run_step
@@ -56,7 +55,7 @@ def test_a_step_plan_packs_prefill_chunks_before_decode_tokens():
     sched.add(b)
     out = sched.schedule()
     assert [(s.request_id, n) for s, n in out.scheduled] == [("a", 1), ("b", 5)]
-    plan, rows = plan_step(out.scheduled, {})
+    plan, rows = build_step_inputs(out.scheduled, {})
     ids = [300, 301, 302, 303, 304, 7]  # b's chunk first, then a's sampled token
     assert plan.packed == ids + [b.kv.row, a.kv.row] + [0, 6] + [5, 1]
     assert (plan.num_tokens, plan.num_seqs, plan.num_prefill, plan.num_prefill_tokens) == (6, 2, 1, 5)
