@@ -1,6 +1,6 @@
-"""Why a request ends after a sampled token: a stop token, a stop string, `max_tokens` or
-the model's context (vLLM's order: EOS, then stop token ids, then stop strings, none
-before `min_tokens`)."""
+"""Why a request ends after a sampled token, checked in this order: EOS (unless
+`ignore_eos`), a stop token id, a stop string (none of them before `min_tokens`), then
+`max_tokens` or the model's context."""
 
 from __future__ import annotations
 
