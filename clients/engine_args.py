@@ -6,7 +6,7 @@ import argparse
 import os
 
 from headwise.clients.cli import CliError
-from headwise.engine.config import DTYPES, LOAD_FORMATS, EngineConfig
+from headwise.engine.config import DTYPE_CHOICES, LOAD_FORMATS, EngineConfig
 from headwise.kvcache.plans import PlanError, load_plan
 from headwise.kvcache.shipped_plans import shipped_plans
 
@@ -48,7 +48,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=env_default("--model", DEFAULT_MODEL),
         help="smollm2-135m, a .gguf file or a Hugging Face model directory",
     )
-    g.add_argument("--dtype", choices=DTYPES, default=env_default("--dtype", "float32"))
+    g.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=env_default("--dtype", "float32"),
+        help="auto: bfloat16 on a GPU and on CPUs with AVX512-BF16 or AMX, else float32 (default float32)",
+    )
     g.add_argument("--device", default=env_default("--device", "cpu"))
     g.add_argument(
         "--load-format",
@@ -136,8 +141,10 @@ def check_plan_file(name: str, path: str) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The engine's config; `--dtype auto` is resolved and written back to `args.dtype`, so a
+    command's report and its baseline (bench offline's transformers) name the dtype that ran."""
     plans = plans_from_args(args)
-    return EngineConfig(
+    config = EngineConfig(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
@@ -154,3 +161,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
     )
+    args.dtype = config.dtype
+    return config

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
+# "auto" (vLLM's word) is resolved on construction by `auto_dtype` into one of DTYPES
+DTYPE_CHOICES = ("auto", *DTYPES)
 # vLLM's names: auto reads the checkpoint, dummy draws random weights from config.json alone
 LOAD_FORMATS = ("auto", "dummy")
 
@@ -29,8 +31,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks (processes, one device each) the model is split over
 
     def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            self.dtype = auto_dtype(self.device)
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPE_CHOICES)}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
                 f"load_format {self.load_format!r} is not supported; choose one of {', '.join(LOAD_FORMATS)}"
@@ -51,3 +55,21 @@ class EngineConfig:
 
 
 DEFAULT_KV_CACHE_MB = 1024
+
+
+def auto_dtype(device: str) -> str:
+    """What `--dtype auto` runs in: bfloat16 on a GPU, and on a CPU whose matrix units
+    multiply bf16 natively (AVX512-BF16 or AMX: torch's oneDNN matmuls run about twice the
+    fp32 rate there); float32 on other CPUs, where bf16 would be emulated and slower."""
+    import torch  # lazily: `headwise --help` reads DTYPE_CHOICES without torch
+
+    if torch.device(device).type != "cpu":
+        return "bfloat16"
+    return "bfloat16" if cpu_has_bf16_matmul() else "float32"
+
+
+def cpu_has_bf16_matmul() -> bool:
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)

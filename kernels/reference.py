@@ -267,11 +267,18 @@ def masked_prefill(
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     table_rows = rows.tolist()
+    whole = _sees_whole_history(positions, bounds, lengths, recent) if q.device.type == "cpu" else []
     for s in range(len(bounds) - 1):
         a, b = bounds[s], bounds[s + 1]
         if a == b:
             continue
         n = b - a
+        if s in whole:
+            row = table_rows[s]
+            out[a:b] = _whole_history_attention(
+                q[a:b], k[a:b], v[a:b], k_cache, v_cache, block_tables[row], whole[s], scale
+            )
+            continue
         visible = _chunk_visible(positions[a:b], sink[s], recent[s])  # [Hkv, n, n]
         ks, vs = k[a:b].permute(1, 0, 2), v[a:b].permute(1, 0, 2)  # [Hkv, n, D]
         row = table_rows[s]
@@ -303,6 +310,44 @@ def masked_prefill(
             )  # [Hkv, G, n, D]
         out[a:b] = o.permute(2, 0, 1, 3).reshape(n, hq, d)
     return out
+
+
+def _sees_whole_history(
+    positions: torch.Tensor, bounds: list[int], lengths: torch.Tensor, recent: torch.Tensor
+) -> dict[int, int]:
+    """{sequence: cached slots} of the chunks whose every query sees all of its sequence's
+    written slots and, causally, the whole chunk: every head's window reaches past position 0
+    (recent > the chunk's last position, so sink and keep change nothing) and every head holds
+    the same number of slots. Their mask is plain causal over [cache; chunk]."""
+    ends = torch.tensor([b - 1 for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dtype=torch.long)
+    if ends.numel() == 0:
+        return {}
+    seqs = [s for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+    last = positions[ends].long()
+    wide = (recent[seqs].long().min(1).values > last).tolist()
+    lo, hi = lengths[seqs].aminmax(dim=1)
+    return {s: n for s, w, n, m in zip(seqs, wide, lo.tolist(), hi.tolist()) if w and n == m}
+
+
+def _flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    """torch's fused CPU flash attention with its log-sum-exp: `[1, H, n, D]` (GQA: fewer K/V
+    heads) -> out `[1, Hq, n, D]`, lse `[1, Hq, n]` fp32; causal is aligned top-left."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _whole_history_attention(q, k, v, k_cache, v_cache, table, n_cached: int, scale: float) -> torch.Tensor:
+    """One chunk `q [n, Hq, D]`, `k / v [n, Hkv, D]` over its first `n_cached` cached slots
+    (table `[Hkv, W]`) and itself, causally: no mask is materialised. The chunk's causal part
+    and the (unmasked) cached part are two fused calls merged by their log-sum-exp."""
+    q4 = q.transpose(0, 1)[None]
+    o, lse = _flash_cpu(q4, k.transpose(0, 1)[None], v.transpose(0, 1)[None], True, scale)
+    if n_cached:
+        nb = -(-n_cached // k_cache.shape[1])
+        kc = _gather(k_cache, table[None], nb)[:, :, :n_cached].to(q.dtype)
+        vc = _gather(v_cache, table[None], nb)[:, :, :n_cached].to(q.dtype)
+        oc, lsec = _flash_cpu(q4, kc, vc, False, scale)
+        o, _ = merge_states(o, lse, oc, lsec)
+    return o[0].transpose(0, 1)
 
 
 def causal_prefill(

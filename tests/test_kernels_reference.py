@@ -362,3 +362,47 @@ def test_masked_prefill_equals_prefix_merged_with_chunk_attention(w, chunk):
 
     actual, _ = prefill_in_chunks(Fused(), caches[1], q, k, v, lens, sink, recent, chunk, 0.3)
     assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("window", [UNBOUNDED, 40, 20])
+def test_masked_prefill_of_whole_history_chunks_uses_flash_and_equals_dense(monkeypatch, window):
+    """Chunks whose every head sees its whole history (full heads, or a window wider than the
+    prompt so far) run as causal + cached flash calls merged by log-sum-exp, no mask; they
+    equal dense attention. A window of 20 covers the first chunks of a 30-token prompt only:
+    the later ones take the masked path, and the output is the same."""
+    lens, g, hkv = [30, 7], 3, 2
+    sink = torch.zeros(2, hkv, dtype=torch.int32)
+    recent = torch.full((2, hkv), window, dtype=torch.int32)
+    q, k, v, gen = make_tokens(lens, hkv, g, 5)
+    cache = new_cache(lens, sink, recent, gen)
+    calls = []
+    real = ref._flash_cpu
+    monkeypatch.setattr(ref, "_flash_cpu", lambda *a: calls.append(a[3]) or real(*a))
+
+    class Fused:  # as in test_masked_prefill_equals_prefix_merged_with_chunk_attention
+        kv_write = staticmethod(ref.kv_write)
+
+        def paged_prefix(self, qc, pos, seq, kc, vc, pc, tables, rows, lengths, keep, rec, scale):
+            self.args = (pos, kc, vc, pc, tables, rows, lengths, keep)
+            return torch.zeros_like(qc), torch.zeros(qc.shape[:2])
+
+        def sink_window_prefill(self, qc, kk, vv, pos, cu, snk, rec, scale):
+            _, kc, vc, pc, tables, rows, lengths, keep = self.args
+            return ref.masked_prefill(
+                qc, kk, vv, pos, cu, kc, vc, pc, tables, rows, lengths, keep, snk, rec, scale
+            ), None
+
+        @staticmethod
+        def merge_states(o1, l1, o2, l2):
+            return o2, torch.zeros(o2.shape[:2])
+
+    actual, _ = prefill_in_chunks(Fused(), cache, q, k, v, lens, sink, recent, 8, 0.3)
+    for s, n in enumerate(lens):
+        a = sum(lens[:s])
+        pos = torch.arange(n)
+        expected, _ = dense_attention(q[a : a + n], pos, k[a : a + n], v[a : a + n], pos, sink[s], recent[s], 0.3)
+        assert_close(actual[a : a + n], expected)
+    # chunks: seq 0 at 0, 8, 16, 24 (last positions 7, 15, 23, 29), seq 1 at 0 (last 6);
+    # a causal call per flash chunk, a cached one per flash chunk after the first of seq 0
+    assert calls.count(True) == {UNBOUNDED: 5, 40: 5, 20: 3}[window]
+    assert calls.count(False) == {UNBOUNDED: 3, 40: 3, 20: 1}[window]

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from headwise.clients.engine_args import parse_plan_arg
+    from headwise.engine.config import auto_dtype
     from headwise.engine.errors import ModelLoadError
     from headwise.engine.loader import model_shape
     from headwise.kvcache.manager import KVCacheManager
@@ -81,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         check_divisible(shape, args.tensor_parallel_size)
     except ShardingError as e:
         raise CliError(str(e)) from None
+    if args.dtype == "auto":
+        args.dtype = auto_dtype(args.device)
     per_block = KVCacheManager.bytes_per_block(args.block_size, shape.head_dim, getattr(torch, args.dtype))
     pool = int(args.kv_cache_mb * 2**20 // per_block)
     rows = []
