@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from headwise.engine.config import LOAD_FORMATS
+from headwise.engine.cpu_memory import keep_freed_memory
 from headwise.engine.distributed import TPGroup
 from headwise.engine.loader import (
     ModelConfig,
@@ -104,7 +105,10 @@ def load_model(
 ) -> tuple[ModelConfig, LlamaModel, Any]:
     """(config, model, tokenizer) of `--model` (a transformers tokenizer, used duck-typed); engines and profilers in one process share
     the read-only weights. `load_format` "dummy" reads config.json alone (random weights).
-    With `shard` (tensor parallelism) this rank's part of the model, never shared."""
+    With `shard` (tensor parallelism) this rank's part of the model, never shared. A model on
+    the CPU also makes this process keep freed memory (engine/cpu_memory.py)."""
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()
     if shard is not None:
         return _load.__wrapped__(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format, shard, tp)
     return _load(str(resolve_model_dir(model)), model_id(model), dtype, device, load_format)
