@@ -31,6 +31,7 @@ from headwise.engine.scheduler import Scheduler
 from headwise.engine.sequence import Sequence, Status
 from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
 from headwise.engine.stop_rules import finish_reason
+from headwise.engine.structured_output import GrammarCompiler, GrammarState
 from headwise.engine.tp_workers import RankSetup, TPWorkers
 from headwise.engine.tp_workers import start as start_workers
 from headwise.engine.weights import load_model
@@ -94,6 +95,7 @@ class LLMEngine:
             self.runner.capture_decode(config.max_num_seqs)
         self.detok = Detokenizer(self.tokenizer)
         self.sampler = Sampler(mc.vocab_size, self.eos_ids, device)
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, self.eos_ids)
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.kv_bytes_saved = 0
@@ -133,6 +135,8 @@ class LLMEngine:
         seq.budgets, seq.pending_heads = head_budgets(seq.plan, self.sharding, len(prompt_token_ids), seq.context_len)
         if self.config.enable_prefix_caching:
             seq.hash_seed = name_seed(seq, self.model_id, self.config.dtype, self.kv_manager.block_size)
+        if params.grammar is not None:
+            seq.grammar = GrammarState(self.grammars.compile(params.grammar), self.eos_ids)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         bs, max_batched = self.kv_manager.block_size, self.config.max_num_batched_tokens
@@ -309,6 +313,8 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
         if seq.has_kv:
             seq.decode_peak_blocks = max(seq.decode_peak_blocks, seq.kv.num_blocks_held)
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         seq.output_token_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now

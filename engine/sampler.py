@@ -1,8 +1,8 @@
 """Logits -> next tokens for the whole batch, on the logits' device.
 
-Greedy rows take one batched argmax; every other knob (penalties, min_tokens stop
-suppression, temperature, top-k, min-p, top-p) is one tensor op over the rows that use
-it. Log-probabilities are computed only for rows whose request asked for them. The
+Greedy rows take one batched argmax; every other knob (logit_bias, the grammar mask of
+constrained requests, penalties, min_tokens stop suppression, temperature, top-k, min-p,
+top-p) is one tensor op over the rows that use it. Log-probabilities are computed only for rows whose request asked for them. The
 tokens and those log-probabilities come back to the host together: one sync per step.
 
 Seeded draws: each request owns a CPU torch.Generator, and a non-greedy row's token is
@@ -24,6 +24,7 @@ import torch
 
 from headwise.engine.outputs import TokenLogprob
 from headwise.engine.sequence import Sequence
+from headwise.engine.structured_output import apply_grammar_masks
 
 
 @functools.cache
@@ -60,6 +61,8 @@ class Sampler:
         params = [s.params for s in seqs]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = logits[self._index(lp_rows, len(seqs))].log_softmax(-1) if lp_rows else None
+        self._apply_logit_bias(logits, seqs)
+        apply_grammar_masks(logits, seqs)  # after the bias: no bias re-allows a token the grammar forbids
         self._apply_penalties(logits, seqs)
         self._suppress_stop_tokens(logits, seqs)
         draw_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -86,6 +89,17 @@ class Sampler:
         return token_list, logprobs
 
     # -- knobs, each one op over the rows that use it ------------------------------------
+    def _apply_logit_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows, cols, bias = [], [], []
+        for i, seq in enumerate(seqs):
+            for token, b in (seq.params.logit_bias or {}).items():
+                rows.append(i)
+                cols.append(token)
+                bias.append(b)
+        if rows:
+            r, c = self._tensor(rows, torch.long), self._tensor(cols, torch.long)
+            logits[r, c] += self._tensor(bias, torch.float32)
+
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         rows, cols, pens = [], [], []
         for i, seq in enumerate(seqs):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from headwise.engine.grammar_spec import GrammarSpec
 
 # a seed is a signed 64-bit integer (vLLM's bounds); torch.Generator takes this whole range
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -40,6 +44,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # top alternatives per generated token; None: no logprobs
     prompt_logprobs: int | None = None  # same for prompt tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: [-100, 100])
+    grammar: GrammarSpec | None = None  # constrained decoding (engine/structured_output.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +83,15 @@ class SamplingParams:
             "stop_token_ids",
             f"stop_token_ids must be >= 0, got {[t for t in self.stop_token_ids if t < 0][:5]}",
         )
+        _check(
+            self.grammar is None or self.min_tokens == 0,
+            "min_tokens",
+            f"min_tokens ({self.min_tokens}) cannot be combined with a grammar: the grammar decides where the output "
+            "may end",
+        )
+        if self.logit_bias:
+            bad = {t: b for t, b in self.logit_bias.items() if not -100 <= b <= 100}
+            _check(not bad, "logit_bias", f"logit_bias values must be in [-100, 100], got {bad}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or 0 <= value <= 20, name, f"{name} must be in [0, 20], got {value}")
@@ -88,6 +103,12 @@ class SamplingParams:
             not bad,
             "stop_token_ids",
             f"stop_token_ids must be in [0, {vocab_size}) (the vocabulary size), got {bad[:5]}",
+        )
+        bad = [t for t in self.logit_bias or () if not 0 <= t < vocab_size]
+        _check(
+            not bad,
+            "logit_bias",
+            f"logit_bias token ids must be in [0, {vocab_size}) (the vocabulary size), got {bad[:5]}",
         )
 
     @property

@@ -73,11 +73,15 @@ class Scheduler:
         self.running = [s for s in self.running if s.status == Status.RUNNING]
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-                seq = self.waiting[0]
+                # a request whose grammar still compiles waits without holding up those behind it
+                ready = next((s for s in self.waiting if s.grammar_ready), None)
+                if ready is None:
+                    break
+                seq = ready
                 n, comp = self._admit(seq, budget)
                 if not n:
                     break
-                self.waiting.popleft()
+                self.waiting.remove(seq)
                 self.kv_manager.grow(seq.kv, seq.num_computed_tokens + n, comp)
                 self.running.append(seq)
                 out.scheduled.append((seq, n))

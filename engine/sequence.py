@@ -6,6 +6,7 @@ import enum
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from headwise.engine.sampling_params import SamplingParams
 from headwise.kvcache.budget import HeadBudget
 from headwise.kvcache.head_tables import HeadTables
 from headwise.kvcache.plans import Plan
+
+if TYPE_CHECKING:
+    from headwise.engine.structured_output import GrammarState
 
 
 class Status(enum.Enum):
@@ -65,6 +69,8 @@ class Sequence:
     probe_window: int = 0
     # the next exponential draw of a non-greedy request, in flight (engine.sampler)
     noise: Future | None = None
+    # constrained decoding: the grammar's compile, then its matcher (engine.structured_output)
+    grammar: GrammarState | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -86,6 +92,11 @@ class Sequence:
     def is_prefill(self) -> bool:
         """More than the last sampled token is missing from the cache."""
         return self.num_computed_tokens < self.num_tokens - 1 or not self.output_token_ids
+
+    @property
+    def grammar_ready(self) -> bool:
+        """No grammar, or its compile has ended: admission may take the request."""
+        return self.grammar is None or self.grammar.ready()
 
     @property
     def finished(self) -> bool:

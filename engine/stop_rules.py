@@ -15,6 +15,8 @@ def finish_reason(
     `new_chars`), or None while it goes on."""
     p = seq.params
     n_out = len(seq.output_token_ids)
+    if seq.grammar is not None and seq.grammar.terminated:  # it took EOS: nothing more may follow
+        return "stop", None
     if n_out >= p.min_tokens:
         if not p.ignore_eos and token in eos_ids:
             return "stop", None

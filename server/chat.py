@@ -16,6 +16,7 @@ from headwise.server.openapi import errors, event_stream
 from headwise.server.params import sampling_params
 from headwise.server.protocol import ChatCompletionRequest, ChatMessage
 from headwise.server.responses import ChatCompletionChunk, ChatCompletionResponse
+from headwise.server.structured import check_compiles, request_grammar
 
 router = APIRouter()
 
@@ -54,8 +55,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         continue_final_message=body.continue_final_message,
     )
     defaults = ctx.state.generation_defaults
+    grammar = request_grammar(body)
+    await check_compiles(ctx.engine.grammars, grammar)
     jobs = [
-        Job(ctx.job_id(i), prompt, sampling_params(body, len(prompt), ctx.engine.max_model_len, i, defaults))
+        Job(ctx.job_id(i), prompt, sampling_params(body, len(prompt), ctx.engine.max_model_len, i, defaults, grammar))
         for i in range(body.n)
     ]
     group = ctx.group(jobs)

@@ -16,6 +16,7 @@ from headwise.server.openapi import errors, event_stream
 from headwise.server.params import sampling_params
 from headwise.server.protocol import CompletionRequest
 from headwise.server.responses import CompletionChunk, CompletionResponse
+from headwise.server.structured import check_compiles, request_grammar
 
 router = APIRouter()
 
@@ -67,10 +68,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     prompts, texts = await ctx.state.tokenizer_thread.run(
         prompt_ids, body.prompt, tokenizer, ctx.engine.model_config.vocab_size
     )
+    grammar = request_grammar(body)
+    await check_compiles(ctx.engine.grammars, grammar)
     n = body.n
     defaults = ctx.state.generation_defaults
     jobs = [
-        Job(ctx.job_id(p * n + i), ids, sampling_params(body, len(ids), ctx.engine.max_model_len, i, defaults))
+        Job(ctx.job_id(p * n + i), ids, sampling_params(body, len(ids), ctx.engine.max_model_len, i, defaults, grammar))
         for p, ids in enumerate(prompts)
         for i in range(n)
     ]

@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from headwise.engine.outputs import RequestOutput
 from headwise.server.errors import APIError, api_error
+from headwise.server.field_policy import check_fields
 from headwise.server.generation import GenerationGroup, Job
 from headwise.server.protocol import GenerationRequest
 from headwise.server.state import ServerState
@@ -38,9 +39,9 @@ class RequestContext:
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = self.state.model_name
-        unknown = body.unknown_fields()
-        if unknown:
-            log.info("%s: ignoring unknown fields %s", self.id, ", ".join(unknown))
+        accepted = check_fields(body)
+        if accepted:
+            log.info("%s: accepted fields without effect on the output: %s", self.id, ", ".join(accepted))
         log.debug("%s: X-Request-Id %s", self.id, request.state.request_id)
 
     def check_fits(self, count: int) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from headwise.engine.sampling_params import SEED_MIN, SamplingParams
+from headwise.engine.grammar_spec import GrammarSpec
+from headwise.engine.sampling_params import SEED_MIN, InvalidRequest, SamplingParams
 from headwise.server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -35,12 +36,30 @@ def choice_seed(seed: int, choice: int) -> int:
     return (seed + choice - SEED_MIN) % 2**64 + SEED_MIN
 
 
+def logit_bias(body: GenerationRequest) -> dict[int, float] | None:
+    """OpenAI's `logit_bias` keys are token ids written as strings."""
+    if not body.logit_bias:
+        return None
+    out = {}
+    for key, bias in body.logit_bias.items():
+        try:
+            out[int(key)] = bias
+        except ValueError:
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+    return out
+
+
 def sampling_params(
-    body: GenerationRequest, prompt_len: int, max_model_len: int, choice: int, defaults: dict | None = None
+    body: GenerationRequest,
+    prompt_len: int,
+    max_model_len: int,
+    choice: int,
+    defaults: dict | None = None,
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
     """Params for choice `choice` of n; a given seed becomes seed + choice so choices differ
     yet the whole response stays reproducible. `defaults` (--generation-config) fill the
-    sampling fields the body leaves unset."""
+    sampling fields the body leaves unset; `grammar` constrains the output (server/structured.py)."""
     defaults = defaults or {}
     chosen = {
         "temperature": body.temperature,
@@ -63,5 +82,7 @@ def sampling_params(
         min_tokens=body.min_tokens,
         logprobs=logprobs_k(body),
         prompt_logprobs=body.logprobs if echo_logprobs else None,
+        logit_bias=logit_bias(body),
+        grammar=grammar,
         **{name: value for name, value in chosen.items() if value is not None},
     )

@@ -1,5 +1,6 @@
 """OpenAI request bodies (pydantic), plus headwise's `kv_plan`. Unknown fields are kept in
-`model_extra` so the handler can log them instead of failing the request.
+`model_extra`, where server/field_policy.py accepts those without effect on the output and
+rejects the rest with a 400 naming them (nothing is silently ignored).
 
 Validation is strict where OpenAI is: no coercion (`"stream": "yes"` and `"n": "2"` are
 400s, not true and 2), finite numbers only (`Infinity` / `NaN` are 400s), OpenAI's ranges
@@ -9,7 +10,7 @@ cannot) is a 400 naming the field, never a tokenizer crash."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -76,6 +77,37 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, **_STRICT)
+
+    name: Text
+    description: Text | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text, any JSON object, or a JSON schema."""
+
+    model_config = ConfigDict(extra="forbid", **_STRICT)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extra: exactly one of its constraints."""
+
+    model_config = ConfigDict(extra="forbid", **_STRICT)
+
+    json_: dict[str, Any] | bool | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
+    structural_tag: Text | dict[str, Any] | None = None
+
+
 class GenerationRequest(_Body):
     """Fields both generation endpoints share (OpenAI names, vLLM extensions)."""
 
@@ -99,6 +131,15 @@ class GenerationRequest(_Body):
     stream_options: StreamOptions | None = None
     user: Text | None = None
     kv_plan: Text | None = None  # headwise: a plan loaded with --plan; default: the server's
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as text) -> bias
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for structured_outputs' fields
+    guided_json: dict[str, Any] | bool | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    guided_grammar: Text | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None  # only best_of == n (no extra candidates)
 
     @property
     def include_usage(self) -> bool:

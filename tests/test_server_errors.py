@@ -112,15 +112,10 @@ def test_bad_or_missing_api_key_is_401_but_health_and_metrics_stay_open(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def test_unknown_fields_are_ignored_and_the_server_serves_after_errors(server):
-    body = {
-        "model": MODEL,
-        "prompt": "The capital of France is",
-        "max_tokens": 2,
-        "temperature": 0,
-        "some_future_field": {"x": 1},
-        "user": "someone",
-    }
+def test_unknown_fields_are_400_naming_them_and_the_server_serves_after_errors(server):
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 2, "temperature": 0, "user": "someone"}
+    error = error_of(post(server, COMPLETIONS, {**body, "some_future_field": {"x": 1}}), 400)
+    assert (error["param"], error["code"]) == ("some_future_field", "unsupported_parameter")
     response = post(server, COMPLETIONS, body)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 2
