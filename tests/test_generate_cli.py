@@ -84,3 +84,33 @@ def test_bad_generate_input_is_one_line(tmp_path, capsys, argv, error):
     assert rc == 2
     assert err.startswith("headwise generate: error: ") and error.format(tmp=tmp_path) in err
     assert err.count("\n") == 1
+
+
+def test_json_schema_and_regex_constrain_every_output(tmp_path, capsys):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    base = ["generate", "--prompt", "Name a city.", "--chat", "--max-tokens", "30", "--json", "--kv-cache-mb", "16"]
+    assert main([*base, "--json-schema", str(tmp_path / "s.json")]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(row["text"]), schema)
+    assert main([*base, "--regex", "[A-Z][a-z]{2,8}"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["finish_reason"] == "stop" and row["text"][0].isupper() and row["text"][1:].islower()
+
+
+@pytest.mark.parametrize(
+    "flag, value, error",
+    [
+        ("--json-schema", "{tmp}/bad.json", "--json-schema: keyword 'not' is not supported at #"),
+        ("--json-schema", "{tmp}/none.json", "--json-schema {tmp}/none.json: no such file"),
+        ("--regex", "[a-", "--regex does not compile: Regex parsing error at position 4: Unclosed '['"),
+    ],
+)
+def test_bad_json_schema_or_regex_is_one_line(tmp_path, capsys, flag, value, error):
+    (tmp_path / "bad.json").write_text('{"not": {"type": "string"}}')
+    rc = main(["generate", "--prompt", "hi", flag, value.format(tmp=tmp_path), "--kv-cache-mb", "16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and error.format(tmp=tmp_path) in err and err.count("\n") == 1

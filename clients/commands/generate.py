@@ -28,6 +28,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line, in input order")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", type=Path, help="a JSON schema file every output must match")
+    shape.add_argument("--regex", help="a regular expression every output must match")
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -55,11 +58,31 @@ def read_prompts(args: argparse.Namespace) -> list[dict]:
     return items
 
 
+def read_grammar(args: argparse.Namespace):
+    """The GrammarSpec of --json-schema / --regex, or None; a bad schema is a CliError."""
+    from headwise.engine.grammar_spec import GrammarSpec, json_schema_spec
+    from headwise.engine.sampling_params import InvalidRequest
+
+    if args.regex is not None:
+        return GrammarSpec("regex", args.regex, "--regex")
+    if args.json_schema is None:
+        return None
+    if not args.json_schema.is_file():
+        raise CliError(f"--json-schema {args.json_schema}: no such file")
+    try:
+        return json_schema_spec(json.loads(args.json_schema.read_text()), "--json-schema")
+    except json.JSONDecodeError as e:
+        raise CliError(f"--json-schema {args.json_schema}: not JSON ({e.msg})") from e
+    except InvalidRequest as e:
+        raise CliError(str(e)) from e
+
+
 def run(args: argparse.Namespace) -> int:
     from headwise.engine.llm_engine import LLMEngine
-    from headwise.engine.sampling_params import SamplingParams
+    from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 
     items = read_prompts(args)
+    grammar = read_grammar(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -69,8 +92,14 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        grammar=grammar,
     )
     engine = LLMEngine(engine_config_from_args(args))
+    if grammar is not None:
+        try:  # compiled before any prompt runs: a grammar that does not compile is one error line
+            engine.grammars.compile(grammar).result()
+        except InvalidRequest as e:
+            raise CliError(str(e)) from e
     prompts = []
     for item in items:
         if "messages" in item:
