@@ -3,9 +3,10 @@ internal chat request /v1/chat/completions runs (`instructions` as the system me
 `input` as the turns), so templating, sampling, admission and errors are chat's; the
 outputs are rendered as a `response` object or the Responses event stream.
 
-Not served yet, and refused with a 400 naming the field rather than ignored: `tools` /
-`tool_choice` (other than "auto" / "none" without tools), `text.format` other than text,
-function_call / function_call_output input items, and `previous_response_id` (nothing is
+`text.format` (json_schema, json_object) becomes chat's `response_format` and goes through
+the same grammar path (server/structured.py). Not served yet, and refused with a 400
+naming the field rather than ignored: `tools` / `tool_choice` (other than "auto" / "none"
+without tools), function_call / function_call_output input items, and `previous_response_id` (nothing is
 stored, so there is no earlier response to continue)."""
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from headwise.server.responses_api_protocol import (
     ResponsesRequest,
     ResponseStreamEvent,
 )
+from headwise.server.structured import check_compiles, request_grammar
 
 router = APIRouter()
 
@@ -51,13 +53,6 @@ def check_supported(body: ResponsesRequest) -> None:
     if body.tool_choice not in (None, "auto", "none"):
         raise APIError(
             400, "tool_choice needs tools, which are not supported yet", "tool_choice", "unsupported_parameter"
-        )
-    if body.text is not None and body.text.format is not None and body.text.format.type != "text":
-        raise APIError(
-            400,
-            f"text.format {body.text.format.type!r} is not supported yet; only text",
-            "text.format",
-            "unsupported_parameter",
         )
     if isinstance(body.input, list):
         for i, item in enumerate(body.input):
@@ -87,6 +82,9 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         "seed": body.seed,
         "stream": body.stream,
         "kv_plan": body.kv_plan,
+        "response_format": None
+        if body.text is None or body.text.format is None
+        else body.text.format.response_format(),
     }
     return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
 
@@ -102,7 +100,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     ctx = RequestContext(request, chat, "resp")
     ctx.check_fits(1)
     prompt = await ctx.state.tokenizer_thread.run(ctx.engine.encode_chat, template_messages(chat.messages))
-    params = sampling_params(chat, len(prompt), ctx.engine.max_model_len, 0, ctx.state.generation_defaults)
+    grammar = request_grammar(chat)  # text.format, as chat's response_format
+    await check_compiles(ctx.engine.grammars, grammar)
+    params = sampling_params(chat, len(prompt), ctx.engine.max_model_len, 0, ctx.state.generation_defaults, grammar)
     group = ctx.group([Job(ctx.job_id(0), prompt, params)])
     view = _ResponseView(ctx, body, len(prompt))
     if body.stream:
@@ -153,11 +153,15 @@ class _ResponseView:
             "tools": [],
             "tool_choice": self.body.tool_choice if isinstance(self.body.tool_choice, str) else "auto",
             "parallel_tool_calls": True if self.body.parallel_tool_calls is None else self.body.parallel_tool_calls,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": self._format()},
             "store": False,
             "previous_response_id": None,
             "metadata": self.body.metadata or {},
         }
+
+    def _format(self) -> dict:
+        given = None if self.body.text is None else self.body.text.format
+        return {"type": "text"} if given is None else given.model_dump(by_alias=True, exclude_none=True)
 
     def _usage(self, out: RequestOutput) -> dict:
         chat = usage([self.prompt_len], [out])

@@ -68,9 +68,25 @@ _ONLY_NULL = WithJsonSchema({"type": "null"})
 
 
 class TextFormat(BaseModel):
-    model_config = _STRICT
+    """`text.format`: plain text, any JSON object, or JSON following `schema` (chat's
+    `response_format`, through the same grammar path)."""
 
-    type: Annotated[Literal["text", "json_schema", "json_object"], WithJsonSchema({"const": "text"})]
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_schema", "json_object"]
+    name: Text | None = None
+    description: Text | None = None
+    schema_: dict | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    def response_format(self) -> dict | None:
+        """Chat's `response_format` for this format; None for plain text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        spec = {"name": self.name or "response", "schema": self.schema_, "strict": self.strict}
+        return {"type": "json_schema", "json_schema": {k: v for k, v in spec.items() if v is not None}}
 
 
 class TextOptions(BaseModel):

@@ -155,3 +155,16 @@ def test_fields_without_effect_on_the_output_are_accepted(server):
     body = {"messages": ASK, "max_tokens": 2, "user": "u", "metadata": {"k": "v"}, "store": False}
     r = post(server, "/v1/chat/completions", {**body, "service_tier": "auto", "best_of": 1, "modalities": ["text"]})
     assert r.status_code == 200, r.text
+
+
+def test_responses_text_format_json_schema_goes_through_the_same_grammar(client):
+    schema = City.model_json_schema()
+    response = client.responses.create(
+        model=MODEL,
+        input=ASK[0]["content"],
+        text={"format": {"type": "json_schema", "name": "city", "schema": schema, "strict": True}},
+        max_output_tokens=200,
+        temperature=0,
+    )
+    jsonschema.validate(json.loads(response.output_text), schema)
+    assert response.text.format.type == "json_schema"
