@@ -6,8 +6,10 @@
 #
 # Both serve the HF folder headwise converts from its GGUF (~/.cache/headwise/...), both are
 # driven by `headwise bench serve` (the same random token-id prompts, streamed, greedy,
-# ignore_eos), both pinned to the first N CPUs with N compute threads (headwise: taskset +
-# OMP_NUM_THREADS; vLLM: VLLM_CPU_OMP_THREADS_BIND). Servers alternate run by run
+# ignore_eos), both with N compute threads (headwise: OMP_NUM_THREADS, torch's intra-op
+# threads; vLLM: VLLM_CPU_OMP_THREADS_BIND=0-(N-1), which pins its compute threads only). Host
+# threads (HTTP, scheduling, tokenizing) float on both: pinning all of headwise with taskset
+# while vLLM's front end ran on the free core measured headwise 0.31x. Servers alternate run by run
 # (headwise, vLLM, headwise, ...) so load drift on a shared machine hits both; the table
 # gives per-workload medians over the runs and the ratio headwise / vLLM of output tok/s.
 #
@@ -86,7 +88,7 @@ wait_ready() {  # URL LOG
 }
 
 start_headwise() {  # LOG
-  OMP_NUM_THREADS=$THREADS taskset -c "$CPUS" "$HEADWISE" serve --port $PORT_HW --dtype "$DTYPE" \
+  OMP_NUM_THREADS=$THREADS "$HEADWISE" serve --port $PORT_HW --dtype "$DTYPE" \
     --max-model-len "$MAX_LEN" $EXTRA_HEADWISE >"$1" 2>&1 &
   PID=$!
   wait_ready "http://127.0.0.1:$PORT_HW" "$1"
@@ -110,7 +112,7 @@ drive() {  # SERVER PORT RUN
 }
 
 build_vllm
-echo "model $MODEL_DIR, dtype $DTYPE, $THREADS compute thread(s) on CPUs $CPUS, $RUNS runs, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+echo "model $MODEL_DIR, dtype $DTYPE, $THREADS compute thread(s) (vLLM bound to CPUs $CPUS), $RUNS runs, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for r in $(seq 1 "$RUNS"); do
   start_headwise "$OUT/headwise-serve-$r.log"; drive headwise $PORT_HW "$r"; stop_server
   start_vllm "$OUT/vllm-serve-$r.log"; drive vllm $PORT_VLLM "$r"; stop_server
