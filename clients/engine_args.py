@@ -6,7 +6,7 @@ import argparse
 import os
 
 from headwise.clients.cli import CliError
-from headwise.engine.config import DTYPE_CHOICES, LOAD_FORMATS, EngineConfig
+from headwise.engine.config import DTYPE_CHOICES, KV_CACHE_DTYPES, LOAD_FORMATS, EngineConfig
 from headwise.kvcache.plans import PlanError, load_plan
 from headwise.kvcache.shipped_plans import shipped_plans
 
@@ -55,6 +55,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="auto: bfloat16 on a GPU and on CPUs with AVX512-BF16 or AMX, else float32 (default float32)",
     )
     g.add_argument("--device", default=env_default("--device", "cpu"))
+    g.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=env_default("--kv-cache-dtype", "auto"),
+        help="K/V element type in the pool: auto (the model's --dtype), fp8 (= fp8_e4m3) or fp8_e5m2, "
+        "1 byte per element with a scale per (layer, KV head)",
+    )
+    g.add_argument(
+        "--kv-scales",
+        metavar="FILE",
+        default=env_default("--kv-scales", None),
+        help="fp8 scales per (layer, KV head) as JSON (headwise-kv-scales/1); default: calibrated from the "
+        "first prompt's K/V absmax (x4 headroom; values beyond saturate)",
+    )
     g.add_argument(
         "--load-format",
         choices=LOAD_FORMATS,
@@ -144,6 +158,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The engine's config; `--dtype auto` is resolved and written back to `args.dtype`, so a
     command's report and its baseline (bench offline's transformers) name the dtype that ran."""
     plans = plans_from_args(args)
+    if args.kv_scales is not None and args.kv_cache_dtype == "auto":
+        raise CliError("--kv-scales needs --kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")
+    if args.kv_scales is not None and not os.path.isfile(args.kv_scales):
+        raise CliError(f"--kv-scales {args.kv_scales}: no such file")
     config = EngineConfig(
         model=args.model,
         dtype=args.dtype,
@@ -160,6 +178,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype,
+        kv_scales=args.kv_scales,
     )
     args.dtype = config.dtype
     return config

@@ -6,7 +6,8 @@ reads its own slice (index 0 of the per-layer tensors). Block tables are the per
 inside a layer (docs/design.md, "KV cache"): chunk queries attend to the cached slots
 (position mask) merged by log-sum-exp with causal attention inside the chunk, then the
 chunk's K/V are written; decode tokens are written first and then attend to the visible
-slots of their heads.
+slots of their heads. An fp8 cache passes each layer's K / V scales to every op that reads
+or writes it (kernels/kv_quant.py); the first prefill step calibrates them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from headwise.kernels import ops
+from headwise.kernels.kv_quant import calibrated_scale
 from headwise.kvcache.buffers import KVBuffers
 
 
@@ -79,6 +81,10 @@ def paged_attention(
     """q `[T, Hq, D]`, k / v `[T, Hkv, D]` (RoPE applied) -> output `[T, Hq, D]`."""
     p, d = meta.prefill, meta.decode
     tp = p.num_tokens if p else 0
+    ks, vs = buffers.scales(layer)
+    if buffers.calibrating and p:  # fp8: the first prefill's K / V set this layer's scales
+        ks.copy_(calibrated_scale(k[:tp], buffers.k.dtype))
+        vs.copy_(calibrated_scale(v[:tp], buffers.v.dtype))
     pre = None
     if p and not p.has_cache and p.all_full:
         pre = ops.causal_prefill(q[:tp], k[:tp], v[:tp], p.cu_seqlens, scale, p.max_seqlen)
@@ -102,8 +108,10 @@ def paged_attention(
             scale,
             p.has_cache,
             p.self_visible,
+            ks,
+            vs,
         )
-    ops.kv_write(k, v, meta.positions, meta.slot_mapping[layer], buffers.k, buffers.v, buffers.pos)
+    ops.kv_write(k, v, meta.positions, meta.slot_mapping[layer], buffers.k, buffers.v, buffers.pos, ks, vs)
     if d:
         o, _ = ops.paged_decode(
             q[tp:],
@@ -117,6 +125,8 @@ def paged_attention(
             d.recent[layer],
             d.positions,
             scale,
+            ks,
+            vs,
         )
         # a step of one kind returns its op's output as is: no scratch, no copy
         out = o if pre is None else torch.cat([pre, o])

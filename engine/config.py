@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 DTYPES = ("float32", "bfloat16", "float16")
 # "auto" (vLLM's word) is resolved on construction by `auto_dtype` into one of DTYPES
 DTYPE_CHOICES = ("auto", *DTYPES)
+# vLLM's --kv-cache-dtype names (kernels/kv_quant.py; kept here so config needs no torch)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 # vLLM's names: auto reads the checkpoint, dummy draws random weights from config.json alone
 LOAD_FORMATS = ("auto", "dummy")
 
@@ -29,6 +31,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's flag)
     tensor_parallel_size: int = 1  # ranks (processes, one device each) the model is split over
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), fp8 / fp8_e4m3, fp8_e5m2 (kernels/kv_quant.py)
+    kv_scales: str | None = None  # fp8 scales file (kvcache/kv_scales.py); None: calibrate from the first prompt
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":
@@ -50,6 +54,12 @@ class EngineConfig:
             raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; choose one of {', '.join(KV_CACHE_DTYPES)}"
+            )
+        if self.kv_scales is not None and self.kv_cache_dtype == "auto":
+            raise ValueError("kv_scales needs an fp8 kv_cache_dtype (fp8, fp8_e4m3 or fp8_e5m2)")
         if "full" in self.plans:
             raise ValueError("plan name 'full' is reserved for the uncompressed cache")
 

@@ -35,6 +35,8 @@ from headwise.engine.structured_output import GrammarCompiler, GrammarState
 from headwise.engine.tp_workers import RankSetup, TPWorkers
 from headwise.engine.tp_workers import start as start_workers
 from headwise.engine.weights import load_model
+from headwise.kernels.kv_quant import cache_dtype
+from headwise.kvcache.kv_scales import rank_scales
 from headwise.kvcache.manager import KVCacheManager
 from headwise.kvcache.plans import Plan, load_plans
 from headwise.kvcache.sharding import for_default_plan
@@ -54,7 +56,9 @@ class LLMEngine:
         self.default_plan = config.default_plan
         self._probe_windows = {name: probe_window(plan) for name, plan in self.plans.items()}
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.dtype)
+        # the pool's element dtype: the model's, or fp8 (1 byte per K / V element)
+        self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
+        per_block = KVCacheManager.bytes_per_block(config.block_size, mc.head_dim, self.kv_dtype)
         # with tensor parallelism: per rank (each rank's device holds its heads' pool)
         num_blocks = config.num_blocks or int((config.kv_cache_mb or DEFAULT_KV_CACHE_MB) * 2**20 // per_block)
         tp = config.tensor_parallel_size
@@ -78,11 +82,12 @@ class LLMEngine:
             config.block_size,
             num_blocks,
             self.max_model_len,
-            self.dtype,
+            self.kv_dtype,
             device,
             config.max_num_seqs,
             config.enable_prefix_caching,
             tp,
+            rank_scales(config.kv_scales, mc.num_layers, mc.num_kv_heads, self.sharding.order, 0, tp),
         )
         if group is not None:
             self.workers = TPWorkers(group, self.kv_manager, processes)
@@ -134,7 +139,7 @@ class LLMEngine:
         seq.probe_window = self._probe_windows[name]
         seq.budgets, seq.pending_heads = head_budgets(seq.plan, self.sharding, len(prompt_token_ids), seq.context_len)
         if self.config.enable_prefix_caching:
-            seq.hash_seed = name_seed(seq, self.model_id, self.config.dtype, self.kv_manager.block_size)
+            seq.hash_seed = name_seed(seq, self.model_id, _cache_numbers(self.config), self.kv_manager.block_size)
         if params.grammar is not None:
             seq.grammar = GrammarState(self.grammars.compile(params.grammar), self.eos_ids)
         if arrival_time is not None:
@@ -343,3 +348,10 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Run prompts to completion together; outputs in input order."""
         return generate_all(self, prompts, params, plans, use_tqdm)
+
+
+def _cache_numbers(config: EngineConfig) -> str:
+    """What decides the numbers a cached block holds besides its tokens and the plan: the
+    model's dtype and, when it is 8-bit, the cache's (part of the prefix-cache hash root)."""
+    return config.dtype if config.kv_cache_dtype == "auto" else f"{config.dtype}/kv-{config.kv_cache_dtype}"
+

@@ -24,6 +24,7 @@ from headwise.engine.model import LlamaModel
 from headwise.engine.sequence import Sequence
 from headwise.engine.step_inputs import StepInputs, build_metadata, build_step_inputs
 from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
+from headwise.kernels.kv_quant import dequantize
 from headwise.kvcache.selection import middle_scores
 from headwise.kvcache.worker_kv import WorkerKV
 
@@ -99,6 +100,8 @@ class ModelRunner:
             meta.probe = SelectionProbe(rows=torch.tensor(rows).to(self.device, non_blocking=True))
         timer.mark("prepare")
         hidden = self.model(packed[:t], meta, self.kv.buffers)
+        if inputs.num_prefill:
+            self.kv.buffers.calibrating = False  # fp8 scales are fixed from now on
         if meta.probe is not None:
             self._keep_probe(inputs, meta.probe)
         return hidden
@@ -130,7 +133,8 @@ class ModelRunner:
         scale = buffers.k.shape[-1] ** -0.5
         scores = []
         for layer in range(ids.shape[0]):
-            k = buffers.k[ids[layer]].reshape(ids.shape[1], nb * bs, -1)[:, :prompt_len]
+            k = dequantize(buffers.k[ids[layer]], buffers.scales(layer)[0], 0)
+            k = k.reshape(ids.shape[1], nb * bs, -1)[:, :prompt_len]
             scores.append(middle_scores(qs[layer], q_pos, k.transpose(0, 1), scale))
         # one transfer for all layers
         return torch.stack(scores).cpu(), torch.stack(outs).cpu() if with_outputs else None

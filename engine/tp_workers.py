@@ -28,7 +28,9 @@ from headwise.engine.model import Shard
 from headwise.engine.model_runner import ModelRunner
 from headwise.engine.step_inputs import StepInputs
 from headwise.engine.weights import load_model
+from headwise.kernels.kv_quant import cache_dtype
 from headwise.kvcache.block_tables import DeviceTables
+from headwise.kvcache.kv_scales import rank_scales
 from headwise.kvcache.manager import KVCacheManager, apply_moves, make_buffers
 from headwise.kvcache.worker_kv import WorkerKV
 
@@ -154,12 +156,13 @@ def worker_main(config: EngineConfig, setup: RankSetup | None, env: ParallelEnv)
     k = len(setup.order[0]) // n
     shard = Shard(env.rank, n, tuple(row[env.rank * k : (env.rank + 1) * k] for row in setup.order))
     cfg, model, _ = load_model(config.model, config.dtype, str(device), config.load_format, shard, group)
-    dtype = getattr(torch, config.dtype)
+    dtype = cache_dtype(config.kv_cache_dtype, getattr(torch, config.dtype))
+    scales = rank_scales(config.kv_scales, cfg.num_layers, len(setup.order[0]), setup.order, env.rank, n)
     rows = config.max_num_seqs + 1
     width = -(-setup.max_model_len // config.block_size) + 1
     cache = WorkerKV(
         DeviceTables(cfg.num_layers, rows, k, width, device),
-        make_buffers(setup.num_blocks, config.block_size, cfg.head_dim, dtype, device),
+        make_buffers(setup.num_blocks, config.block_size, cfg.head_dim, dtype, device, cfg.num_layers, k, scales),
         config.block_size,
     )
     runner = ModelRunner(model, cache, str(device))

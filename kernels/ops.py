@@ -3,7 +3,8 @@
 `HEADWISE_KERNELS=reference|triton` forces either (Triton on CPU needs
 `TRITON_INTERPRET=1`); it is read once, at import, and `force_backend` changes it later.
 Every op has the signature of its reference in `headwise.kernels.reference`, which
-documents shapes and the mask contract. Nothing here reads a device tensor back: the
+documents shapes, the mask contract and the fp8 scales (`k_scale` / `v_scale`, None for a
+cache in the model's dtype). Nothing here reads a device tensor back: the
 ops run once per layer, so a decision that needs data is taken once per step on the host
 and passed in (`max_seqlen`, `self_visible`).
 """
@@ -53,19 +54,36 @@ def backend_for(t: torch.Tensor) -> ModuleType:
     return _triton_ops
 
 
-def kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache) -> None:
-    backend_for(k).kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache)
+def kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache, k_scale=None, v_scale=None) -> None:
+    backend_for(k).kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache, k_scale, v_scale)
 
 
-def paged_decode(q, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, q_pos, scale):
+def paged_decode(
+    q, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, q_pos, scale, k_scale=None, v_scale=None
+):
     return backend_for(q).paged_decode(
-        q, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, q_pos, scale
+        q, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, q_pos, scale, k_scale, v_scale
     )
 
 
-def paged_prefix(q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, scale):
+def paged_prefix(
+    q,
+    q_pos,
+    q_seq,
+    k_cache,
+    v_cache,
+    pos_cache,
+    block_tables,
+    rows,
+    lengths,
+    keep,
+    recent,
+    scale,
+    k_scale=None,
+    v_scale=None,
+):
     return backend_for(q).paged_prefix(
-        q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, scale
+        q, q_pos, q_seq, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, scale, k_scale, v_scale
     )
 
 
@@ -150,6 +168,8 @@ def prefill_attention(
     scale,
     has_cache: bool,
     self_visible: bool | None = None,
+    k_scale=None,
+    v_scale=None,
 ):
     """Chunk queries over their sequence's cached slots and the chunk itself, with the
     docs/design.md position mask; returns `[T, Hq, D]`.
@@ -180,11 +200,26 @@ def prefill_attention(
                 sink,
                 recent,
                 scale,
+                k_scale,
+                v_scale,
             )
     o, lse = be.sink_window_prefill(q, k, v, positions, cu_seqlens, sink, recent, scale)
     if has_cache:
         oc, lsec = be.paged_prefix(
-            q, positions, seq_index, k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, scale
+            q,
+            positions,
+            seq_index,
+            k_cache,
+            v_cache,
+            pos_cache,
+            block_tables,
+            rows,
+            lengths,
+            keep,
+            recent,
+            scale,
+            k_scale,
+            v_scale,
         )
         o, _ = be.merge_states(o, lse, oc, lsec)
     return o

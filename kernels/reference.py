@@ -18,12 +18,18 @@ a query at position p iff `r < keep` (sinks and selected tokens, always kept) or
 Inside a chunk (no cache) the same rule is stated on positions with `sink`:
 key j visible to query i iff `j <= i` and (`j < sink` or `j > i - recent`).
 
+An 8-bit (fp8) cache holds `x / scale` with a float32 scale per KV head of the layer
+(`k_scale` / `v_scale [Hkv]`, None for a cache in the model's dtype): kv_write quantizes,
+every op that reads the cache dequantizes right after its gather (kernels/kv_quant.py).
+
 Log-sum-exp values are natural-log, float32; an empty row gives output 0, lse -inf.
 """
 
 from __future__ import annotations
 
 import torch
+
+from headwise.kernels.kv_quant import dequantize, is_fp8, quantize
 
 
 def kv_write(
@@ -34,14 +40,21 @@ def kv_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos_cache: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write k, v `[T, Hkv, D]` to flat slots `slot_mapping [T, Hkv]` (-1 = drop)."""
+    """Write k, v `[T, Hkv, D]` to flat slots `slot_mapping [T, Hkv]` (-1 = drop); an fp8
+    cache stores `x / scale` per KV head (`k_scale` / `v_scale [Hkv]`, kernels/kv_quant.py)."""
     d = k.shape[-1]
     slots = slot_mapping.reshape(-1).long()
     keep = slots >= 0
     slots = slots[keep]
-    k_cache.view(-1, d).index_copy_(0, slots, k.reshape(-1, d)[keep].to(k_cache.dtype))
-    v_cache.view(-1, d).index_copy_(0, slots, v.reshape(-1, d)[keep].to(v_cache.dtype))
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        if is_fp8(cache.dtype):  # torch has no fp8 index_copy on the CPU: copy the bytes
+            rows = quantize(x, scale, cache.dtype).reshape(-1, d)[keep]
+            cache.view(torch.uint8).view(-1, d).index_copy_(0, slots, rows.view(torch.uint8))
+        else:
+            cache.view(-1, d).index_copy_(0, slots, x.reshape(-1, d)[keep].to(cache.dtype))
     pos = positions.to(pos_cache.dtype)[:, None].expand(slot_mapping.shape).reshape(-1)[keep]
     pos_cache.view(-1).index_copy_(0, slots, pos)
 
@@ -64,7 +77,7 @@ def _softmax_av(scores: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype):
     return out.to(out_dtype), lse
 
 
-def _cached_keys(k_cache, v_cache, pos_cache, table, lengths, keep, recent, q_pos, dtype):
+def _cached_keys(k_cache, v_cache, pos_cache, table, lengths, keep, recent, q_pos, dtype, k_scale=None, v_scale=None):
     """One sequence's cached slots and which of them each query may see (the paged mask).
 
     table `[1, Hkv, max_blocks]`, lengths / keep / recent `[Hkv]`, q_pos `[n]`. Returns
@@ -76,8 +89,8 @@ def _cached_keys(k_cache, v_cache, pos_cache, table, lengths, keep, recent, q_po
         return None
     bs = k_cache.shape[1]
     nb = -(-n_valid // bs)
-    k = _gather(k_cache, table, nb)[0].to(dtype)
-    v = _gather(v_cache, table, nb)[0].to(dtype)
+    k = dequantize(_gather(k_cache, table, nb)[0], k_scale, 0).to(dtype)
+    v = dequantize(_gather(v_cache, table, nb)[0], v_scale, 0).to(dtype)
     kpos = _gather(pos_cache, table, nb)[0].long()  # [Hkv, N]
     r = torch.arange(nb * bs, device=k.device)[None, None, :]
     qp = q_pos.long()[None, :, None]
@@ -107,6 +120,8 @@ def paged_decode(
     recent: torch.Tensor,
     q_pos: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per sequence, `q [B, Hq, D]` at positions `q_pos [B]`, over the valid
     slots of each KV head with the (keep, recent) mask of `paged_prefix`: a window head's
@@ -121,8 +136,8 @@ def paged_decode(
     max_len = int(lengths.max()) if lengths.numel() else 0
     nblocks = max(1, -(-max_len // bs))
     tables = block_tables[rows.long()]
-    k = _gather(k_cache, tables, nblocks).float()  # [B, Hkv, N, D]
-    v = _gather(v_cache, tables, nblocks).float()
+    k = dequantize(_gather(k_cache, tables, nblocks), k_scale, 1)  # [B, Hkv, N, D]
+    v = dequantize(_gather(v_cache, tables, nblocks), v_scale, 1)
     kpos = _gather(pos_cache, tables, nblocks).long()  # [B, Hkv, N]
     qg = q.float().view(b, hkv, hq // hkv, d)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
@@ -148,6 +163,8 @@ def paged_prefix(
     keep: torch.Tensor,
     recent: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk queries `q [T, Hq, D]` (positions `q_pos`, sequence `q_seq` in [0, S))
     against the cached slots of their sequence, with the (keep, recent) mask.
@@ -174,6 +191,8 @@ def paged_prefix(
             recent[s],
             q_pos[tokens],
             torch.float32,
+            k_scale,
+            v_scale,
         )
         if cached is None:
             continue
@@ -253,6 +272,8 @@ def masked_prefill(
     sink: torch.Tensor,
     recent: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """paged_prefix + sink_window_prefill + merge_states in one masked SDPA call per
     sequence (the CPU serving path: torch's fused CPU attention, no log-sum-exp).
@@ -294,6 +315,8 @@ def masked_prefill(
             recent[s],
             positions[a:b],
             q.dtype,
+            k_scale,
+            v_scale,
         )
         if cached is not None:
             kc, vc, vis_cache = cached

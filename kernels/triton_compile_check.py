@@ -34,7 +34,15 @@ from headwise.kernels import (  # noqa: E402
 )
 from headwise.kernels.layout import UNBOUNDED  # noqa: E402
 
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+_TYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.float8_e4m3fn: "fp8e4nv",
+    torch.float8_e5m2: "fp8e5",
+}
 # opt-in shared memory per block by compute capability; a kernel over it fails to load
 _SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 _KERNELS = [
@@ -131,6 +139,31 @@ def _drive_ops(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -
     )
 
 
+def _drive_fp8_ops(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> None:
+    """The ops that touch an fp8 cache (kernels/kv_quant.py): decode (both paths), prefix, kv_write."""
+    s, hkv, t = 2, 2, 8
+    kc = torch.zeros(64, block_size, head_dim, dtype=cache_dtype)
+    vc = torch.zeros_like(kc)
+    pc = torch.zeros(64, block_size, dtype=torch.int32)
+    tables = torch.zeros(s, hkv, 16, dtype=torch.int32)
+    lengths = torch.full((s, hkv), 40, dtype=torch.int32)
+    scales = torch.ones(hkv)
+    q = torch.zeros(s, hkv * group, head_dim, dtype=dtype)
+    rows = torch.arange(s, dtype=torch.int32)
+    recent = torch.full((s, hkv), UNBOUNDED, dtype=torch.int32)
+    saved = triton_decode.MIN_SPLIT_TOKENS
+    for min_split in (triton_decode.TILE_TOKENS, 1 << 20):
+        triton_decode.MIN_SPLIT_TOKENS = min_split
+        triton_ops.paged_decode(q, kc, vc, pc, tables, rows, lengths, lengths, recent, rows + 40, 0.1, scales, scales)
+    triton_decode.MIN_SPLIT_TOKENS = saved
+    qt = torch.zeros(t, hkv * group, head_dim, dtype=dtype)
+    pos = torch.arange(t)
+    seq = torch.zeros(t, dtype=torch.int64)
+    triton_ops.paged_prefix(qt, pos, seq, kc, vc, pc, tables, rows, lengths, lengths, recent, 0.1, scales, scales)
+    k = torch.zeros(t, hkv, head_dim, dtype=dtype)
+    triton_ops.kv_write(k, k, pos, torch.zeros(t, hkv, dtype=torch.int32), kc, vc, pc, scales, scales)
+
+
 def compile_all(arch: int, configs: list[tuple[torch.dtype, int, int, int]]) -> list[str]:
     """Compile every kernel for `arch` under each (dtype, head_dim, block_size, group)."""
     target = GPUTarget("cuda", arch, 32)
@@ -141,6 +174,8 @@ def compile_all(arch: int, configs: list[tuple[torch.dtype, int, int, int]]) -> 
             setattr(mod, name, _CompileOnLaunch(fn, target, log))
         for config in configs:
             _drive_ops(*config)
+        for config in FP8_CONFIGS:
+            _drive_fp8_ops(*config)
     finally:
         for mod, name, fn in originals:
             setattr(mod, name, fn)
@@ -148,6 +183,8 @@ def compile_all(arch: int, configs: list[tuple[torch.dtype, int, int, int]]) -> 
 
 
 DEFAULT_CONFIGS = [(torch.bfloat16, 128, 16, 4), (torch.float32, 64, 32, 3)]
+# (query dtype, cache dtype, head_dim, block_size, group)
+FP8_CONFIGS = [(torch.bfloat16, torch.float8_e4m3fn, 128, 16, 4), (torch.float16, torch.float8_e5m2, 64, 16, 3)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ Block tables are the engine's persistent per-layer tables `[R, Hkv, W]`; `rows[b
 sequence b's row. Bounded heads apply the (keep, recent) position mask: a window head's
 table starts with its sink blocks and then the blocks of its window, whose oldest block
 may still hold positions that left the window. Full heads (recent >= UNBOUNDED) skip the
-position loads.
+position loads. An fp8 cache is widened to the query's dtype tile by tile; the head's K
+scale multiplies its scores and its V scale the output (kernels/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def _decode_split_kernel(
     keep_ptr,
     recent_ptr,
     qpos_ptr,
+    ks_ptr,
+    vs_ptr,
     o_ptr,
     lse_ptr,
     qk_scale,
@@ -115,6 +118,7 @@ def _decode_split_kernel(
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     UNBOUNDED: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -142,6 +146,9 @@ def _decode_split_kernel(
     recent = tl.load(recent_ptr + b * s_rb + h * s_rh)
     horizon = tl.load(qpos_ptr + b) - recent  # a slot past `keep` is visible iff its position > horizon
     bounded = recent < UNBOUNDED
+    score_scale = qk_scale
+    if SCALED:  # fp8 cache: K's scale folds into the score scale, V's into the output
+        score_scale = qk_scale * tl.load(ks_ptr + h)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -154,15 +161,17 @@ def _decode_split_kernel(
         slot = tok % BS
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + blk[:, None] * s_kb + slot[:, None] * s_ks + d[None, :], mask=kv_mask, other=0.0)
-        s = dot_f32(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        s = dot_f32(q, tl.trans(k.to(q.dtype)), UPCAST, IEEE) * score_scale
         visible = ok
         if bounded:
             kpos = tl.load(pos_ptr + blk * s_pb + slot, mask=ok, other=0)
             visible = ok & ((tok < keep) | (kpos > horizon))
         s = tl.where(visible[None, :], s, float("-inf"))
         v = tl.load(v_ptr + blk[:, None] * s_vb + slot[:, None] * s_vs + d[None, :], mask=kv_mask, other=0.0)
-        m, l, acc = online_softmax_step(m, l, acc, s, v, UPCAST, IEEE)
+        m, l, acc = online_softmax_step(m, l, acc, s, v.to(q.dtype), UPCAST, IEEE)
     out, lse = finish_softmax(m, l, acc)
+    if SCALED:
+        out = out * tl.load(vs_ptr + h)
     o_row = o_ptr + b * s_ob + h * s_oh + split * s_os + g * s_og
     tl.store(o_row[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + b * s_eb + h * s_eh + split * s_es + g * s_eg, lse, mask=g_ok)
@@ -241,6 +250,8 @@ def launch_decode(
     recent: torch.Tensor,
     q_pos: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked inputs in, (out [B, Hq, D], lse [B, Hq]) out; see triton_ops.paged_decode."""
     b, hq, d = q.shape
@@ -252,7 +263,7 @@ def launch_decode(
     if b == 0 or hq == 0:
         return out, lse
     per_split, max_splits = plan_splits(b, hkv, block_tables.shape[2] * bs, q.device)
-    upcast, ieee = dot_flags(k_cache.dtype)
+    upcast, ieee = dot_flags(q.dtype)  # an fp8 cache is widened to q's dtype before each dot
     consts = dict(
         G=g,
         G_PAD=next_pow2(g, 16),
@@ -263,6 +274,7 @@ def launch_decode(
         UPCAST=upcast,
         IEEE=ieee,
         UNBOUNDED=UNBOUNDED,
+        SCALED=k_scale is not None,
         num_warps=4,
         num_stages=3,
     )
@@ -287,6 +299,8 @@ def launch_decode(
         keep,
         recent,
         q_pos,
+        k_scale if k_scale is not None else lengths,  # not read unless SCALED
+        v_scale if v_scale is not None else lengths,
         po,
         plse,
         scale * LOG2E,

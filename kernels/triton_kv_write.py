@@ -2,7 +2,8 @@
 
 One program per token writes all of its KV heads: each head's row goes to the flat slot
 `slot_mapping[t, h]` (block = slot // block_size); -1 drops the row. A recent ring is
-expressed entirely by the slot mapping, so the kernel knows nothing about budgets.
+expressed entirely by the slot mapping, so the kernel knows nothing about budgets. An fp8
+cache stores `x / scale` of the row's KV head, clamped to the format (kernels/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def _kv_write_kernel(
     kc_ptr,
     vc_ptr,
     pc_ptr,
+    ks_ptr,
+    vs_ptr,
     num_kv_heads,
     s_kt,
     s_kh,
@@ -40,6 +43,8 @@ def _kv_write_kernel(
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     BS: tl.constexpr,
+    SCALED: tl.constexpr,
+    FMAX: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, H_PAD)
@@ -51,6 +56,11 @@ def _kv_write_kernel(
     mask = ok[:, None] & (d < D)[None, :]
     k = tl.load(k_ptr + t * s_kt + h[:, None] * s_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t * s_vt + h[:, None] * s_vh + d[None, :], mask=mask)
+    if SCALED:  # fp8 cache: x / scale of the head, saturated at the format's max
+        ks = tl.load(ks_ptr + h, mask=h < num_kv_heads, other=1.0)
+        vs = tl.load(vs_ptr + h, mask=h < num_kv_heads, other=1.0)
+        k = tl.clamp(k.to(tl.float32) / ks[:, None], -FMAX, FMAX)
+        v = tl.clamp(v.to(tl.float32) / vs[:, None], -FMAX, FMAX)
     tl.store(kc_ptr + (blk * s_kcb + off * s_kcs)[:, None] + d[None, :], k.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptr + (blk * s_vcb + off * s_vcs)[:, None] + d[None, :], v.to(vc_ptr.dtype.element_ty), mask=mask)
     pos = tl.load(pos_ptr + t) + tl.zeros([H_PAD], tl.int64)  # one position for all heads of the token
@@ -65,6 +75,8 @@ def launch_kv_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos_cache: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Checked inputs in; see triton_ops.kv_write."""
     t, hkv, d = k.shape
@@ -78,6 +90,8 @@ def launch_kv_write(
         k_cache,
         v_cache,
         pos_cache,
+        k_scale if k_scale is not None else positions,  # not read unless SCALED
+        v_scale if v_scale is not None else positions,
         hkv,
         k.stride(0),
         k.stride(1),
@@ -95,5 +109,7 @@ def launch_kv_write(
         D=d,
         D_PAD=next_pow2(d),
         BS=k_cache.shape[1],
+        SCALED=k_scale is not None,
+        FMAX=torch.finfo(k_cache.dtype).max if k_scale is not None else 0.0,
         num_warps=4,
     )

@@ -6,7 +6,7 @@ these functions launch the kernels in `triton_decode`, `triton_prefix`, `triton_
 (`headwise.kernels.debug`) they first check their inputs (ValueError names the bad
 argument); without it they only launch, since they run once per layer per step.
 Accumulation is fp32; q / k / v / caches are float16, bfloat16 or float32, all of one
-dtype. Index tensors may be int32 or int64. On CPU this needs TRITON_INTERPRET=1.
+dtype, or the caches are fp8 (e4m3 / e5m2) with float32 scales per KV head. Index tensors may be int32 or int64. On CPU this needs TRITON_INTERPRET=1.
 
 Preconditions the reference does not need:
 - kv_write: no slot appears twice in one call (a ring that wraps inside a chunk drops the
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from headwise.kernels.debug import CHECKS
+from headwise.kernels.kv_quant import is_fp8
 from headwise.kernels.triton_common import (
     check_attention_dtype,
     check_cache,
@@ -56,11 +57,28 @@ def _check_heads(name: str, hq: int, hkv: int) -> None:
     require(hkv > 0 and hq % hkv == 0, f"{name}: {hq} query heads is not a multiple of {hkv} KV heads")
 
 
+def _check_scales(k_cache: torch.Tensor, k_scale, v_scale, hkv: int) -> None:
+    """An fp8 cache comes with float32 scales `[Hkv]`; a cache in the model's dtype without."""
+    if not is_fp8(k_cache.dtype):
+        require(k_scale is None and v_scale is None, f"k_scale / v_scale given for a {k_cache.dtype} cache")
+        return
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        require(s is not None, f"{name} is required with a {k_cache.dtype} cache")
+        require(s.dtype == torch.float32 and tuple(s.shape) == (hkv,), f"{name} must be float32 [{hkv}]")
+
+
+def _check_cache_dtype(name: str, cache: torch.Tensor, like: torch.Tensor | None) -> None:
+    if is_fp8(cache.dtype):
+        return
+    check_attention_dtype(name, cache, like)
+
+
 def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
     require(q.dim() == 3, f"q must be [tokens, heads, head_dim], got {tuple(q.shape)}")
     check_attention_dtype("q", q)
-    check_attention_dtype("k_cache", k_cache, q)
-    check_attention_dtype("v_cache", v_cache, q)
+    _check_cache_dtype("k_cache", k_cache, q)
+    _check_cache_dtype("v_cache", v_cache, q)
+    require(v_cache.dtype == k_cache.dtype, f"v_cache.dtype={v_cache.dtype} != k_cache.dtype={k_cache.dtype}")
     check_cache("k_cache", k_cache, q.shape[2])
     check_cache("v_cache", v_cache, q.shape[2])
     require(v_cache.shape == k_cache.shape, f"v_cache shape {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
@@ -79,12 +97,24 @@ def kv_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos_cache: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write k, v `[T, Hkv, D]` to flat slots `slot_mapping [T, Hkv]` (-1 = drop)."""
+    """Write k, v `[T, Hkv, D]` to flat slots `slot_mapping [T, Hkv]` (-1 = drop); an fp8
+    cache stores `x / scale` per KV head."""
     if CHECKS:
         _check_kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache)
+        _check_scales(k_cache, k_scale, v_scale, k.shape[1])
     launch_kv_write(
-        _rows_contiguous(k), _rows_contiguous(v), positions.contiguous(), slot_mapping, k_cache, v_cache, pos_cache
+        _rows_contiguous(k),
+        _rows_contiguous(v),
+        positions.contiguous(),
+        slot_mapping,
+        k_cache,
+        v_cache,
+        pos_cache,
+        k_scale,
+        v_scale,
     )
 
 
@@ -92,8 +122,8 @@ def _check_kv_write(k, v, positions, slot_mapping, k_cache, v_cache, pos_cache) 
     require(k.dim() == 3, f"k must be [tokens, kv_heads, head_dim], got {tuple(k.shape)}")
     require(v.shape == k.shape, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
     t, hkv, d = k.shape
-    check_attention_dtype("k_cache", k_cache)
-    check_attention_dtype("v_cache", v_cache, k_cache)
+    _check_cache_dtype("k_cache", k_cache, None)
+    require(v_cache.dtype == k_cache.dtype, f"v_cache.dtype={v_cache.dtype} != k_cache.dtype={k_cache.dtype}")
     check_cache("k_cache", k_cache, d)
     check_cache("v_cache", v_cache, d)
     require(v_cache.shape == k_cache.shape, f"v_cache shape {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
@@ -115,6 +145,8 @@ def paged_decode(
     recent: torch.Tensor,
     q_pos: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per sequence, `q [B, Hq, D]` at `q_pos [B]`, over the valid slots of its
     row `rows[b]` of `block_tables [R, Hkv, W]` with the (keep, recent) mask.
@@ -132,8 +164,21 @@ def paged_decode(
             check_int(name, x, heads)
         require(block_tables.stride(-1) == 1, "block_tables must have a unit stride along its blocks")
         check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, rows=rows, lengths=lengths, q_pos=q_pos)
+        _check_scales(k_cache, k_scale, v_scale, block_tables.shape[1])
     return launch_decode(
-        _rows_contiguous(q), k_cache, v_cache, pos_cache, block_tables, rows, lengths, keep, recent, q_pos, float(scale)
+        _rows_contiguous(q),
+        k_cache,
+        v_cache,
+        pos_cache,
+        block_tables,
+        rows,
+        lengths,
+        keep,
+        recent,
+        q_pos,
+        float(scale),
+        k_scale,
+        v_scale,
     )
 
 
@@ -150,6 +195,8 @@ def paged_prefix(
     keep: torch.Tensor,
     recent: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk queries `q [T, Hq, D]` against the cached slots of their sequence q_seq in
     [0, S), whose table is row `rows[s]` of `block_tables [R, Hkv, W]`.
@@ -168,6 +215,7 @@ def paged_prefix(
             check_int(name, x, heads)
         check_same_device(q=q, q_pos=q_pos, q_seq=q_seq, k_cache=k_cache, block_tables=block_tables, lengths=lengths)
         require(block_tables.stride(-1) == 1, "block_tables must have a unit stride along its blocks")
+        _check_scales(k_cache, k_scale, v_scale, block_tables.shape[1])
     return launch_prefix(
         _rows_contiguous(q),
         q_pos.contiguous(),
@@ -181,6 +229,8 @@ def paged_prefix(
         keep,
         recent,
         float(scale),
+        k_scale,
+        v_scale,
     )
 
 

@@ -6,7 +6,8 @@ whole GQA group and the chunk tile. Tokens may belong to any sequences in any or
 (`q_seq` per token): the program walks the distinct sequences present in its tile, which
 is one for a contiguous chunk, without a host sync; its block-table row is `rows[seq]`.
 A bounded head caches about sink + recent (+ select) slots (whole blocks), so its cost is
-O(chunk x capacity) by construction.
+O(chunk x capacity) by construction. An fp8 cache is widened to the query's dtype tile by
+tile; the head's K scale multiplies its scores and its V scale the output.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _paged_prefix_kernel(
     len_ptr,
     keep_ptr,
     recent_ptr,
+    ks_ptr,
+    vs_ptr,
     o_ptr,
     lse_ptr,
     qk_scale,
@@ -69,8 +72,12 @@ def _paged_prefix_kernel(
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     NO_SEQ: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     h = tl.program_id(1)
+    score_scale = qk_scale
+    if SCALED:  # fp8 cache: K's scale folds into the score scale, V's into the output
+        score_scale = qk_scale * tl.load(ks_ptr + h)
     rows = tl.arange(0, TOKENS * G_PAD)
     t = (tl.program_id(0) * TOKENS + rows // G_PAD).to(tl.int64)
     hq = h * G + rows % G_PAD
@@ -101,12 +108,14 @@ def _paged_prefix_kernel(
             kpos = tl.load(pos_ptr + blk * s_pb + slot * s_ps, mask=ok, other=0)
             kv_mask = ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + blk[:, None] * s_kb + slot[:, None] * s_ks + d[None, :], mask=kv_mask, other=0.0)
-            s = dot_f32(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+            s = dot_f32(q, tl.trans(k.to(q.dtype)), UPCAST, IEEE) * score_scale
             visible = ok[None, :] & ((r < keep)[None, :] | (kpos[None, :] > horizon[:, None]))
             s = tl.where(visible & mine[:, None], s, float("-inf"))
             v = tl.load(v_ptr + blk[:, None] * s_vb + slot[:, None] * s_vs + d[None, :], mask=kv_mask, other=0.0)
-            m, l, acc = online_softmax_step(m, l, acc, s, v, UPCAST, IEEE)
+            m, l, acc = online_softmax_step(m, l, acc, s, v.to(q.dtype), UPCAST, IEEE)
         out, lse = finish_softmax(m, l, acc)
+        if SCALED:
+            out = out * tl.load(vs_ptr + h)
         store = mine & row_ok
         tl.store(
             o_ptr + t[:, None] * s_ot + hq[:, None] * s_oh + d[None, :],
@@ -130,6 +139,8 @@ def launch_prefix(
     keep: torch.Tensor,
     recent: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked inputs in, (out [T, Hq, D], lse [T, Hq]) out; see triton_ops.paged_prefix."""
     t, hq, d = q.shape
@@ -142,7 +153,7 @@ def launch_prefix(
         return out, lse
     tokens = max(1, ROWS // g_pad)
     tile = TILE_KEYS if q.element_size() <= 2 else TILE_KEYS // 2
-    upcast, ieee = dot_flags(k_cache.dtype)
+    upcast, ieee = dot_flags(q.dtype)  # an fp8 cache is widened to q's dtype before each dot
     _paged_prefix_kernel[(triton.cdiv(t, tokens), hkv)](
         q,
         q_pos,
@@ -155,6 +166,8 @@ def launch_prefix(
         lengths,
         keep,
         recent,
+        k_scale if k_scale is not None else lengths,  # not read unless SCALED
+        v_scale if v_scale is not None else lengths,
         out,
         lse,
         scale * LOG2E,
@@ -189,6 +202,7 @@ def launch_prefix(
         UPCAST=upcast,
         IEEE=ieee,
         NO_SEQ=_NO_SEQ,
+        SCALED=k_scale is not None,
         num_warps=4,
         num_stages=3,
     )

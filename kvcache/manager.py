@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from headwise.kernels.kv_quant import is_fp8
 from headwise.kvcache.block_pool import BlockPool
 from headwise.kvcache.block_tables import BlockTables, Edits
 from headwise.kvcache.budget import HeadBudget, compacted_capacity, select_range
@@ -43,14 +44,19 @@ class KVCacheManager:
         max_num_seqs: int = 64,
         enable_prefix_caching: bool = False,
         ranks: int = 1,
+        scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
+        """`dtype` is the cache's element dtype (an fp8 one stores 1 byte per element with
+        per-head scales: rank 0's `scales` `[L, Hkv / ranks]`, or None to calibrate them)."""
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size = block_size
         self.ranks = ranks
         # +1: a request's window head may hold one partly expired block beyond its positions
         self.max_blocks_per_head = -(-max_model_len // block_size) + 1
         self.pool = BlockPool(num_blocks, ranks)
-        self.buffers = make_buffers(num_blocks, block_size, head_dim, dtype, device)
+        self.buffers = make_buffers(
+            num_blocks, block_size, head_dim, dtype, device, num_layers, num_kv_heads // ranks, scales
+        )
         self.tables = BlockTables(
             num_layers, num_kv_heads, max_num_seqs, self.max_blocks_per_head, device, ranks, num_blocks
         )
@@ -64,7 +70,8 @@ class KVCacheManager:
 
     @staticmethod
     def bytes_per_block(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Pool bytes of one block: K, V and the int32 position of each slot."""
+        """Pool bytes of one block: K, V (in the cache dtype: 1 byte each in fp8) and the
+        int32 position of each slot."""
         return block_size * (2 * head_dim * torch.finfo(dtype).bits // 8 + 4)
 
     @property
@@ -321,13 +328,29 @@ class KVCacheManager:
             self.pool.release(old.astype(np.int32))
 
 
-def make_buffers(num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device) -> KVBuffers:
-    """One rank's pool tensors."""
-    return KVBuffers(
+def make_buffers(
+    num_blocks: int,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device,
+    num_layers: int = 0,
+    num_kv_heads: int = 0,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> KVBuffers:
+    """One rank's pool tensors; an fp8 `dtype` adds this rank's scales `[L, Hkv]` (given, or
+    calibrated by the first prefill step)."""
+    buffers = KVBuffers(
         k=torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device),
         v=torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device),
         pos=torch.zeros(num_blocks, block_size, dtype=torch.int32, device=device),
     )
+    if is_fp8(dtype):
+        if scales is None:
+            scales = (torch.ones(num_layers, num_kv_heads), torch.ones(num_layers, num_kv_heads))
+            buffers.calibrating = True
+        buffers.k_scale, buffers.v_scale = (s.to(device=device, dtype=torch.float32).contiguous() for s in scales)
+    return buffers
 
 
 def apply_moves(buffers: KVBuffers, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -136,6 +136,7 @@ def test_eval_command_runs_full_and_a_plan_through_the_engine(tmp_path, capsys):
             "kv_ratio",
             "kv_bytes_decode",
             "kv_ratio_decode",
+            "kv_cache_dtype",
         }
         assert r["length"] == 256 and r["samples"] == 2 and r["kv_bytes"] > 0
     assert rows["full", "passkey"]["kv_ratio"] == 1.0 and rows["full", "ppl"]["kv_ratio"] == 1.0

@@ -390,4 +390,4 @@ def test_every_kernel_compiles_for_sm90():
     command = [sys.executable, "-W", "ignore", "-m", "headwise.kernels.triton_compile_check", "--arch", "90"]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 20 kernel variants for sm_90" in proc.stdout
+    assert "compiled 30 kernel variants for sm_90" in proc.stdout

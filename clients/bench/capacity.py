@@ -19,6 +19,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input-len", type=int, default=4096, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+        default="auto",
+        help="the pool's K/V element type: auto (--dtype) or fp8 (1 byte per element)",
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk (the engine's step budget)")
     p.add_argument(
@@ -67,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from headwise.engine.config import auto_dtype
     from headwise.engine.errors import ModelLoadError
     from headwise.engine.loader import model_shape
+    from headwise.kernels.kv_quant import cache_dtype
     from headwise.kvcache.manager import KVCacheManager
     from headwise.kvcache.plans import load_plans
     from headwise.kvcache.sharding import ShardingError, balanced, check_divisible, contiguous
@@ -84,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
-    per_block = KVCacheManager.bytes_per_block(args.block_size, shape.head_dim, getattr(torch, args.dtype))
+    kv_dtype = cache_dtype(args.kv_cache_dtype, getattr(torch, args.dtype))
+    per_block = KVCacheManager.bytes_per_block(args.block_size, shape.head_dim, kv_dtype)
     pool = int(args.kv_cache_mb * 2**20 // per_block)
     rows = []
     for p in plans:
@@ -102,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(r))
         return 0
     print(
-        f"{args.kv_cache_mb:g} MiB pool = {pool} blocks of {args.block_size} slots ({args.dtype}); requests of "
+        f"{args.kv_cache_mb:g} MiB pool = {pool} blocks of {args.block_size} slots ({args.dtype}"
+        + (f", kv cache {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else "")
+        + f"); requests of "
         f"{args.input_len} + {args.output_len} tokens"
     )
     for r in rows:

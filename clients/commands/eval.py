@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         run_config = {
             "model": config.model,
             "dtype": config.dtype,
+            "kv_cache_dtype": config.kv_cache_dtype,
             "plans": {"full": None, **config.plans},
             "tasks": tasks,
             "lengths": lengths,

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from headwise.clients.cli import CliError
-from headwise.engine.config import DTYPES
+from headwise.engine.config import DTYPES, KV_CACHE_DTYPES
 from headwise.kvcache import plan_import
 from headwise.kvcache.plan_build import (
     decode_head_blocks,
@@ -73,6 +73,12 @@ def add_parser(subparsers) -> None:
         help="the engine's dtype, whose element size the bytes count (default float32, the engine's CPU default)",
     )
     dtype.add_argument("--dtype-bytes", type=int, help="bytes per K/V element (instead of --dtype)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help="the engine's --kv-cache-dtype: auto counts --dtype's element size, fp8 / fp8_e4m3 / fp8_e5m2 1 byte",
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--png", help="also draw a layers x kv heads map of slots per head")
     p.add_argument(
@@ -201,6 +207,10 @@ def _show(args: argparse.Namespace) -> int:
         raise CliError("--context, --block-size and --dtype-bytes must be >= 1")
     dtype = args.dtype or "float32"
     elem, elem_name = (args.dtype_bytes, "") if args.dtype_bytes is not None else (DTYPE_BYTES[dtype], f"{dtype}, ")
+    if args.kv_cache_dtype != "auto":
+        if args.dtype_bytes is not None:
+            raise CliError("--kv-cache-dtype and --dtype-bytes both set the bytes per element: give one")
+        elem, elem_name = 1, f"kv cache {args.kv_cache_dtype}, "
     prompt = args.context if args.prompt is None else args.prompt
     if not 1 <= prompt <= args.context:
         raise CliError(f"--prompt must be in [1, --context {args.context}], got {prompt}")

@@ -34,6 +34,8 @@ class Row:
     # holds while it decodes
     kv_bytes_decode: float = 0.0
     kv_ratio_decode: float = 0.0
+    # the engine's --kv-cache-dtype: the bytes above count its element size (fp8: 1 byte)
+    kv_cache_dtype: str = "auto"
 
 
 def evaluate(
@@ -57,6 +59,8 @@ def evaluate(
             + (" (ppl needs length + 1)" if "ppl" in tasks else "")
         )
     groups = [(t, n) for t in tasks for n in lengths]
+    config = getattr(engine, "config", None)
+    kv_dtype = getattr(config, "kv_cache_dtype", "auto")
     rows: list[Row] = []
     with tqdm(total=len(groups) * samples * len(plans), unit="req", desc="eval", disable=not progress) as bar:
         for task, length in groups:
@@ -68,7 +72,7 @@ def evaluate(
             outs = engine.generate(prompts, params, names)
             bar.update(len(outs))
             by_plan = {p: outs[i * len(group) : (i + 1) * len(group)] for i, p in enumerate(plans)}
-            rows.extend(score_group(group, by_plan))
+            rows.extend(score_group(group, by_plan, kv_dtype))
     return rows
 
 
@@ -79,7 +83,7 @@ def request_params(sample: Sample) -> SamplingParams:
     return SamplingParams(max_tokens=sample.max_tokens, temperature=0.0)
 
 
-def score_group(group: list[Sample], by_plan: dict[str, list[RequestOutput]]) -> list[Row]:
+def score_group(group: list[Sample], by_plan: dict[str, list[RequestOutput]], kv_dtype: str = "auto") -> list[Row]:
     """One row per plan for one (task, length); `by_plan` holds outputs in sample order and
     always has "full"."""
     task, length = group[0].task, group[0].length
@@ -110,6 +114,7 @@ def score_group(group: list[Sample], by_plan: dict[str, list[RequestOutput]]) ->
                 kv / full_kv if full_kv else 0.0,
                 dec,
                 dec / full_dec if full_dec else 0.0,
+                kv_dtype,
             )
         )
     return rows
@@ -123,7 +128,7 @@ def format_table(rows: list[Row]) -> str:
     """One block per (task, length), a line per plan; score is accuracy, or perplexity for ppl."""
     width = max([len(r.plan) for r in rows] + [4])
     header = (
-        f"{'task':<16} {'length':>6}  {'plan':<{width}}  {'score':>8}  {'agree':>6}  "
+        f"{'task':<16} {'length':>6}  {'plan':<{width}}  {'kv dtype':>8}  {'score':>8}  {'agree':>6}  "
         f"{'KV MiB':>8}  {'KV ratio':>8}  {'dec MiB':>8}  {'dec ratio':>9}"
     )
     lines = [header, "-" * len(header)]
@@ -134,14 +139,15 @@ def format_table(rows: list[Row]) -> str:
         previous = (r.task, r.length)
         score = f"{r.score:8.2f}" if r.task == "ppl" else f"{r.score:8.3f}"
         lines.append(
-            f"{r.task:<16} {r.length:>6}  {r.plan:<{width}}  {score}  {r.agreement:6.3f}  "
+            f"{r.task:<16} {r.length:>6}  {r.plan:<{width}}  {r.kv_cache_dtype:>8}  {score}  {r.agreement:6.3f}  "
             f"{r.kv_bytes / 2**20:8.2f}  {r.kv_ratio:8.3f}  {r.kv_bytes_decode / 2**20:8.2f}  "
             f"{r.kv_ratio_decode:9.3f}"
         )
     lines.append(
         "score: string_match_all accuracy, ppl rows: perplexity (lower is better); agree: greedy "
         "common prefix with full, ppl rows: top-1 match with full per position; KV: peak bytes per "
-        "request (prefill included); dec: peak once the prompt is processed (select heads shrunk)"
+        "request (prefill included: the prefill peak); dec: peak once the prompt is processed (select heads "
+        "shrunk); kv dtype: the pool's --kv-cache-dtype (auto: the model's dtype)"
     )
     return "\n".join(lines)
 
