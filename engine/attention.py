@@ -82,7 +82,7 @@ def paged_attention(
     p, d = meta.prefill, meta.decode
     tp = p.num_tokens if p else 0
     ks, vs = buffers.scales(layer)
-    if buffers.calibrating and p:  # fp8: the first prefill's K / V set this layer's scales
+    if buffers.calibrating and p and ks is not None and vs is not None:  # fp8: the first prefill sets the scales
         ks.copy_(calibrated_scale(k[:tp], buffers.k.dtype))
         vs.copy_(calibrated_scale(v[:tp], buffers.v.dtype))
     pre = None

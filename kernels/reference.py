@@ -51,6 +51,7 @@ def kv_write(
     slots = slots[keep]
     for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
         if is_fp8(cache.dtype):  # torch has no fp8 index_copy on the CPU: copy the bytes
+            assert scale is not None, "an fp8 cache needs its scales"
             rows = quantize(x, scale, cache.dtype).reshape(-1, d)[keep]
             cache.view(torch.uint8).view(-1, d).index_copy_(0, slots, rows.view(torch.uint8))
         else:

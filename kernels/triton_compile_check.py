@@ -174,8 +174,8 @@ def compile_all(arch: int, configs: list[tuple[torch.dtype, int, int, int]]) -> 
             setattr(mod, name, _CompileOnLaunch(fn, target, log))
         for config in configs:
             _drive_ops(*config)
-        for config in FP8_CONFIGS:
-            _drive_fp8_ops(*config)
+        for fp8_config in FP8_CONFIGS:
+            _drive_fp8_ops(*fp8_config)
     finally:
         for mod, name, fn in originals:
             setattr(mod, name, fn)

@@ -20,6 +20,6 @@ class KVBuffers:
 
     def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(k_scale, v_scale) `[Hkv]` of one layer, or (None, None)."""
-        if self.k_scale is None:
+        if self.k_scale is None or self.v_scale is None:
             return None, None
         return self.k_scale[layer], self.v_scale[layer]

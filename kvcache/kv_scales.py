@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -59,14 +60,14 @@ def save_kv_scales(path: str, k_scale: torch.Tensor, v_scale: torch.Tensor) -> N
         f.write("\n")
 
 
-def rank_columns(scales: torch.Tensor, order: list[list[int]], rank: int, ranks: int) -> torch.Tensor:
+def rank_columns(scales: torch.Tensor, order: Sequence[Sequence[int]], rank: int, ranks: int) -> torch.Tensor:
     """The columns of `scales [L, Hkv]` (model numbering) that `rank` holds, in its tables'
     order: `order[layer]` lists the model's heads rank-major (kvcache/sharding.py)."""
     k = scales.shape[1] // ranks
     return torch.stack([scales[l, list(row[rank * k : (rank + 1) * k])] for l, row in enumerate(order)])
 
 
-def rank_scales(path: str | None, layers: int, kv_heads: int, order: list[list[int]], rank: int, ranks: int):
+def rank_scales(path: str | None, layers: int, kv_heads: int, order: Sequence[Sequence[int]], rank: int, ranks: int):
     """`(k, v)` scales `[L, Hkv / ranks]` of `rank`'s heads from the file at `path`, or None
     without one (the first prefill calibrates them)."""
     if path is None:
