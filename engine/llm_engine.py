@@ -354,4 +354,3 @@ def _cache_numbers(config: EngineConfig) -> str:
     """What decides the numbers a cached block holds besides its tokens and the plan: the
     model's dtype and, when it is 8-bit, the cache's (part of the prefix-cache hash root)."""
     return config.dtype if config.kv_cache_dtype == "auto" else f"{config.dtype}/kv-{config.kv_cache_dtype}"
-

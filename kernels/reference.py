@@ -300,7 +300,7 @@ def masked_prefill(
         if s in whole:
             row = table_rows[s]
             out[a:b] = _whole_history_attention(
-                q[a:b], k[a:b], v[a:b], k_cache, v_cache, block_tables[row], whole[s], scale
+                q[a:b], k[a:b], v[a:b], k_cache, v_cache, block_tables[row], whole[s], scale, k_scale, v_scale
             )
             continue
         visible = _chunk_visible(positions[a:b], sink[s], recent[s])  # [Hkv, n, n]
@@ -361,7 +361,9 @@ def _flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, 
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
-def _whole_history_attention(q, k, v, k_cache, v_cache, table, n_cached: int, scale: float) -> torch.Tensor:
+def _whole_history_attention(
+    q, k, v, k_cache, v_cache, table, n_cached: int, scale: float, k_scale=None, v_scale=None
+) -> torch.Tensor:
     """One chunk `q [n, Hq, D]`, `k / v [n, Hkv, D]` over its first `n_cached` cached slots
     (table `[Hkv, W]`) and itself, causally: no mask is materialised. The chunk's causal part
     and the (unmasked) cached part are two fused calls merged by their log-sum-exp."""
@@ -369,8 +371,8 @@ def _whole_history_attention(q, k, v, k_cache, v_cache, table, n_cached: int, sc
     o, lse = _flash_cpu(q4, k.transpose(0, 1)[None], v.transpose(0, 1)[None], True, scale)
     if n_cached:
         nb = -(-n_cached // k_cache.shape[1])
-        kc = _gather(k_cache, table[None], nb)[:, :, :n_cached].to(q.dtype)
-        vc = _gather(v_cache, table[None], nb)[:, :, :n_cached].to(q.dtype)
+        kc = dequantize(_gather(k_cache, table[None], nb)[:, :, :n_cached], k_scale, 1).to(q.dtype)
+        vc = dequantize(_gather(v_cache, table[None], nb)[:, :, :n_cached], v_scale, 1).to(q.dtype)
         oc, lsec = _flash_cpu(q4, kc, vc, False, scale)
         o, _ = merge_states(o, lse, oc, lsec)
     return o[0].transpose(0, 1)
