@@ -64,9 +64,21 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor, nblocks: int) -> torch.Te
     """`[S, Hkv, nblocks * bs, ...]` view of the slots named by `tables[:, :, :nblocks]`."""
     idx = tables[:, :, :nblocks].long()
     # index_select of whole blocks, not advanced indexing: a plain row copy, 2.7x faster on
-    # the CPU for a decode batch's K (16 sequences x 3 heads x 1008 slots)
-    g = cache.index_select(0, idx.reshape(-1))  # [S * Hkv * nblocks, bs, ...]
+    # the CPU for a decode batch's K (16 sequences x 3 heads x 1008 slots). A released block
+    # (-1, a window head's past) reads block 0; its slots are hidden by `_gather_pos`.
+    g = cache.index_select(0, idx.clamp(min=0).reshape(-1))  # [S * Hkv * nblocks, bs, ...]
     return g.view(idx.shape[0], idx.shape[1], nblocks * cache.shape[1], *cache.shape[2:])
+
+
+_NO_POSITION = -(2**30)  # far outside any window: a released block's slots stay invisible
+
+
+def _gather_pos(pos_cache: torch.Tensor, tables: torch.Tensor, nblocks: int) -> torch.Tensor:
+    """`_gather` of the slot positions `[S, Hkv, nblocks * bs]` (long), a released block's
+    slots at `_NO_POSITION` so no recency test can see them."""
+    pos = _gather(pos_cache, tables, nblocks).long()
+    released = (tables[:, :, :nblocks] < 0).repeat_interleave(pos_cache.shape[1], dim=-1)
+    return pos.masked_fill_(released, _NO_POSITION)
 
 
 def _softmax_av(scores: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype):
@@ -92,7 +104,7 @@ def _cached_keys(k_cache, v_cache, pos_cache, table, lengths, keep, recent, q_po
     nb = -(-n_valid // bs)
     k = dequantize(_gather(k_cache, table, nb)[0], k_scale, 0).to(dtype)
     v = dequantize(_gather(v_cache, table, nb)[0], v_scale, 0).to(dtype)
-    kpos = _gather(pos_cache, table, nb)[0].long()  # [Hkv, N]
+    kpos = _gather_pos(pos_cache, table, nb)[0]  # [Hkv, N]
     r = torch.arange(nb * bs, device=k.device)[None, None, :]
     qp = q_pos.long()[None, :, None]
     visible = (r < lengths.long()[:, None, None]) & (
@@ -139,7 +151,7 @@ def paged_decode(
     tables = block_tables[rows.long()]
     k = dequantize(_gather(k_cache, tables, nblocks), k_scale, 1)  # [B, Hkv, N, D]
     v = dequantize(_gather(v_cache, tables, nblocks), v_scale, 1)
-    kpos = _gather(pos_cache, tables, nblocks).long()  # [B, Hkv, N]
+    kpos = _gather_pos(pos_cache, tables, nblocks)  # [B, Hkv, N]
     qg = q.float().view(b, hkv, hq // hkv, d)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
     n = torch.arange(nblocks * bs, device=q.device)[None, None, :]

@@ -207,6 +207,37 @@ def test_merge_of_two_empty_states_is_zero_with_lse_minus_inf():
     assert torch.all(out == 0) and torch.all(l == float("-inf"))
 
 
+def test_decode_skips_released_blocks_of_a_window_head():
+    """A window head's blocks that left its window are released (-1 in its table). Block 0
+    and the pool's last block hold positions that would be inside the window: neither may be
+    read through a -1 entry (the gather clamps the index; the mask hides those slots)."""
+    bs, d, newest, recent = 4, D, 11, 4
+    gen = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(4, bs, d, generator=gen)
+    v_cache = torch.randn(4, bs, d, generator=gen)
+    pos_cache = torch.tensor([[8, 9, 10, 11], [4, 5, 6, 7], [8, 9, 10, 11], [8, 9, 10, 11]], dtype=torch.int32)
+    tables = torch.tensor([[[-1, -1, 2]]], dtype=torch.int32)  # positions 0-7 released
+    q = torch.randn(1, 1, d, generator=gen)
+    one = torch.ones(1, 1, dtype=torch.int32)
+    out, lse = ref.paged_decode(
+        q,
+        k_cache,
+        v_cache,
+        pos_cache,
+        tables,
+        torch.zeros(1, dtype=torch.int32),
+        one * (newest + 1),
+        one * 0,
+        one * recent,
+        torch.tensor([newest], dtype=torch.int32),
+        0.3,
+    )
+    scores = (k_cache[2] @ q[0, 0]) * 0.3  # only block 2's four slots are visible
+    w = torch.softmax(scores, dim=0)
+    assert_close(out[0, 0], w @ v_cache[2])
+    assert_close(lse[0, 0], torch.logsumexp(scores, dim=0))
+
+
 @SETTINGS
 @given(workloads(max_len=30), st.integers(1, 9))
 def test_chunked_prefill_equals_unchunked_attention_with_ring_wraparound(w, chunk):
