@@ -91,14 +91,18 @@ def check_enforceable(schema: object, param: str) -> None:
 
 
 def _fail(param: str, where: str, message: str) -> None:
-    raise InvalidRequest(f"{param}: {message} at {where} (the grammar backend cannot enforce it)", param)
+    raise InvalidRequest(
+        f"{param}: {message} at {where} (the grammar backend cannot enforce it)", param, "unsupported_schema"
+    )
 
 
 def _check(schema: object, param: str, where: str) -> None:
     if isinstance(schema, bool):
         return
     if not isinstance(schema, dict):
-        raise InvalidRequest(f"{param}: a schema must be an object or a boolean at {where}, got {schema!r}", param)
+        raise InvalidRequest(
+            f"{param}: a schema must be an object or a boolean at {where}, got {schema!r}", param, "invalid_grammar"
+        )
     for key, value in schema.items():
         if key in ANNOTATIONS or (key == "uniqueItems" and value is False):
             continue
@@ -106,14 +110,14 @@ def _check(schema: object, param: str, where: str) -> None:
             _fail(param, where, f"keyword {key!r} is not supported")
         if key in _SUBSCHEMA_MAPS:
             if not isinstance(value, dict):
-                raise InvalidRequest(f"{param}: {key} must be an object at {where}", param)
+                raise InvalidRequest(f"{param}: {key} must be an object at {where}", param, "invalid_grammar")
             for name, sub in value.items():
                 _check(sub, param, f"{where}/{key}/{name}")
         elif key in _SUBSCHEMAS:
             _check(value, param, f"{where}/{key}")
         elif key in ("anyOf", "oneOf", "prefixItems"):
             if not isinstance(value, list) or not value:
-                raise InvalidRequest(f"{param}: {key} must be a non-empty list at {where}", param)
+                raise InvalidRequest(f"{param}: {key} must be a non-empty list at {where}", param, "invalid_grammar")
             for i, sub in enumerate(value):
                 _check(sub, param, f"{where}/{key}/{i}")
             if key == "oneOf":

@@ -22,9 +22,10 @@ REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 1e-6, 1e6
 class InvalidRequest(ValueError):
     """A request parameter is out of range; `param` names it (OpenAI error `param`)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
         super().__init__(message)
         self.param = param
+        self.code = code  # the OpenAI error object's `code`
 
 
 @dataclass

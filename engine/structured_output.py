@@ -69,20 +69,40 @@ class GrammarCompiler:
         try:
             # compact whitespace: free whitespace lets a small model pad until max_tokens (vLLM's
             # disable_any_whitespace); the documents are the same
-            if spec.kind == "json":
-                return compiler.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
-            if spec.kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-            if spec.kind == "regex":
-                return compiler.compile_regex(spec.source)
-            if spec.kind == "choice":
-                return compiler.compile_grammar(choice_ebnf(spec.source))
-            if spec.kind == "grammar":
-                return compiler.compile_grammar(spec.source)
-            return compiler.compile_structural_tag(spec.source)
+            compiled = self._compile_kind(compiler, spec)
         except Exception as e:  # xgrammar's errors name the position and the reason
             reason = str(e).split(": ", 1)[-1].strip() if "] /" in str(e) else str(e).strip()
-            raise InvalidRequest(f"{spec.param} does not compile: {reason}", spec.param) from None
+            raise InvalidRequest(f"{spec.param} does not compile: {reason}", spec.param, "invalid_grammar") from None
+        if not _can_start(compiled, self.eos_ids):
+            raise InvalidRequest(
+                f"{spec.param}: no token of this model's vocabulary can start an output the grammar allows",
+                spec.param,
+                "invalid_grammar",
+            )
+        return compiled
+
+    @staticmethod
+    def _compile_kind(compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        if spec.kind == "json":
+            return compiler.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
+        if spec.kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        if spec.kind == "regex":
+            return compiler.compile_regex(spec.source)
+        if spec.kind == "choice":
+            return compiler.compile_grammar(choice_ebnf(spec.source))
+        if spec.kind == "grammar":
+            return compiler.compile_grammar(spec.source)
+        return compiler.compile_structural_tag(spec.source)
+
+
+def _can_start(compiled: xgr.CompiledGrammar, eos_ids: tuple[int, ...]) -> bool:
+    """Whether some token may come first (a vocabulary without the grammar's first
+    characters would leave every logit masked)."""
+    matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(eos_ids))
+    bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    return bool(bitmask.any())
 
 
 class GrammarState:

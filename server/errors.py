@@ -92,7 +92,7 @@ def api_error(exc: BaseException) -> APIError:
     if isinstance(exc, PromptTooLong):
         return APIError(400, str(exc), exc.param or "messages", "context_length_exceeded")
     if isinstance(exc, InvalidRequest):
-        return APIError(400, str(exc), exc.param, "invalid_value")
+        return APIError(400, str(exc), exc.param, exc.code)
     log.error("engine fault", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
 

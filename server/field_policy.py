@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from headwise.server.errors import APIError
-from headwise.server.protocol import ChatCompletionRequest, GenerationRequest
+from headwise.server.protocol import ChatCompletionRequest, ChatMessage, GenerationRequest
 
 # no effect on what is generated: bookkeeping, routing, caching hints
 ACCEPTED = frozenset({"user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "request_id"})
@@ -69,10 +69,17 @@ def check_fields(body: GenerationRequest) -> list[str]:
             "unsupported_parameter",
         )
     if isinstance(body, ChatCompletionRequest):
-        for i, message in enumerate(body.messages):
-            for name, value in sorted((message.model_extra or {}).items()):
-                accepted.append(_check(name, value, f"messages.{i}.{name}", MESSAGE_ACCEPTED, MESSAGE_DEFAULT_ONLY))
+        accepted += check_message_fields(body.messages)
     return [a for a in accepted if a]
+
+
+def check_message_fields(messages: list[ChatMessage]) -> list[str]:
+    """check_fields for the messages' undeclared fields (chat and /tokenize)."""
+    accepted = []
+    for i, message in enumerate(messages):
+        for name, value in sorted((message.model_extra or {}).items()):
+            accepted.append(_check(name, value, f"messages.{i}.{name}", MESSAGE_ACCEPTED, MESSAGE_DEFAULT_ONLY))
+    return accepted
 
 
 def _check(name: str, value: object, param: str, accepted: Iterable[str], default_only: dict[str, tuple]) -> str:
@@ -89,3 +96,23 @@ def _check(name: str, value: object, param: str, accepted: Iterable[str], defaul
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def document_fields(components: dict) -> None:
+    """State the policy in /openapi.json: the generation bodies and chat messages are closed
+    (`additionalProperties: false`) except for the ACCEPTED fields (any value) and the
+    DEFAULT_ONLY ones (their no-effect values as an `enum`), so the document allows exactly
+    what check_fields lets through."""
+    bodies = {"CompletionRequest": (ACCEPTED, DEFAULT_ONLY), "ChatCompletionRequest": (ACCEPTED, DEFAULT_ONLY)}
+    bodies["ChatMessage"] = (MESSAGE_ACCEPTED, MESSAGE_DEFAULT_ONLY)
+    for model, (accepted, default_only) in bodies.items():
+        schema = components.get(model)
+        if schema is None:
+            continue
+        properties = schema.setdefault("properties", {})
+        for name in sorted(accepted):
+            properties.setdefault(name, {"description": "accepted; no effect on the output"})
+        for name, values in sorted(default_only.items()):
+            if name not in properties:
+                properties[name] = {"enum": list(values), "description": "accepted only at its no-effect values"}
+        schema["additionalProperties"] = False

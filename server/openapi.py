@@ -11,7 +11,8 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from headwise.server.protocol import CONTEXT_BOUND, PROMPTS_BOUND, VOCAB_BOUND
+from headwise.server.field_policy import document_fields
+from headwise.server.protocol import CONTEXT_BOUND, PROMPTS_BOUND, TOKEN_KEY_BOUND, VOCAB_BOUND
 from headwise.server.responses import ErrorResponse
 
 _WHY = {
@@ -60,12 +61,26 @@ def event_stream(chunk: type[BaseModel]) -> dict[int | str, dict]:
 _BOUND_KEYWORD = {VOCAB_BOUND: "maximum", CONTEXT_BOUND: "maximum", PROMPTS_BOUND: "maxItems"}
 
 
+def at_most(n: int) -> str:
+    """A regex for the decimal numbers 0..n written without leading zeros."""
+    digits = str(n)
+    alternatives = ["0"] + [f"[1-9][0-9]{{{k - 1}}}" for k in range(1, len(digits))]
+    for i, d in enumerate(digits):
+        low = 1 if i == 0 else 0
+        if int(d) > low:
+            alternatives.append(f"{digits[:i]}[{low}-{int(d) - 1}][0-9]{{{len(digits) - i - 1}}}")
+    alternatives.append(digits)
+    return "^(" + "|".join(alternatives) + ")$"
+
+
 def apply_bounds(node: object, bounds: dict[str, int]) -> None:
     """Write each marked schema's bound (vocabulary, context, prompts per request) in place."""
     if isinstance(node, dict):
         for marker, keyword in _BOUND_KEYWORD.items():
             if node.get(marker) is True:
                 node[keyword] = bounds[marker]
+        if node.get(TOKEN_KEY_BOUND) is True:
+            node["pattern"] = at_most(bounds[VOCAB_BOUND])
         for value in node.values():
             apply_bounds(value, bounds)
     elif isinstance(node, list):
@@ -113,6 +128,7 @@ def install_openapi(
         modes = [(m, "validation") for m in requests] + [(m, "serialization") for m in responses]
         _, defs = models_json_schema(modes, ref_template=_REF)
         components.update(defs.get("$defs", {}))
+        document_fields(components)
         if numbers is None:
             return schema
         apply_bounds(schema, numbers)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from headwise.engine.grammar_spec import GrammarSpec
 from headwise.engine.sampling_params import SEED_MIN, InvalidRequest, SamplingParams
-from headwise.server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from headwise.server.protocol import TOKEN_KEY, ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -42,10 +44,9 @@ def logit_bias(body: GenerationRequest) -> dict[int, float] | None:
         return None
     out = {}
     for key, bias in body.logit_bias.items():
-        try:
-            out[int(key)] = bias
-        except ValueError:
-            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if not re.fullmatch(TOKEN_KEY, key):  # "+1", " 1", "1_0" are not how ids are written
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        out[int(key)] = bias
     return out
 
 

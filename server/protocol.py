@@ -40,6 +40,8 @@ def _whole(value: object) -> object:
 VOCAB_BOUND = "x-headwise-token-id"  # maximum: vocabulary size - 1
 CONTEXT_BOUND = "x-headwise-max-model-len"  # maximum: max_model_len
 PROMPTS_BOUND = "x-headwise-max-prompts"  # maxItems: --max-prompts-per-request
+TOKEN_KEY_BOUND = "x-headwise-token-id-key"  # pattern: a token id below the vocabulary size, as text
+TOKEN_KEY = r"^(0|[1-9][0-9]*)$"  # before the model's bound is known
 MAX_STOP_STRINGS = 32  # each one is searched for in every new piece of text
 MAX_STOP_LENGTH = 1024  # characters
 
@@ -131,7 +133,13 @@ class GenerationRequest(_Body):
     stream_options: StreamOptions | None = None
     user: Text | None = None
     kv_plan: Text | None = None  # headwise: a plan loaded with --plan; default: the server's
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as text) -> bias
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, Field(ge=-100, le=100)]],
+            Field(json_schema_extra={"propertyNames": {"pattern": TOKEN_KEY, TOKEN_KEY_BOUND: True}}),
+        ]
+        | None
+    ) = None  # token id (as text) -> bias
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     # vLLM's older names for structured_outputs' fields

@@ -33,7 +33,7 @@ from headwise.server.responses_api_protocol import (
     ResponsesRequest,
     ResponseStreamEvent,
 )
-from headwise.server.structured import check_compiles, request_grammar
+from headwise.server.structured import check_compiles, response_format_grammar
 
 router = APIRouter()
 
@@ -100,7 +100,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     ctx = RequestContext(request, chat, "resp")
     ctx.check_fits(1)
     prompt = await ctx.state.tokenizer_thread.run(ctx.engine.encode_chat, template_messages(chat.messages))
-    grammar = request_grammar(chat)  # text.format, as chat's response_format
+    grammar = response_format_grammar(chat.response_format, "text.format")  # chat's grammar path
     await check_compiles(ctx.engine.grammars, grammar)
     params = sampling_params(chat, len(prompt), ctx.engine.max_model_len, 0, ctx.state.generation_defaults, grammar)
     group = ctx.group([Job(ctx.job_id(0), prompt, params)])

@@ -21,9 +21,12 @@ def response_format_grammar(fmt: ResponseFormat | None, param: str = "response_f
     if fmt.type == "json_object":
         return GrammarSpec("json_object", "", param)
     if fmt.json_schema is None:
-        raise InvalidRequest(f"{param}.json_schema is required when {param}.type is 'json_schema'", param)
+        raise InvalidRequest(
+            f"{param}.json_schema is required when {param}.type is 'json_schema'", param, "conflicting_parameters"
+        )
     schema = fmt.json_schema.schema_
-    return json_schema_spec(True if schema is None else schema, f"{param}.json_schema.schema")
+    where = f"{param}.json_schema.schema" if param == "response_format" else f"{param}.schema"
+    return json_schema_spec(True if schema is None else schema, where)
 
 
 def structured_outputs_grammar(so: StructuredOutputs, param: str = "structured_outputs") -> GrammarSpec:
@@ -33,6 +36,7 @@ def structured_outputs_grammar(so: StructuredOutputs, param: str = "structured_o
             f"{param} must set exactly one of json, regex, choice, grammar, json_object, structural_tag; "
             f"got {given or 'none'}",
             param,
+            "conflicting_parameters",
         )
     kind = given[0]
     if kind == "json":
@@ -65,7 +69,9 @@ def request_grammar(body: GenerationRequest) -> GrammarSpec | None:
         found.append(("guided_grammar", GrammarSpec("grammar", body.guided_grammar, "guided_grammar")))
     if len(found) > 1:
         names = [name for name, _ in found]
-        raise InvalidRequest(f"only one output constraint may be given, got {', '.join(names)}", names[1])
+        raise InvalidRequest(
+            f"only one output constraint may be given, got {', '.join(names)}", names[1], "conflicting_parameters"
+        )
     return found[0][1] if found else None
 
 
@@ -82,4 +88,4 @@ def _schema(value: dict | bool | str, param: str) -> dict | bool:
     try:
         return json.loads(value)
     except json.JSONDecodeError as e:
-        raise InvalidRequest(f"{param} is not valid JSON: {e}", param) from None
+        raise InvalidRequest(f"{param} is not valid JSON: {e}", param, "invalid_grammar") from None

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from headwise.server.chat import check_prefill, template_messages
 from headwise.server.errors import APIError
+from headwise.server.field_policy import check_message_fields
 from headwise.server.openapi import errors
 from headwise.server.protocol import DetokenizeRequest, TokenizeRequest
 from headwise.server.responses import DetokenizeResponse, TokenizeResponse
@@ -24,6 +25,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
         raise APIError(400, "send exactly one of `prompt` (text) or `messages` (chat)", "prompt", "invalid_value")
     if body.messages is not None:
         check_prefill(body.add_generation_prompt, body.continue_final_message)
+        check_message_fields(body.messages)
         tokens = await state.tokenizer_thread.run(
             engine.encode_chat,
             template_messages(body.messages),

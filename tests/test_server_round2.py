@@ -6,6 +6,7 @@ defaults, continue_final_message, several served model names, the document's bou
 from __future__ import annotations
 
 import json
+import re
 import select
 import signal
 import socket
@@ -250,6 +251,42 @@ def test_the_document_states_the_bounds_the_server_enforces(server):
     assert error_of(post(server, "/detokenize", {"tokens": [VOCAB]}), 400)["param"] == "tokens"
     # a whole float is an integer to JSON Schema, so it is one here too
     assert post(server, COMPLETIONS, {"prompt": "w1", "max_tokens": 2.0}).json()["usage"]["completion_tokens"] <= 2
+
+
+def test_the_document_closes_the_bodies_to_what_the_field_policy_accepts(server):
+    """Undeclared fields are 400s (server/field_policy.py), so the document says
+    additionalProperties false and lists the accepted extras: `user` with any value, `store`
+    only at its no-effect values; messages likewise; logit_bias keys are ids in the vocabulary."""
+    schemas = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
+    chat = schemas["ChatCompletionRequest"]
+    assert chat["additionalProperties"] is False and schemas["ChatMessage"]["additionalProperties"] is False
+    assert chat["properties"]["store"]["enum"] == [False, None]
+    assert schemas["ChatMessage"]["properties"]["reasoning_content"]["enum"] == [None, ""]
+    keys = schemas["CompletionRequest"]["properties"]["logit_bias"]["anyOf"][0]["propertyNames"]["pattern"]
+    assert [bool(re.fullmatch(keys, k)) for k in ("0", str(VOCAB - 1), str(VOCAB), "01", "+1", " 1")] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    # each documented refusal is one the server makes
+    assert error_of(post(server, COMPLETIONS, {"prompt": "w1", "logit_bias": {"+1": 5}}), 400)["param"] == "logit_bias"
+    message = {"role": "user", "content": "w1", "reasoning_content": {}}
+    refused = error_of(post(server, "/tokenize", {"messages": [message]}), 400)
+    assert (refused["param"], refused["code"]) == ("messages.0.reasoning_content", "unsupported_parameter")
+    assert post(server, "/tokenize", {"messages": [{**message, "reasoning_content": ""}]}).status_code == 200
+
+
+def test_a_grammar_the_vocabulary_cannot_start_is_a_400_not_a_failed_request(server):
+    """The tiny model's words have no `{`: a JSON constraint could only ever mask every token."""
+    body = {"prompt": "w1", "max_tokens": 3, "response_format": {"type": "json_object"}}
+    error = error_of(post(server, COMPLETIONS, body), 400)
+    assert (error["param"], error["code"]) == ("response_format", "invalid_grammar")
+    fmt = {"type": "json_schema", "name": None, "schema": {"type": "object"}, "strict": None}
+    error = error_of(post(server, "/v1/responses", {"input": "w1", "text": {"format": fmt}}), 400)
+    assert (error["param"], error["code"]) == ("text.format.schema", "invalid_grammar")
 
 
 # -- CORS ------------------------------------------------------------------------------
