@@ -42,6 +42,8 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            model.copy_lm_head_column_major()
         self._pinned = self.device.type == "cuda"
         self.decode_graphs: StaticDecode | None = None
         self.remote: Remote | None = None

@@ -50,6 +50,8 @@ def build_model(
     # Module.to_empty with the dtype folded in; torch.empty rather than to_empty's
     # empty_like, whose first call on meta tensors costs ~0.7 s of dispatch setup
     model._apply(lambda t: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device))
+    if torch.device(device).type == "cpu":
+        model.store_linears_column_major()
     if cfg.tie_word_embeddings:
         model.tie_embeddings()
     return model.eval()

@@ -47,17 +47,24 @@ def kv_write(
     cache stores `x / scale` per KV head (`k_scale` / `v_scale [Hkv]`, kernels/kv_quant.py)."""
     d = k.shape[-1]
     slots = slot_mapping.reshape(-1).long()
-    keep = slots >= 0
-    slots = slots[keep]
+    dropped = slots < 0
+    # a decode step of full heads keeps every row: no boolean indexing (each one a nonzero)
+    kept = None if not bool(dropped.any()) else (~dropped).nonzero().squeeze(1)
+    if kept is not None:
+        slots = slots.index_select(0, kept)
+
+    def rows_of(x: torch.Tensor) -> torch.Tensor:
+        return x if kept is None else x.index_select(0, kept)
+
     for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
         if is_fp8(cache.dtype):  # torch has no fp8 index_copy on the CPU: copy the bytes
             assert scale is not None, "an fp8 cache needs its scales"
-            rows = quantize(x, scale, cache.dtype).reshape(-1, d)[keep]
+            rows = rows_of(quantize(x, scale, cache.dtype).reshape(-1, d))
             cache.view(torch.uint8).view(-1, d).index_copy_(0, slots, rows.view(torch.uint8))
         else:
-            cache.view(-1, d).index_copy_(0, slots, x.reshape(-1, d)[keep].to(cache.dtype))
-    pos = positions.to(pos_cache.dtype)[:, None].expand(slot_mapping.shape).reshape(-1)[keep]
-    pos_cache.view(-1).index_copy_(0, slots, pos)
+            cache.view(-1, d).index_copy_(0, slots, rows_of(x.reshape(-1, d)).to(cache.dtype))
+    pos = positions.to(pos_cache.dtype)[:, None].expand(slot_mapping.shape).reshape(-1)
+    pos_cache.view(-1).index_copy_(0, slots, rows_of(pos))
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor, nblocks: int) -> torch.Tensor:
@@ -142,25 +149,45 @@ def paged_decode(
 
     block_tables `[R, Hkv, W]`, rows `[B]`, lengths / keep / recent `[B, Hkv]` (the new
     token is written before this call). Returns out `[B, Hq, D]` and lse `[B, Hq]`.
+
+    On the CPU the G query heads of a KV head are the G query rows of one fused flash call
+    (torch's CPU kernel, fp32, with an additive mask), so a layer's decode is a dozen ops
+    whatever the batch; elsewhere scores, mask and softmax are plain tensor ops. While every
+    head's window still reaches position 0 (full heads; window heads younger than their
+    window) no slot has left a window or been released, and the mask is just
+    `slot < length`: the slot positions are not gathered.
     """
     b, hq, d = q.shape
     hkv = block_tables.shape[1]
     bs = k_cache.shape[1]
-    max_len = int(lengths.max()) if lengths.numel() else 0
-    nblocks = max(1, -(-max_len // bs))
-    tables = block_tables[rows.long()]
-    k = dequantize(_gather(k_cache, tables, nblocks), k_scale, 1)  # [B, Hkv, N, D]
-    v = dequantize(_gather(v_cache, tables, nblocks), v_scale, 1)
-    kpos = _gather_pos(pos_cache, tables, nblocks)  # [B, Hkv, N]
-    qg = q.float().view(b, hkv, hq // hkv, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
-    n = torch.arange(nblocks * bs, device=q.device)[None, None, :]
-    visible = (n < lengths[:, :, None]) & (
-        (n < keep[:, :, None]) | (kpos > (q_pos.long()[:, None] - recent.long())[:, :, None])
-    )
-    scores.masked_fill_(~visible[:, :, None, :], float("-inf"))
-    out, lse = _softmax_av(scores, v, q.dtype)
-    return out.reshape(b, hq, d), lse.reshape(b, hq)
+    if b == 0:
+        return q.new_zeros(0, hq, d), torch.zeros(0, hq, dtype=torch.float32, device=q.device)
+    shortest, longest = (int(x) for x in lengths.aminmax())
+    nblocks = max(1, -(-longest // bs))
+    ids = block_tables[rows.long(), :, :nblocks]  # [B, Hkv, nblocks]
+    flat = ids.clamp(min=0).reshape(-1)
+    k = dequantize(k_cache.index_select(0, flat).view(b, hkv, nblocks * bs, d), k_scale, 1)
+    v = dequantize(v_cache.index_select(0, flat).view(b, hkv, nblocks * bs, d), v_scale, 1)
+    n = torch.arange(nblocks * bs, device=q.device)
+    visible = n < lengths[:, :, None]  # [B, Hkv, N]
+    reach = q_pos.long()[:, None] - recent.long()  # a slot is recent iff its position > reach
+    exact = shortest > 0
+    if bool((reach >= 0).any()):
+        kpos = pos_cache.index_select(0, flat).view(b, hkv, nblocks * bs).long()
+        kpos.masked_fill_((ids < 0).repeat_interleave(bs, dim=-1), _NO_POSITION)
+        visible &= (n < keep[:, :, None]) | (kpos > reach[:, :, None])
+        exact = False
+    qg = q.float().reshape(b, hkv, hq // hkv, d)
+    if q.device.type != "cpu":
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
+        scores.masked_fill_(~visible[:, :, None, :], float("-inf"))
+        out, lse = _softmax_av(scores, v, q.dtype)
+        return out.reshape(b, hq, d), lse.reshape(b, hq)
+    mask = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill_(~visible, float("-inf"))
+    out, lse = _flash_cpu(qg, k, v, False, scale, mask[:, :, None, :])
+    if not exact:  # a head that sees nothing: output 0 (the kernel's) and lse -inf
+        lse.masked_fill_(~visible.any(-1)[:, :, None], float("-inf"))
+    return out.to(q.dtype).reshape(b, hq, d), lse.reshape(b, hq)
 
 
 def paged_prefix(
@@ -367,10 +394,13 @@ def _sees_whole_history(
     return {s: n for s, w, n, m in zip(seqs, wide, lo.tolist(), hi.tolist()) if w and n == m}
 
 
-def _flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
-    """torch's fused CPU flash attention with its log-sum-exp: `[1, H, n, D]` (GQA: fewer K/V
-    heads) -> out `[1, Hq, n, D]`, lse `[1, Hq, n]` fp32; causal is aligned top-left."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+def _flash_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, mask: torch.Tensor | None = None
+):
+    """torch's fused CPU flash attention with its log-sum-exp: `[B, H, n, D]` (GQA: fewer K/V
+    heads) -> out `[B, Hq, n, D]`, lse `[B, Hq, n]` fp32; causal is aligned top-left; `mask`
+    is additive, in q's dtype, broadcast to `[B, Hq, n, N]` (a row it hides wholly: output 0)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
 
 
 def _whole_history_attention(
@@ -418,6 +448,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     Normalised in fp32, rounded to x's dtype, then scaled in that dtype (LlamaRMSNorm).
     """
+    if x.dtype == torch.float32 and x.device.type == "cpu":  # torch's op: the same values, fewer launches
+        return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
