@@ -91,6 +91,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=env_default("--max-num-seqs", 64, int))
     g.add_argument("--max-num-batched-tokens", type=int, default=env_default("--max-num-batched-tokens", 2048, int))
     g.add_argument("--max-model-len", type=int, default=env_default("--max-model-len", None, int))
+    g.add_argument(
+        "--select-margin",
+        type=float,
+        default=env_default("--select-margin", 2.0, float),
+        help="select heads prefill with a bounded peak, keeping this many times their select budget as "
+        "candidates between prompt chunks (>= 1); 0: they hold the whole prompt until it ends (default 2)",
+    )
     env_plans = [parse_plan_arg(p) for p in (env_default("--plan", "") or "").split(",") if p]
     g.add_argument(
         "--plan",
@@ -180,6 +187,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_dtype=args.kv_cache_dtype,
         kv_scales=args.kv_scales,
+        select_margin=args.select_margin,
     )
     args.dtype = config.dtype
     return config

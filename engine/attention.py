@@ -19,6 +19,7 @@ import torch
 from headwise.kernels import ops
 from headwise.kernels.kv_quant import calibrated_scale
 from headwise.kvcache.buffers import KVBuffers
+from headwise.kvcache.prefill_selection import ChunkSelection, select_in_chunk
 
 
 @dataclass
@@ -67,6 +68,8 @@ class AttentionMetadata:
     prefill: PrefillMeta | None
     decode: DecodeMeta | None
     probe: SelectionProbe | None = None
+    # prompt chunks whose bounded select heads choose what they keep once the layer attended
+    selections: list[ChunkSelection] | None = None
 
 
 def paged_attention(
@@ -112,6 +115,8 @@ def paged_attention(
             vs,
         )
     ops.kv_write(k, v, meta.positions, meta.slot_mapping[layer], buffers.k, buffers.v, buffers.pos, ks, vs)
+    if meta.selections:
+        select_in_chunk(layer, q, k, v, meta.selections, buffers, meta.block_tables[layer], scale)
     if d:
         o, _ = ops.paged_decode(
             q[tp:],

@@ -33,6 +33,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks (processes, one device each) the model is split over
     kv_cache_dtype: str = "auto"  # auto (the model's dtype), fp8 / fp8_e4m3, fp8_e5m2 (kernels/kv_quant.py)
     kv_scales: str | None = None  # fp8 scales file (kvcache/kv_scales.py); None: calibrate from the first prompt
+    # select heads prefill bounded: candidates kept between chunks = margin x select (kvcache/prefill_selection.py);
+    # 0: they hold the whole prompt until it ends
+    select_margin: float = 2.0
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":
@@ -60,6 +63,8 @@ class EngineConfig:
             )
         if self.kv_scales is not None and self.kv_cache_dtype == "auto":
             raise ValueError("kv_scales needs an fp8 kv_cache_dtype (fp8, fp8_e4m3 or fp8_e5m2)")
+        if self.select_margin != 0 and not self.select_margin >= 1:
+            raise ValueError(f"select_margin must be 0 (off) or >= 1, got {self.select_margin}")
         if "full" in self.plans:
             raise ValueError("plan name 'full' is reserved for the uncompressed cache")
 

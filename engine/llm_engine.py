@@ -24,7 +24,7 @@ from headwise.engine.outputs import RequestOutput, TokenLogprob
 from headwise.engine.prompt_logprobs import extend_prompt_logprobs
 from headwise.engine.request_guard import RequestGuard, isolate_rows
 from headwise.engine.request_output import kv_bytes_saved, request_output
-from headwise.engine.request_plan import head_budgets, least_blocks, probe_window
+from headwise.engine.request_plan import bounded_prefill, head_budgets, least_blocks, probe_window
 from headwise.engine.sampler import Sampler
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
@@ -138,6 +138,8 @@ class LLMEngine:
         )
         seq.probe_window = self._probe_windows[name]
         seq.budgets, seq.pending_heads = head_budgets(seq.plan, self.sharding, len(prompt_token_ids), seq.context_len)
+        margin = self.config.select_margin
+        seq.bounded = bounded_prefill(seq.plan, self.sharding, len(prompt_token_ids), seq.context_len, margin)
         if self.config.enable_prefix_caching:
             seq.hash_seed = name_seed(seq, self.model_id, _cache_numbers(self.config), self.kv_manager.block_size)
         if params.grammar is not None:
@@ -145,7 +147,15 @@ class LLMEngine:
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         bs, max_batched = self.kv_manager.block_size, self.config.max_num_batched_tokens
-        need = least_blocks(seq.plan, self.sharding, seq.num_prompt_tokens, params.max_tokens, bs, max_batched)
+        need = least_blocks(
+            seq.plan,
+            self.sharding,
+            seq.num_prompt_tokens,
+            params.max_tokens,
+            bs,
+            max_batched,
+            self.config.select_margin,
+        )
         if need > self.kv_manager.num_blocks:
             raise PromptTooLong(
                 f"the request needs {need} KV blocks but the pool has {self.kv_manager.num_blocks}; "
@@ -259,7 +269,12 @@ class LLMEngine:
         timer.mark("postprocess")
         now = time.monotonic()
         guard = RequestGuard(self._fail)
-        windows = {s.request_id: s.probe_window for s, _ in sched.scheduled if s.probe_window and s.needs_selection()}
+        # bounded select heads keep their window queries themselves (ModelRunner.window_q)
+        windows = {
+            s.request_id: s.probe_window
+            for s, _ in sched.scheduled
+            if s.probe_window and s.needs_selection() and s.bounded is None
+        }
         self.sampler.prefetch_noise(s for s, _ in sched.scheduled)  # drawn on the host while the forward runs
         if self.workers is None:  # TPWorkers.step commits and sends every rank its edits
             self.kv_manager.commit_tables()
@@ -308,6 +323,9 @@ class LLMEngine:
     def _select(self, seq: Sequence) -> None:
         """End of the prompt: heads and middle tokens chosen from every rank's kept queries
         and outputs, then the select heads compacted."""
+        if seq.bounded is not None:  # the prompt's last chunk chose and wrote what the heads keep
+            self.kv_manager.finish_bounded(seq.kv)
+            return
         row, p, with_outputs = seq.kv.row, seq.num_prompt_tokens, seq.plan.dynamic is not None
         if self.workers is None:
             scores, outputs = self.runner.selection_inputs(row, p, with_outputs)

@@ -25,6 +25,7 @@ from headwise.engine.sequence import Sequence
 from headwise.engine.step_inputs import StepInputs, build_metadata, build_step_inputs
 from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
 from headwise.kernels.kv_quant import dequantize
+from headwise.kvcache.prefill_selection import BoundedPrefill, ChunkSelection
 from headwise.kvcache.selection import middle_scores
 from headwise.kvcache.worker_kv import WorkerKV
 
@@ -48,6 +49,8 @@ class ModelRunner:
         self.decode_graphs: StaticDecode | None = None
         self.remote: Remote | None = None
         self.probed: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        # per table row, the scoring-window queries of a bounded prompt's earlier chunks
+        self.window_q: dict[int, list[torch.Tensor | None]] = {}
 
     def capture_decode(self, max_batch: int, capture: bool = True) -> None:
         """Serve decode-only steps of up to `max_batch` sequences from padded static buffers,
@@ -100,13 +103,27 @@ class ModelRunner:
         if inputs.probes:
             rows = [i for _, first, n, _ in inputs.probes for i in range(first, first + n)]
             meta.probe = SelectionProbe(rows=torch.tensor(rows).to(self.device, non_blocking=True))
+        if inputs.selections:
+            meta.selections = [self._chunk_selection(*s) for s in inputs.selections]
         timer.mark("prepare")
         hidden = self.model(packed[:t], meta, self.kv.buffers)
+        for c in meta.selections or []:
+            if c.end < c.prompt_len and any(w is not None for w in c.window_q):
+                self.window_q[c.table_row] = c.window_q
+            else:
+                self.window_q.pop(c.table_row, None)
         if inputs.num_prefill:
             self.kv.buffers.calibrating = False  # fp8 scales are fixed from now on
         if meta.probe is not None:
             self._keep_probe(inputs, meta.probe)
         return hidden
+
+    def _chunk_selection(self, row: int, first: int, start: int, count: int, bounded: BoundedPrefill) -> ChunkSelection:
+        """This rank's part of a bounded prompt chunk's selection (its own heads)."""
+        layers, heads = self.kv.tables.dev.shape[0], self.kv.tables.dev.shape[2]
+        groups = [bounded.groups(layer, self.kv.first_head, heads) for layer in range(layers)]
+        window_q = self.window_q.get(row) if start else None
+        return ChunkSelection(row, first, start, count, bounded.prompt_len, groups, window_q or [None] * layers)
 
     def _keep_probe(self, inputs: StepInputs, probe: SelectionProbe) -> None:
         at = 0

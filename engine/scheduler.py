@@ -117,7 +117,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> tuple[int, np.ndarray | int]:
         """Admit `seq` if it fits; returns its first chunk's token count (0: not admitted)
         and that chunk's compaction reserve."""
-        tables = self.kv_manager.new_tables(seq.budgets, seq.pending_heads, seq.context_len)
+        tables = self.kv_manager.new_tables(seq.budgets, seq.pending_heads, seq.context_len, seq.bounded)
         if tables is None:
             return 0, 0
         hashes = hit_candidates(seq, self.kv_manager.block_size) if self.kv_manager.prefix_cache is not None else []

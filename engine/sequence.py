@@ -16,6 +16,7 @@ from headwise.engine.sampling_params import SamplingParams
 from headwise.kvcache.budget import HeadBudget
 from headwise.kvcache.head_tables import HeadTables
 from headwise.kvcache.plans import Plan
+from headwise.kvcache.prefill_selection import BoundedPrefill
 
 if TYPE_CHECKING:
     from headwise.engine.structured_output import GrammarState
@@ -67,6 +68,8 @@ class Sequence:
     num_cached_tokens: int | None = None
     # the last prompt positions whose queries / outputs the select heads score (0: none)
     probe_window: int = 0
+    # the select heads that prefill with a bounded peak (kvcache/prefill_selection.py), or None
+    bounded: BoundedPrefill | None = None
     # the next exponential draw of a non-greedy request, in flight (engine.sampler)
     noise: Future | None = None
     # constrained decoding: the grammar's compile, then its matcher (engine.structured_output)
@@ -125,3 +128,7 @@ class Sequence:
 
     def needs_selection(self) -> bool:
         return self._kv is not None and bool(self._kv.pending.any())
+
+    def selects_in_forward(self) -> bool:
+        """Whether its bounded select heads still choose what they keep in each chunk's forward."""
+        return self.bounded is not None and self._kv is not None and bool((self._kv.pending & self._kv.bounded).any())

@@ -17,6 +17,7 @@ import torch
 from headwise.engine.attention import AttentionMetadata, DecodeMeta, PrefillMeta
 from headwise.engine.sequence import Sequence
 from headwise.kvcache.block_tables import PARAMS, BlockTables, DeviceTables
+from headwise.kvcache.prefill_selection import BoundedPrefill
 
 GAP, RING, SINK, KEEP, RECENT = (PARAMS.index(n) for n in ("gap", "ring", "sink", "keep", "recent"))
 
@@ -147,18 +148,23 @@ class StepInputs:
     self_visible: bool  # every prefill head sees at least its own token
     # (table row, first step row, rows, whether it starts the request's window) to keep
     probes: list[tuple[int, int, int, bool]] = field(default_factory=list)
+    # prompt chunks whose bounded select heads choose what they keep in the forward:
+    # (table row, first step row, first position, rows, the request's BoundedPrefill)
+    selections: list[tuple[int, int, int, int, BoundedPrefill]] = field(default_factory=list)
 
 
 def build_step_inputs(
     scheduled: list[tuple[Sequence, int]], probe_window: dict[str, int]
 ) -> tuple[StepInputs, list[StepRows]]:
     """The step's inputs (prefill chunks first, then decode tokens) and where each sequence's
-    rows are in its hidden states."""
-    prefill = [(s, n) for s, n in scheduled if n > 1]
-    decode = [(s, n) for s, n in scheduled if n == 1]
+    rows are in its hidden states. A one-token prompt chunk of bounded select heads is a
+    prefill chunk: its selection runs with the prefill's."""
+    prefill = [(s, n) for s, n in scheduled if n > 1 or s.selects_in_forward()]
+    decode = [(s, n) for s, n in scheduled if n == 1 and not s.selects_in_forward()]
     ids: list[int] = []
     rows: list[StepRows] = []
     probes: list[tuple[int, int, int, bool]] = []
+    selections: list[tuple[int, int, int, int, BoundedPrefill]] = []
     info: list[list[int]] = [[], [], []]  # table row, first position, token count per sequence
     width = max_seqlen = 0
     has_cache, all_full, self_visible = False, True, True
@@ -172,6 +178,8 @@ def build_step_inputs(
             hi = min(end, seq.num_prompt_tokens)
             if hi > lo:
                 probes.append((tables.row, len(ids) + lo - start, hi - lo, lo == max(0, seq.num_prompt_tokens - w)))
+        if seq.bounded is not None and seq.selects_in_forward():
+            selections.append((tables.row, len(ids), start, n, seq.bounded))
         ids.extend(seq.all_token_ids[start:end])
         info[0].append(tables.row)
         info[1].append(start)
@@ -194,5 +202,6 @@ def build_step_inputs(
         all_full,
         self_visible,
         probes,
+        selections,
     )
     return inputs, rows

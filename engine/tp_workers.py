@@ -164,6 +164,7 @@ def worker_main(config: EngineConfig, setup: RankSetup | None, env: ParallelEnv)
         DeviceTables(cfg.num_layers, rows, k, width, device),
         make_buffers(setup.num_blocks, config.block_size, cfg.head_dim, dtype, device, cfg.num_layers, k, scales),
         config.block_size,
+        env.rank * k,
     )
     runner = ModelRunner(model, cache, str(device))
     if device.type == "cuda" and not config.enforce_eager:

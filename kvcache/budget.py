@@ -43,6 +43,29 @@ def compacted_capacity(b: HeadBudget, prompt_len: int, context_len: int) -> int:
     return b.sink + select_range(b, prompt_len)[2] + min(ring, max(0, context_len - b.sink))
 
 
+def candidate_capacity(b: HeadBudget, prompt_len: int, context_len: int, margin: float) -> int:
+    """Slots a select head holds while its prompt is prefilled with a bounded peak (margin >
+    0): sink + `margin * select` running candidates + the last `recent` positions, or the
+    whole prompt when that is shorter; never less than it keeps once compacted (the final
+    layout is written into the same blocks)."""
+    prefill = min(prompt_len, b.sink + candidate_slots(b, margin) + (b.recent or 0))
+    return max(prefill, compacted_capacity(b, prompt_len, context_len))
+
+
+def candidate_slots(b: HeadBudget, margin: float) -> int:
+    """Middle tokens a bounded select head keeps between prefill chunks."""
+    return max(b.select, int(margin * b.select))
+
+
+def candidates_kept(b: HeadBudget, margin: float, end: int) -> int:
+    """Valid slots of a bounded select head once positions [0, end) of its prompt are
+    written (before the prompt ends): sinks, the best `candidate_slots` of the middle (the
+    positions before the last `recent`), and the last `recent` positions."""
+    recent = b.recent or 0
+    middle = max(0, end - recent - b.sink)
+    return min(end, b.sink) + min(candidate_slots(b, margin), middle) + min(recent, max(0, end - b.sink))
+
+
 def window_first_block(sink_blocks, recent, end, block_size: int):
     """First logical block a window head keeps beyond its sink blocks once positions up to
     `end` are written: the block of position end - recent (numpy-friendly)."""

@@ -8,7 +8,12 @@ Three layouts (docs/design.md, "KV cache"):
   the step that pushed them out (to the prefix cache when they carry a hash) and the row
   shifts, so slot(j) = j - gap * block_size. Shared (cached) blocks are never written;
 - ring (a select head after compaction): private blocks, slots [0, sink) hold the sinks,
-  [sink, keep) the selected middle tokens and [keep, keep + ring) a ring of recent tokens.
+  [sink, keep) the selected middle tokens and [keep, keep + ring) a ring of recent tokens;
+- bounded (a select head while its prompt is prefilled with a bounded peak): the private
+  blocks it keeps after the prompt too, laid out at admission; slots [0, keep) hold its
+  sinks, running candidates and the last `recent` positions, all visible (ring 0: a chunk
+  writes only its sinks through the slot mapping; the chunk's selection writes the rest,
+  kvcache/prefill_selection.py). The prompt's last chunk writes the ring layout into them.
 
 During a step whose chunk is longer than a window, the logical blocks the window skips
 are placeholders (entry 0, their positions dropped) or, when the prefix cache wants them
@@ -25,6 +30,7 @@ import numpy as np
 from headwise.kernels.layout import UNBOUNDED
 from headwise.kvcache.block_tables import BlockTables
 from headwise.kvcache.budget import HeadBudget, window_first_block
+from headwise.kvcache.prefill_selection import BoundedPrefill
 
 PLACEHOLDER = -1  # a row entry for a logical block a window head skipped: its positions are dropped
 
@@ -39,6 +45,7 @@ class HeadTables:
         tables: BlockTables,
         row: int,
         ranks: int = 1,
+        bounded: BoundedPrefill | None = None,
     ):
         self.budgets = budgets
         self.block_size = block_size
@@ -69,8 +76,18 @@ class HeadTables:
         self._placeholders = (np.zeros(0, dtype=np.int64),) * 3  # (layer, head, index) of the last grow
         self.reserve = [np.zeros(0, dtype=np.int32)] * ranks  # blocks set aside for compaction, per rank
         self.compact_in_place = False  # select heads compact into the prompt's last blocks
+        self.bounded_prefill = bounded
+        self.bounded = np.zeros(shape, dtype=bool) if bounded is None else bounded.slots > 0
+        self.ring_mode |= self.bounded
         sink_w = np.where(self.window, self.sink, 0)
-        tables.set_params(row, gap=self.gap, ring=np.full(shape, -1), sink=sink_w, keep=sink_w, recent=self.recent)
+        tables.set_params(
+            row,
+            gap=self.gap,
+            ring=np.where(self.bounded, 0, -1),
+            sink=np.where(self.bounded, self.sink, sink_w),
+            keep=sink_w,
+            recent=self.recent,
+        )
 
     # -- queries ---------------------------------------------------------------------
     @property
@@ -87,12 +104,13 @@ class HeadTables:
 
     @property
     def all_unbounded(self) -> bool:
-        """Every head sees everything cached (plain causal attention in prefill)."""
-        return not (self.window.any() or self.ring_mode.any())
+        """Every head sees everything cached (plain causal attention in prefill); a bounded
+        select head sees every slot it holds."""
+        return not (self.window.any() or (self.ring_mode & ~self.bounded).any())
 
     def min_recent(self) -> int:
         """The narrowest window any head has (a chunk's token sees itself iff it is >= 1)."""
-        return int(np.where(self.ring_mode, self.ring, self.recent).min())
+        return int(np.where(self.ring_mode & ~self.bounded, self.ring, self.recent).min())
 
     def row_blocks(self, layer: int, head: int) -> np.ndarray:
         return self.tables.table[layer, self.row, head, : self.nent[layer, head]]
@@ -133,7 +151,27 @@ class HeadTables:
         """Blocks per rank to admit a request with `prompt_end` positions to compute, beyond
         what it holds: positional heads the whole prompt, window heads their `window_max`."""
         want = np.where(self.window, self.window_max(), -(-prompt_end // self.block_size))
-        return self.per_rank(np.where(self.positional, np.maximum(want - self.held, 0), 0))
+        positional = np.where(self.positional, np.maximum(want - self.held, 0), 0)
+        return self.per_rank(positional + self.bounded_to_lay_out())
+
+    def bounded_to_lay_out(self) -> np.ndarray:
+        """`[L, Hkv]` blocks the bounded select heads take at admission (0 once laid out)."""
+        if self.bounded_prefill is None:
+            return np.zeros(self.pending.shape, dtype=np.int64)
+        want = -(-self.bounded_prefill.slots // self.block_size)
+        return np.where(self.bounded & self.pending & (self.held == 0), want, 0)
+
+    def lay_out_bounded(self, ids: list[np.ndarray]) -> None:
+        """Give the bounded select heads their private blocks (`ids[rank]`, in (layer, head)
+        order, as many as `bounded_to_lay_out` says)."""
+        need = self.bounded_to_lay_out()
+        mask = np.arange(int(need.max(initial=0)))[None, None, :] < need[..., None]
+        blocks = self._place(mask, ids)
+        for layer, head in zip(*np.nonzero(need)):
+            self.tables.set_row_span(self.row, int(layer), int(head), 0, blocks[layer, head, : need[layer, head]])
+        self.nent += need
+        self.held += need
+        self.peak_blocks = max(self.peak_blocks, self.num_blocks_held)
 
     def blocks_needed_split(self, end: int) -> tuple[np.ndarray, np.ndarray]:
         """(window heads', other heads') blocks per rank a step writing up to `end` allocates."""
@@ -214,6 +252,12 @@ class HeadTables:
         if shift.any():
             self.gap += shift
             self.tables.set_params(self.row, gap=self.gap)
+        if self.bounded_prefill is not None and (self.bounded & self.pending).any():
+            # the chunk's selection kept this many slots (the prompt's end is compacted apart)
+            kept = np.where(self.bounded & self.pending, self.bounded_prefill.kept(end), 0)
+            self.ring_keep = np.where(self.bounded & self.pending, kept, self.ring_keep)
+            window_keep = np.where(self.window, self.sink, 0)
+            self.tables.set_params(self.row, keep=np.where(self.ring_mode, self.ring_keep, window_keep))
         self.transient = np.zeros(0, dtype=np.int32)
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
 
@@ -270,5 +314,5 @@ class HeadTables:
             ring=np.where(self.ring_mode, self.ring, -1),
             sink=np.where(self.ring_mode | self.window, self.sink, 0),
             keep=np.where(self.ring_mode, self.ring_keep, np.where(self.window, self.sink, 0)),
-            recent=np.where(self.ring_mode, self.ring, self.recent),
+            recent=np.where(self.ring_mode & ~(self.bounded & self.pending), self.ring, self.recent),
         )

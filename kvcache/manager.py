@@ -26,6 +26,7 @@ from headwise.kvcache.block_tables import BlockTables, Edits
 from headwise.kvcache.budget import HeadBudget, compacted_capacity, select_range
 from headwise.kvcache.buffers import KVBuffers
 from headwise.kvcache.head_tables import HeadTables
+from headwise.kvcache.prefill_selection import BoundedPrefill
 from headwise.kvcache.prefix_cache import PrefixCache
 from headwise.kvcache.worker_kv import WorkerKV
 
@@ -90,13 +91,19 @@ class KVCacheManager:
         return self.pool.num_free_per_rank - self.promised
 
     # -- requests --------------------------------------------------------------------
-    def new_tables(self, budgets: list[list[HeadBudget]], pending: np.ndarray, context_len: int) -> HeadTables | None:
-        """Tables in a fresh row, or None when every row is taken."""
+    def new_tables(
+        self,
+        budgets: list[list[HeadBudget]],
+        pending: np.ndarray,
+        context_len: int,
+        bounded: BoundedPrefill | None = None,
+    ) -> HeadTables | None:
+        """Tables in a fresh row, or None when every row is taken. `bounded`: the select
+        heads that prefill with a bounded peak (kvcache/prefill_selection.py)."""
         if not self.tables.num_free_rows:
             return None
-        return HeadTables(
-            budgets, pending, self.block_size, context_len, self.tables, self.tables.allocate_row(), self.ranks
-        )
+        row = self.tables.allocate_row()
+        return HeadTables(budgets, pending, self.block_size, context_len, self.tables, row, self.ranks, bounded)
 
     def can_grow(self, tables: HeadTables, end: int, compaction: np.ndarray | int = 0) -> bool:
         """Whether a step computing positions up to `end` (plus a compaction reserve) can
@@ -121,7 +128,12 @@ class KVCacheManager:
         return bool((need <= self.available).all())
 
     def admit(self, tables: HeadTables, taken: np.ndarray) -> None:
+        """Take a hit's cached blocks and lay out the bounded select heads' blocks (the
+        caller checked `can_admit`)."""
         self.pool.take(taken)
+        bounded = tables.bounded_to_lay_out()
+        if bounded.any():
+            tables.lay_out_bounded(self.pool.allocate_per_rank(tables.per_rank(bounded)))
         self.promised += tables.promise()
 
     def grow(self, tables: HeadTables, end: int, compaction: np.ndarray | int = 0) -> None:
@@ -202,7 +214,8 @@ class KVCacheManager:
     # -- prefix cache ----------------------------------------------------------------
     def match_prefix(self, tables: HeadTables, hashes: list[int]) -> tuple[int, np.ndarray]:
         """(k, cached blocks `[k, L, Hkv]`): the longest usable cached prefix of `hashes`."""
-        if self.prefix_cache is None or not hashes:
+        # bounded select heads hold no positional prompt blocks: nothing to hit or name
+        if self.prefix_cache is None or not hashes or tables.bounded.any():
             return 0, np.zeros((0, self.num_layers, self.num_kv_heads), dtype=np.int32)
         cached = self.prefix_cache.lookup(hashes)
         k = self.prefix_cache.longest_hit(tables, cached)
@@ -210,7 +223,7 @@ class KVCacheManager:
 
     def register(self, tables: HeadTables, hashes: list[int], first: int) -> None:
         """Name the logical blocks [first, first + len(hashes)) every head holds now."""
-        if self.prefix_cache is None:
+        if self.prefix_cache is None or tables.bounded.any():
             return
         width = tables.lb_end
         row = self.tables.table[:, tables.row, :, :]
@@ -230,7 +243,7 @@ class KVCacheManager:
         in place into the prompt's last blocks, what those lack (a budget beyond the prompt)."""
         need = np.zeros(tables.pending.shape, dtype=np.int64)
         prompt_blocks = -(-prompt_len // self.block_size)
-        for l, h in zip(*np.nonzero(tables.pending)):
+        for l, h in zip(*np.nonzero(tables.pending & ~tables.bounded)):
             nkeep = -(-compacted_capacity(tables.budgets[l][h], prompt_len, tables.context_len) // self.block_size)
             need[l, h] = max(0, nkeep - prompt_blocks) if in_place else nkeep
         return tables.per_rank(need)
@@ -257,7 +270,7 @@ class KVCacheManager:
         are forgotten now, so no request admitted before the compaction can hit them."""
         prompt_blocks = -(-prompt_len // self.block_size)
         tails = []
-        for l, h in zip(*np.nonzero(tables.pending)):
+        for l, h in zip(*np.nonzero(tables.pending & ~tables.bounded)):
             nkeep = -(-compacted_capacity(tables.budgets[l][h], prompt_len, tables.context_len) // self.block_size)
             row = tables.row_blocks(l, h)
             tail = row[max(0, prompt_blocks - nkeep) :]  # the part of the tail already laid out
@@ -269,12 +282,32 @@ class KVCacheManager:
         tables.compact_in_place = True
         return True
 
+    def finish_bounded(self, tables: HeadTables) -> None:
+        """End of a bounded prefill: the prompt's last chunk wrote every bounded select
+        head's ring layout into its first blocks; the head keeps those and gives back the
+        rest (its running candidates' room)."""
+        if tables.bounded_prefill is None:
+            return
+        p, bs = tables.num_tokens, self.block_size
+        released = []
+        for l, h in zip(*np.nonzero(tables.pending & tables.bounded)):
+            b = tables.budgets[l][h]
+            nsel = select_range(b, p)[2]
+            nkeep = -(-compacted_capacity(b, p, tables.context_len) // bs)
+            row = tables.row_blocks(l, h).copy()
+            released.append(row[nkeep:])
+            tables.to_ring(l, h, row[:nkeep], b.sink, b.sink + nsel, b.recent or 0)
+        tables.commit_ring_params()
+        for rest in released:
+            self.pool.release(rest)
+
     def compact(self, tables: HeadTables, keep_full: torch.Tensor, scores: list[torch.Tensor]) -> None:
         """End of prefill: pending heads not in `keep_full` `[L, Hkv]` keep sink + the
         `select` best-scored middle tokens (`scores[layer] [Hkv, P]`) + the recent ring in
         private blocks; their prompt blocks go back to the pool (or the prefix cache)."""
         p = tables.num_tokens
         bs = self.block_size
+        assert not (tables.pending & tables.bounded).any(), "bounded select heads end with finish_bounded"
         # rank-local (source, destination) slots
         moves: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in range(self.ranks)]
         released = []

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from headwise.kvcache.budget import compacted_capacity, resolve_budget, window_blocks
+from headwise.kvcache.budget import candidate_capacity, compacted_capacity, resolve_budget, window_blocks
 from headwise.kvcache.plans import (
     FULL,
     DynamicSpec,
@@ -201,7 +201,13 @@ def kv_ratio(plan: Plan, context_len: int, prompt_len: int | None = None, block_
 
 
 def request_blocks(
-    plan: Plan, prompt_len: int, max_tokens: int, block_size: int = 16, chunk: int = 2048, prefix_caching: bool = True
+    plan: Plan,
+    prompt_len: int,
+    max_tokens: int,
+    block_size: int = 16,
+    chunk: int = 2048,
+    prefix_caching: bool = True,
+    margin: float = 0.0,
 ) -> tuple[int, int]:
     """KV blocks one request of this plan holds alone in the engine: (peak, decode peak).
 
@@ -211,8 +217,10 @@ def request_blocks(
     heads release the blocks that left their window (the decode peak counts what is held
     when a token is sampled). Select heads (and a dynamic plan's heads) hold the prompt
     until it ends, then sink + selected + ring; with prefix caching that step also sets
-    aside their new blocks, so their prompt blocks stay intact for later hits."""
-    ends, grown, after = _replay(plan, prompt_len, max_tokens, block_size, chunk, prefix_caching)
+    aside their new blocks, so their prompt blocks stay intact for later hits. With
+    `margin` > 0 a static plan's select heads prefill bounded instead: from admission to
+    the prompt's end they hold budget.candidate_capacity, then what they keep."""
+    ends, grown, after = _replay(plan, prompt_len, max_tokens, block_size, chunk, prefix_caching, margin)
     sampled = after.sum(axis=(0, 1))[ends >= prompt_len]
     return int(grown.sum(axis=(0, 1)).max()), int(sampled.max())
 
@@ -220,13 +228,13 @@ def request_blocks(
 def decode_head_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size: int = 16) -> np.ndarray:
     """`[L, Hkv]` blocks each head holds at the request's decode peak (request_blocks'
     second figure, head by head): what `plan show` counts."""
-    ends, _, after = _replay(plan, prompt_len, max_tokens, block_size, 2048, False)
+    ends, _, after = _replay(plan, prompt_len, max_tokens, block_size, 2048, False, 0.0)
     sampled = np.nonzero(ends >= prompt_len)[0]
     return after[:, :, sampled[after.sum(axis=(0, 1))[sampled].argmax()]]
 
 
 def _replay(
-    plan: Plan, prompt_len: int, max_tokens: int, block_size: int, chunk: int, prefix_caching: bool
+    plan: Plan, prompt_len: int, max_tokens: int, block_size: int, chunk: int, prefix_caching: bool, margin: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """request_blocks' replay per head: the steps' last positions `[steps]`, and the blocks
     each head holds while a step lays out what it writes and after its window heads released
@@ -238,6 +246,7 @@ def _replay(
     last_prompt = int(np.nonzero(ends == prompt_len)[0][0])
     heads = static_heads(plan)
     rest = plan.dynamic.rest if plan.dynamic is not None else None
+    bounded = bool(margin) and rest is None
     per_spec: dict = {}  # one vectorised replay per distinct head spec, shared by its heads
     grown = np.zeros((plan.model.layers, plan.model.kv_heads, len(ends)), dtype=np.int64)
     after = np.zeros_like(grown)
@@ -251,6 +260,10 @@ def _replay(
                         window_blocks(b.sink, b.recent, prev, ends, block_size),
                         window_blocks(b.sink, b.recent, ends, ends, block_size),
                     )
+                elif spec.kind == "select" and bounded:
+                    n = cdiv(compacted_capacity(b, prompt_len, ctx))
+                    g = np.where(ends <= prompt_len, cdiv(candidate_capacity(b, prompt_len, ctx, margin)), n)
+                    a = np.where(ends < prompt_len, g, n)
                 elif spec.kind == "select":
                     n = cdiv(compacted_capacity(b, prompt_len, ctx))
                     g = np.where(ends < prompt_len, cdiv(ends), np.where(ends > prompt_len, n, cdiv(prompt_len)))
@@ -258,7 +271,7 @@ def _replay(
                 else:
                     g = a = cdiv(ends)
                 g = np.array(g, dtype=np.int64)
-                if prefix_caching and (rest is not None or spec.kind == "select"):
+                if prefix_caching and (rest is not None or (spec.kind == "select" and not bounded)):
                     # every pending head gets its reserve (a dynamic plan's too: which stay full is per request)
                     g[last_prompt] += cdiv(
                         compacted_capacity(resolve_budget(rest or spec, prompt_len, ctx), prompt_len, ctx)

@@ -16,3 +16,4 @@ class WorkerKV:
     tables: DeviceTables
     buffers: KVBuffers
     block_size: int
+    first_head: int = 0  # this rank's first KV head column (tensor parallelism: rank x heads per rank)

@@ -95,7 +95,8 @@ def test_window_blocks_follow_the_formula(make_engine, plan_paths, tok):
 
 
 def test_select_heads_shrink_to_their_budget_after_prefill(make_engine, plan_paths, tok):
-    eng = make_engine(plans=plan_paths, max_num_batched_tokens=4096)
+    # the whole-prompt path (select_margin 0); the bounded one: tests/test_bounded_prefill.py
+    eng = make_engine(plans=plan_paths, max_num_batched_tokens=4096, select_margin=0)
     prompt = tok("Numbers and letters fill the page. " * 30)["input_ids"][:200]
     eng.add_request("s", prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), "select")
     eng.step()  # the whole prompt in one chunk, then selection compacts the select heads
@@ -118,7 +119,7 @@ def test_select_heads_shrink_to_their_budget_after_prefill(make_engine, plan_pat
 # end to end: test_prefix_cache.py::test_select_heads_compact_in_place_when_the_pool_has_no_room_...
 @pytest.mark.slow
 def test_select_heads_compact_in_place_without_prefix_caching(make_engine, plan_paths, tok):
-    eng = make_engine(plans=plan_paths, max_num_batched_tokens=4096, enable_prefix_caching=False)
+    eng = make_engine(plans=plan_paths, max_num_batched_tokens=4096, enable_prefix_caching=False, select_margin=0)
     prompt = tok("Numbers and letters fill the page. " * 30)["input_ids"][:200]
     out = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), "select")[0]
     block = BS * 64 * 2 * 4
@@ -197,7 +198,9 @@ def test_request_blocks_formula_equals_what_the_engine_holds(
     for name in ["full", *plan_paths]:
         eng.reset_prefix_cache()  # no hit from the previous plan's run
         out = eng.generate([prompt], params, name)[0]
-        peak, end = request_blocks(eng.plans[name], prompt_len, max_tokens, chunk=64, prefix_caching=caching)
+        peak, end = request_blocks(
+            eng.plans[name], prompt_len, max_tokens, chunk=64, prefix_caching=caching, margin=eng.config.select_margin
+        )
         assert (out.kv_bytes // block, out.kv_bytes_decode // block) == (peak, end), name
         assert out.num_cached_tokens == 0
     assert eng.stats().num_free_blocks == eng.stats().num_blocks

@@ -28,6 +28,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk (the engine's step budget)")
     p.add_argument(
+        "--select-margin",
+        type=float,
+        default=2.0,
+        help="the engine's --select-margin: select heads prefill bounded (0: they hold the whole prompt)",
+    )
+    p.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, help="ranks; --kv-cache-mb is each rank's pool"
     )
     p.add_argument("--json", action="store_true", help="print one JSON line per plan")
@@ -35,17 +41,25 @@ def add_parser(subparsers) -> None:
 
 
 def capacity(
-    plan, pool_blocks: int, input_len: int, output_len: int, block_size: int, chunk: int = 2048, sharding=None
+    plan,
+    pool_blocks: int,
+    input_len: int,
+    output_len: int,
+    block_size: int,
+    chunk: int = 2048,
+    sharding=None,
+    margin: float = 2.0,
 ) -> dict:
     """Blocks per request and the requests that fit: all admitted at once (each holding its
     peak), and held while decoding with one request prefilling at a time. With `sharding`,
-    per rank: the tightest rank decides. Select heads count as compacting in place: with
-    the prefix cache the engine sets new blocks aside for them only when the pool has room."""
+    per rank: the tightest rank decides. Select heads prefill bounded by `margin` (0: they
+    hold the whole prompt and count as compacting in place: with the prefix cache the engine
+    sets new blocks aside for them only when the pool has room)."""
     from headwise.kvcache.plan_build import request_blocks
     from headwise.kvcache.sharding import rank_plans
 
     parts = rank_plans(plan, sharding) if sharding is not None else [plan]
-    blocks = [request_blocks(part, input_len, output_len, block_size, chunk, prefix_caching=False) for part in parts]
+    blocks = [request_blocks(part, input_len, output_len, block_size, chunk, False, margin) for part in parts]
     peak, end = max(b[0] for b in blocks), max(b[1] for b in blocks)
     at_once = min(pool_blocks // b[0] for b in blocks)
     decoding = min(0 if pool_blocks < b[0] else 1 + (pool_blocks - b[0]) // b[1] for b in blocks)
@@ -80,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.input_len < 1 or args.output_len < 1 or args.kv_cache_mb <= 0 or args.max_num_batched_tokens < 1:
         raise CliError("--input-len, --output-len, --kv-cache-mb and --max-num-batched-tokens must be positive")
+    margin = args.select_margin
+    if margin != 0 and not margin >= 1:
+        raise CliError(f"--select-margin must be 0 (off) or >= 1, got {margin}")
     try:
         shape = model_shape(args.model)
     except ModelLoadError as e:
@@ -102,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             spread = balanced(p, args.tensor_parallel_size, args.input_len + args.output_len, args.block_size)
             shardings = [even] + ([spread] if spread.order != even.order else [])  # a full plan: the same
         rows += [
-            capacity(p, pool, args.input_len, args.output_len, args.block_size, args.max_num_batched_tokens, s)
+            capacity(p, pool, args.input_len, args.output_len, args.block_size, args.max_num_batched_tokens, s, margin)
             for s in shardings
         ]
     if args.json:
@@ -112,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{args.kv_cache_mb:g} MiB pool = {pool} blocks of {args.block_size} slots ({args.dtype}"
         + (f", kv cache {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else "")
+        + f", select margin {margin:g}"
         + f"); requests of "
         f"{args.input_len} + {args.output_len} tokens"
     )
