@@ -119,14 +119,19 @@ def test_prefix_cache_is_rooted_in_the_kv_dtype_and_fp8_hits_give_the_tokens_of_
     assert seqs[0] != seqs[1]
     # a hit reads the cached prefix in fp8, where a one-chunk prefill attends to its own exact
     # K/V: the fresh run to compare with computes the prefix as a chunk of its own first
-    fp8 = _engine(tiny, kv_cache_dtype="fp8", max_num_batched_tokens=256)
+    # select heads on the whole-prompt path: bounded ones (the default) take no hit
+    fp8 = _engine(tiny, kv_cache_dtype="fp8", max_num_batched_tokens=256, select_margin=0)
     fp8.generate([prompt[:40]], PARAMS)  # calibrates
     for plan in ("full", "window", "select"):
         fp8.generate([prompt], PARAMS, plan)  # one chunk; names its blocks
         hit = fp8.generate([prompt], PARAMS, plan)[0]
         assert hit.num_cached_tokens > 0, plan
         fresh = _engine(
-            tiny, kv_cache_dtype="fp8", enable_prefix_caching=False, max_num_batched_tokens=hit.num_cached_tokens
+            tiny,
+            kv_cache_dtype="fp8",
+            enable_prefix_caching=False,
+            max_num_batched_tokens=hit.num_cached_tokens,
+            select_margin=0,
         )
         fresh.kv_manager.buffers.k_scale.copy_(fp8.kv_manager.buffers.k_scale)
         fresh.kv_manager.buffers.v_scale.copy_(fp8.kv_manager.buffers.v_scale)

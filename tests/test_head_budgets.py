@@ -43,7 +43,11 @@ def plan_engines(make_engine, engine, tmp_path_factory):
     for name, plan in plans.items():
         save_plan(plan, d / f"{name}.json")
         paths[name] = str(d / f"{name}.json")
-    engines = {chunk: make_engine(plans=paths, max_num_batched_tokens=chunk) for chunk in (16, 64, 4096)}
+    # select heads on the whole-prompt path (select_margin 0): the mask contract at any chunk size;
+    # the bounded path equals it in one chunk (test_bounded_select_in_one_chunk_equals_dense_masked_attention)
+    engines = {
+        chunk: make_engine(plans=paths, max_num_batched_tokens=chunk, select_margin=0) for chunk in (16, 64, 4096)
+    }
     return plans, engines
 
 
@@ -72,3 +76,22 @@ def test_engine_equals_dense_masked_attention(plan_engines, engine, prompt, name
     torch.testing.assert_close(ours, dense[rows, torch.tensor(ref.token_ids)], atol=LOGPROB_ATOL, rtol=0)
     full = engines[4096].generate([prompt], params, "full")[0]
     assert ref.kv_bytes < full.kv_bytes
+
+
+def test_bounded_select_in_one_chunk_equals_dense_masked_attention(plan_engines, make_engine, prompt):
+    """The bounded prefill (select_margin 2: 4 + 32 + 16 slots per select head, never the
+    150-token prompt) keeps what the whole-prompt path keeps when the prompt is one chunk:
+    the same tokens and log-probabilities as the dense reference's engine, in less memory."""
+    plans, engines = plan_engines
+    params = SamplingParams(max_tokens=DECODE, temperature=0, ignore_eos=True, logprobs=1)
+    ref = engines[4096].generate([prompt], params, "select")[0]
+    bounded = make_engine(plans=engines[4096].config.plans, max_num_batched_tokens=4096, select_margin=2.0)
+    out = bounded.generate([prompt], params, "select")[0]
+    assert out.token_ids == ref.token_ids
+    torch.testing.assert_close(
+        torch.tensor([lp.logprob for lp in out.logprobs]),
+        torch.tensor([lp.logprob for lp in ref.logprobs]),
+        atol=1e-4,
+        rtol=0,
+    )
+    assert out.kv_bytes < ref.kv_bytes and out.kv_bytes_decode == ref.kv_bytes_decode

@@ -259,12 +259,14 @@ def test_select_heads_compact_in_place_when_the_pool_has_no_room_for_new_blocks(
     and the peak is the prompt alone."""
     prompt = _shared_prefix_prompts(1, 0, 160, seed=2)[0]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    roomy = _engine(tiny, True, kv_cache_mb=None, num_blocks=400, max_num_batched_tokens=256)
+    roomy = _engine(tiny, True, kv_cache_mb=None, num_blocks=400, max_num_batched_tokens=256, select_margin=0)
     out = roomy.generate([prompt], params, "select")[0]
     # 8 heads: 4 full (every third head of the tiny plans), 4 select (4 + 16 + 16 slots: 3 blocks)
     heads = roomy.kv_manager.num_layers * roomy.kv_manager.num_kv_heads
     prompt_blocks = heads * 10
-    tight = _engine(tiny, True, kv_cache_mb=None, num_blocks=prompt_blocks + 8, max_num_batched_tokens=256)
+    tight = _engine(
+        tiny, True, kv_cache_mb=None, num_blocks=prompt_blocks + 8, max_num_batched_tokens=256, select_margin=0
+    )
     out_tight = tight.generate([prompt], params, "select")[0]
     assert out_tight.token_ids == out.token_ids
     n_select = sum(s.kind == "select" for row in roomy.plans["select"].heads for s in row)
