@@ -149,8 +149,10 @@ def test_greedy_outputs_equal_with_and_without_caching_for_every_plan(tiny, plan
     needs there were transient ones, written for the cache."""
     prompts = _shared_prefix_prompts(6, 100, 20)
     waves = [[(p, plan) for p in prompts[:2]], [(p, plan) for p in prompts[2:]]]
-    off = _run(_engine(tiny, False, max_num_batched_tokens=chunk), waves)
-    eng = _engine(tiny, True, max_num_batched_tokens=chunk)
+    # select heads on the whole-prompt path, which names and hits prompt blocks (bounded ones
+    # take no hit: test_bounded_select_requests_take_no_hit_and_name_no_block)
+    off = _run(_engine(tiny, False, max_num_batched_tokens=chunk, select_margin=0), waves)
+    eng = _engine(tiny, True, max_num_batched_tokens=chunk, select_margin=0)
     on = _run(eng, waves)
     assert [o.token_ids for o in on] == [o.token_ids for o in off]
     # 12 whole blocks (96 tokens) are shared; every head kind finds what it needs there
@@ -158,6 +160,22 @@ def test_greedy_outputs_equal_with_and_without_caching_for_every_plan(tiny, plan
     assert eng.block_census()["held"] == 0
     stats = eng.stats()
     assert stats.prefix_cache_queries == 6 * 120 and stats.prefix_cache_hits >= 4 * 96
+
+
+def test_bounded_select_requests_take_no_hit_and_name_no_block(tiny):
+    """Bounded select heads hold no positional prompt blocks: a select-plan request neither
+    names blocks nor hits a full-plan request's, and its tokens equal the cache-off run's."""
+    prompts = _shared_prefix_prompts(3, 100, 20)
+    waves = [[(prompts[0], "full")], [(prompts[1], "select")], [(prompts[2], "select")]]
+    off = _run(_engine(tiny, False, max_num_batched_tokens=32), waves)
+    eng = _engine(tiny, True, max_num_batched_tokens=32)
+    on = _run(eng, waves[:1])
+    cached = eng.block_census()["evictable"]
+    assert cached > 0  # the full request named its blocks
+    on += _run(eng, waves[1:])
+    assert [o.token_ids for o in on] == [o.token_ids for o in off]
+    assert [o.num_cached_tokens for o in on] == [0, 0, 0]
+    assert eng.block_census() == {"held": 0, "evictable": cached, "free": eng.kv_manager.pool.num_blocks - cached}
 
 
 def test_mixed_plans_with_preemption_eviction_and_aborts_match_and_leak_nothing(tiny):
