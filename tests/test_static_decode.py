@@ -12,6 +12,11 @@ from headwise.engine.llm_engine import LLMEngine
 from headwise.engine.sampling_params import SamplingParams
 from tests.tiny_model import PLANS, random_prompts, run_to_end, write_plans, write_tiny_llama
 
+# a padded batch multiplies more rows than the eager one, and on the CPU the row count picks
+# the kernel (MKL's, and LlamaModel.logits' three products): fp32 rounding differs, measured
+# up to 1.1e-5 in a logprob of the tiny model's wide logits
+LOGPROB_ATOL = 5e-5
+
 
 def test_capture_sizes_ladder():
     assert capture_sizes(1) == [1]
@@ -54,6 +59,6 @@ def test_padded_static_decode_equals_eager_for_every_plan(tmp_path):
         torch.testing.assert_close(
             torch.tensor([lp.logprob for lp in outs[True][rid].logprobs]),
             torch.tensor([lp.logprob for lp in out.logprobs]),
-            atol=1e-5,
+            atol=LOGPROB_ATOL,
             rtol=0,
         )
