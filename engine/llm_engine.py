@@ -229,11 +229,19 @@ class LLMEngine:
         return collect_stats(self.scheduler, self.kv_bytes_saved)
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template: str | None = None,
     ) -> list[int]:
         """The chat template's token ids; `continue_final_message` leaves the last message
-        open (no end-of-turn after it) so generation continues it, as vLLM does."""
-        return encode_chat(self.tokenizer, messages, add_generation_prompt, continue_final_message)
+        open (no end-of-turn after it) so generation continues it, as vLLM does; `tools`
+        and tool turns render through a tool-aware template (engine/chat.py)."""
+        return encode_chat(
+            self.tokenizer, messages, add_generation_prompt, continue_final_message, tools, chat_template
+        )
 
     # -- prefix caching --------------------------------------------------------------
     def reset_prefix_cache(self) -> None:

@@ -44,6 +44,7 @@ TOKEN_KEY_BOUND = "x-headwise-token-id-key"  # pattern: a token id below the voc
 TOKEN_KEY = r"^(0|[1-9][0-9]*)$"  # before the model's bound is known
 MAX_STOP_STRINGS = 32  # each one is searched for in every new piece of text
 MAX_STOP_LENGTH = 1024  # characters
+MAX_TOOLS = 128  # OpenAI's limit on a request's tools
 
 
 def Int(**field) -> object:  # noqa: N802  (a type, spelled like one)
@@ -168,12 +169,61 @@ class TextPart(BaseModel):
     text: Text
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for tool names
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", **_STRICT)
+
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; absent: no arguments
+    strict: bool | None = None  # the arguments always follow `parameters` here, strict or not
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", **_STRICT)
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", **_STRICT)
+
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", **_STRICT)
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", **_STRICT)
+
+    name: Text
+    arguments: Text  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", **_STRICT)
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", **_STRICT)
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: Text | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -189,6 +239,9 @@ class ChatCompletionRequest(GenerationRequest):
     top_logprobs: Int(ge=0, le=20) | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # vLLM's: the last message stays open and is continued
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # OpenAI's default: true
 
 
 class TokenizeRequest(_Body):
@@ -203,6 +256,7 @@ class TokenizeRequest(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = None  # type: ignore[assignment]
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None  # rendered as chat would
 
 
 class DetokenizeRequest(_Body):

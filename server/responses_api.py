@@ -1,13 +1,14 @@
 """POST /v1/responses (OpenAI's Responses API), stateless: the body becomes the same
 internal chat request /v1/chat/completions runs (`instructions` as the system message,
-`input` as the turns), so templating, sampling, admission and errors are chat's; the
-outputs are rendered as a `response` object or the Responses event stream.
+`input` as the turns: messages, `function_call` items as an assistant turn's tool calls,
+`function_call_output` items as tool turns), so templating, tools, sampling, admission and
+errors are chat's; the outputs are rendered as a `response` object (a message item for the
+text, a `function_call` item per call) or the Responses event stream.
 
 `text.format` (json_schema, json_object) becomes chat's `response_format` and goes through
-the same grammar path (server/structured.py). Not served yet, and refused with a 400
-naming the field rather than ignored: `tools` / `tool_choice` (other than "auto" / "none"
-without tools), function_call / function_call_output input items, and `previous_response_id` (nothing is
-stored, so there is no earlier response to continue)."""
+the same grammar path (server/structured.py); `tools` / `tool_choice` / `parallel_tool_calls`
+become chat's (server/tools.py). `previous_response_id` is a 400 naming it: nothing is
+stored, so there is no earlier response to continue."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from headwise.engine.outputs import RequestOutput
-from headwise.server.chat import template_messages
+from headwise.server.chat import chat_prompt
 from headwise.server.context import RequestContext, usage
 from headwise.server.errors import APIError
 from headwise.server.generation import GenerationGroup, Job
@@ -29,17 +30,20 @@ from headwise.server.protocol import ChatCompletionRequest
 from headwise.server.responses_api_protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
+    FunctionToolChoice,
     ResponseObject,
     ResponsesRequest,
     ResponseStreamEvent,
 )
-from headwise.server.structured import check_compiles, response_format_grammar
+from headwise.server.structured import response_format_grammar
+from headwise.server.tool_parsers import ToolCallStream, message_calls
+from headwise.server.tools import ToolPlan
 
 router = APIRouter()
 
 
 def check_supported(body: ResponsesRequest) -> None:
-    """400 for the fields this server cannot honour, naming each."""
+    """400 for what this server cannot honour, naming it."""
     if body.previous_response_id is not None:
         raise APIError(
             400,
@@ -48,34 +52,38 @@ def check_supported(body: ResponsesRequest) -> None:
             "previous_response_id",
             "unsupported_parameter",
         )
-    if body.tools:
-        raise APIError(400, "tools are not supported by this server yet", "tools", "unsupported_parameter")
-    if body.tool_choice not in (None, "auto", "none"):
-        raise APIError(
-            400, "tool_choice needs tools, which are not supported yet", "tool_choice", "unsupported_parameter"
-        )
-    if isinstance(body.input, list):
-        for i, item in enumerate(body.input):
-            if isinstance(item, (FunctionCallItem, FunctionCallOutputItem)):
-                raise APIError(
-                    400,
-                    f"{item.type} items need tools, which are not supported yet",
-                    f"input.{i}",
-                    "unsupported_parameter",
-                )
+
+
+def _turns(body: ResponsesRequest) -> list[dict]:
+    """Chat messages for `input`: consecutive function_call items are one assistant turn's calls."""
+    messages: list[dict] = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
+    if isinstance(body.input, str):
+        return [*messages, {"role": "user", "content": body.input}]
+    for item in body.input:
+        if isinstance(item, FunctionCallItem):
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        else:
+            messages.append({"role": item.role, "content": item.text()})
+    return messages
 
 
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request a Responses body means: instructions first (as the system turn),
-    then `input` (a string is one user turn)."""
-    messages = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
-    if isinstance(body.input, str):
-        messages.append({"role": "user", "content": body.input})
-    else:
-        messages += [{"role": item.role, "content": item.text()} for item in body.input]
+    """The chat request a Responses body means."""
+    choice = body.tool_choice
     fields = {
         "model": body.model,
-        "messages": messages,
+        "messages": _turns(body),
         "max_completion_tokens": body.max_output_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -85,6 +93,13 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         "response_format": None
         if body.text is None or body.text.format is None
         else body.text.format.response_format(),
+        "tools": None
+        if body.tools is None
+        else [{"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})} for t in body.tools],
+        "tool_choice": {"type": "function", "function": {"name": choice.name}}
+        if isinstance(choice, FunctionToolChoice)
+        else choice,
+        "parallel_tool_calls": body.parallel_tool_calls,
     }
     return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
 
@@ -99,12 +114,11 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     chat = chat_request(body)
     ctx = RequestContext(request, chat, "resp")
     ctx.check_fits(1)
-    prompt = await ctx.state.tokenizer_thread.run(ctx.engine.encode_chat, template_messages(chat.messages))
     grammar = response_format_grammar(chat.response_format, "text.format")  # chat's grammar path
-    await check_compiles(ctx.engine.grammars, grammar)
+    prompt, grammar, tools = await chat_prompt(ctx, chat, grammar)
     params = sampling_params(chat, len(prompt), ctx.engine.max_model_len, 0, ctx.state.generation_defaults, grammar)
     group = ctx.group([Job(ctx.job_id(0), prompt, params)])
-    view = _ResponseView(ctx, body, len(prompt))
+    view = _ResponseView(ctx, body, len(prompt), tools)
     if body.stream:
         return await ctx.stream(group, view.events, frame=named_event, error_payload=view.error_event, done=None)
     outputs = await ctx.collect(group)
@@ -124,16 +138,30 @@ _STATUS = {"stop": "completed", "length": "incomplete", "abort": "cancelled"}
 class _ResponseView:
     """Renders one choice as a `response` object, or as the Responses event stream."""
 
-    def __init__(self, ctx: RequestContext, body: ResponsesRequest, prompt_len: int) -> None:
+    def __init__(self, ctx: RequestContext, body: ResponsesRequest, prompt_len: int, tools: ToolPlan) -> None:
         self.ctx = ctx
         self.body = body
         self.prompt_len = prompt_len
+        self.tools = tools
         self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.call_ids: list[str] = []  # shared with the stream, so its items are the final ones
         self.sequence = 0
 
     def _message(self, text: str, status: str) -> dict:
         content = [{"type": "output_text", "text": text, "annotations": []}]
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def _call(call_id: str, name: str, arguments: str, status: str) -> dict:
+        item_id = "fc_" + call_id.removeprefix("call_")
+        return {
+            "type": "function_call",
+            "id": item_id,
+            "call_id": call_id,
+            "name": name,
+            "arguments": arguments,
+            "status": status,
+        }
 
     def _object(self, status: str, output: list[dict], out: RequestOutput | None) -> dict:
         return {
@@ -150,14 +178,20 @@ class _ResponseView:
             "max_output_tokens": self.body.max_output_tokens,
             "temperature": self.body.temperature,
             "top_p": self.body.top_p,
-            "tools": [],
-            "tool_choice": self.body.tool_choice if isinstance(self.body.tool_choice, str) else "auto",
+            "tools": [t.model_dump(exclude_none=True) for t in self.body.tools or []],
+            "tool_choice": self._tool_choice(),
             "parallel_tool_calls": True if self.body.parallel_tool_calls is None else self.body.parallel_tool_calls,
             "text": {"format": self._format()},
             "store": False,
             "previous_response_id": None,
             "metadata": self.body.metadata or {},
         }
+
+    def _tool_choice(self) -> str | dict:
+        choice = self.body.tool_choice
+        if choice is None:
+            return "auto"
+        return choice if isinstance(choice, str) else choice.model_dump()
 
     def _format(self) -> dict:
         given = None if self.body.text is None else self.body.text.format
@@ -176,9 +210,19 @@ class _ResponseView:
         }
 
     def response(self, out: RequestOutput) -> dict:
+        """The finished `response`: a message item for the text (also when it is empty and there
+        is no call), then one function_call item per call."""
         status = _STATUS.get(out.finish_reason or "stop", "completed")
-        message_status = "completed" if status == "completed" else "incomplete"
-        return self._object(status, [self._message(out.text, message_status)], out)
+        item_status = "completed" if status == "completed" else "incomplete"
+        if self.tools.fmt is None:
+            return self._object(status, [self._message(out.text, item_status)], out)
+        parsed = self.tools.fmt.parse(out.text, final=True)
+        calls = message_calls(parsed, self.call_ids, self.tools.parallel)
+        output = [self._message(parsed.content, item_status)] if parsed.content or not calls else []
+        for call in calls:
+            fn = call["function"]
+            output.append(self._call(call["id"], fn["name"], fn["arguments"], item_status))
+        return self._object(status, output, out)
 
     def _event(self, kind: str, **fields) -> dict:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -189,29 +233,87 @@ class _ResponseView:
         inner = error.body()["error"]
         return self._event("error", code=inner["code"], message=inner["message"], param=inner["param"])
 
+    def _open_message(self, index: int) -> list[dict]:
+        where = {"item_id": self.message_id, "output_index": index, "content_index": 0}
+        return [
+            self._event(
+                "response.output_item.added",
+                output_index=index,
+                item={**self._message("", "in_progress"), "content": []},
+            ),
+            self._event(
+                "response.content_part.added", **where, part={"type": "output_text", "text": "", "annotations": []}
+            ),
+        ]
+
     async def events(self, group: GenerationGroup) -> AsyncIterator[dict]:
-        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        """response.created / in_progress, then per output item its `added`, its deltas
+        (output_text.delta for the message, function_call_arguments.delta for a call) and, once
+        the output is finished, its `done` events; then response.completed (or incomplete)."""
         yield self._event("response.created", response=self._object("in_progress", [], None))
         yield self._event("response.in_progress", response=self._object("in_progress", [], None))
-        yield self._event(
-            "response.output_item.added", output_index=0, item={**self._message("", "in_progress"), "content": []}
-        )
-        yield self._event(
-            "response.content_part.added", **where, part={"type": "output_text", "text": "", "annotations": []}
-        )
+        stream = None if self.tools.fmt is None else ToolCallStream(self.tools.fmt, self.tools.parallel)
+        if stream is not None:
+            stream.ids = self.call_ids
+        opened: dict[str, int] = {}  # item id -> output index
+        if stream is None:
+            opened[self.message_id] = 0
+            for event in self._open_message(0):
+                yield event
         sent = ""
         last: RequestOutput | None = None
         async for batch in group.updates():
             for _, out in batch:
                 last = out
-                if len(out.text) > len(sent):
-                    delta, sent = out.text[len(sent) :], out.text
-                    yield self._event("response.output_text.delta", **where, delta=delta, logprobs=[])
+                if stream is None:
+                    deltas = [{"content": out.text[len(sent) :]}] if len(out.text) > len(sent) else []
+                    sent = out.text
+                else:
+                    deltas = stream.update(out.text, final=out.finished)
+                for delta in deltas:
+                    if delta.get("content"):
+                        if self.message_id not in opened:
+                            opened[self.message_id] = len(opened)
+                            for event in self._open_message(opened[self.message_id]):
+                                yield event
+                        where = {"item_id": self.message_id, "output_index": opened[self.message_id]}
+                        yield self._event(
+                            "response.output_text.delta", **where, content_index=0, delta=delta["content"], logprobs=[]
+                        )
+                    for call in delta.get("tool_calls", []):
+                        call_id = self.call_ids[call["index"]]
+                        item = self._call(call_id, call["function"].get("name", ""), "", "in_progress")
+                        if "id" in call:
+                            opened[item["id"]] = len(opened)
+                            yield self._event("response.output_item.added", output_index=opened[item["id"]], item=item)
+                        elif call["function"]["arguments"]:
+                            yield self._event(
+                                "response.function_call_arguments.delta",
+                                item_id=item["id"],
+                                output_index=opened[item["id"]],
+                                delta=call["function"]["arguments"],
+                            )
         assert last is not None and last.finished
         final = self.response(last)
-        part = final["output"][0]["content"][0]
-        yield self._event("response.output_text.done", **where, text=part["text"], logprobs=[])
-        yield self._event("response.content_part.done", **where, part=part)
-        yield self._event("response.output_item.done", output_index=0, item=final["output"][0])
+        for item in final["output"]:
+            if item["id"] not in opened:  # an empty message: added and done at once
+                opened[item["id"]] = len(opened)
+                for event in self._open_message(opened[item["id"]]):
+                    yield event
+            index = opened[item["id"]]
+            if item["type"] == "message":
+                where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+                part = item["content"][0]
+                yield self._event("response.output_text.done", **where, text=part["text"], logprobs=[])
+                yield self._event("response.content_part.done", **where, part=part)
+            else:
+                yield self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )
+            yield self._event("response.output_item.done", output_index=index, item=item)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         yield self._event(kind, response=final)

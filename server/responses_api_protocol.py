@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from headwise.engine.sampling_params import SEED_MAX, SEED_MIN
-from headwise.server.protocol import CONTEXT_BOUND, Int, Text, _Body
+from headwise.server.protocol import CONTEXT_BOUND, MAX_TOOLS, FunctionName, Int, Text, _Body
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
 
@@ -57,13 +57,7 @@ class FunctionCallOutputItem(BaseModel):
     output: Text
 
 
-# The document shows only what is served: validation also takes the tool items and
-# values below, so that server/responses_api.py can refuse each with a 400 naming it
-InputItem = Annotated[
-    MessageItem | FunctionCallItem | FunctionCallOutputItem,
-    Field(union_mode="left_to_right"),
-    WithJsonSchema({"$ref": "#/components/schemas/MessageItem"}),
-]
+InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem, Field(union_mode="left_to_right")]
 _ONLY_NULL = WithJsonSchema({"type": "null"})
 
 
@@ -95,6 +89,25 @@ class TextOptions(BaseModel):
     format: TextFormat | None = None
 
 
+class FunctionTool(BaseModel):
+    """A Responses function tool: chat's function definition, flattened."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+    type: Literal["function"]
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class FunctionToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+    type: Literal["function"]
+    name: FunctionName
+
+
 class ResponsesRequest(_Body):
     model: Text | None = None
     input: Annotated[Text, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]
@@ -106,10 +119,8 @@ class ResponsesRequest(_Body):
     stream: bool = False
     store: bool = False  # accepted; nothing is ever stored, and the response says so
     previous_response_id: Annotated[Text | None, _ONLY_NULL] = None  # stateless: any value is a 400 naming it
-    tools: Annotated[
-        list[dict] | None, WithJsonSchema({"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]})
-    ] = None
-    tool_choice: Annotated[Text | dict | None, WithJsonSchema({"enum": ["auto", "none", None]})] = None
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
     text: TextOptions | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict[str, Text] | None = None
@@ -130,6 +141,15 @@ class OutputMessage(BaseModel):
     status: Literal["in_progress", "completed", "incomplete"]
     role: Literal["assistant"]
     content: list[OutputText]
+
+
+class OutputFunctionCall(BaseModel):
+    type: Literal["function_call"]
+    id: str
+    call_id: str = Field(description="what a function_call_output item answering it names")
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+    status: Literal["in_progress", "completed", "incomplete"]
 
 
 class InputTokensDetails(BaseModel):
@@ -160,7 +180,7 @@ class ResponseObject(BaseModel):
     created_at: int
     status: Literal["in_progress", "completed", "incomplete", "cancelled", "failed"]
     model: str
-    output: list[OutputMessage]
+    output: list[OutputMessage | OutputFunctionCall]
     usage: ResponseUsage | None
     incomplete_details: IncompleteDetails | None
     error: dict | None
@@ -168,8 +188,8 @@ class ResponseObject(BaseModel):
     max_output_tokens: int | None
     temperature: float | None
     top_p: float | None
-    tools: list
-    tool_choice: str
+    tools: list[dict]
+    tool_choice: str | dict
     parallel_tool_calls: bool
     text: dict
     store: bool

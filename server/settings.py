@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # a prompt this large is already ~1M tokens of text, far past any context this engine serves
@@ -37,6 +38,9 @@ class ServerSettings:
     allowed_methods: tuple[str, ...] | list[str] = ("*",)
     allowed_headers: tuple[str, ...] | list[str] = ("*",)
     generation_config: str = "auto"  # auto | vllm | a folder holding generation_config.json
+    chat_template: str | None = None  # vLLM's --chat-template: a Jinja file that replaces the model's
+    tool_call_parser: str = "hermes"  # vLLM's names: how `tool_choice: auto` output is read (server/tool_parsers.py)
+    chat_template_text: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -63,3 +67,14 @@ class ServerSettings:
         self.allowed_headers = tuple(self.allowed_headers)
         if not self.generation_config:
             raise ValueError("generation_config must be auto, vllm or a folder, got ''")
+        from headwise.server.tool_parsers import FORMATS
+
+        if self.tool_call_parser not in FORMATS:
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(sorted(FORMATS))}, got {self.tool_call_parser!r}"
+            )
+        if self.chat_template is not None:
+            path = Path(self.chat_template)
+            if not path.is_file():
+                raise ValueError(f"chat_template: no such file {self.chat_template!r}")
+            self.chat_template_text = path.read_text()

@@ -31,6 +31,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
             template_messages(body.messages),
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
+            tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+            chat_template=state.settings.chat_template_text,
         )
     else:
         tokens = await state.tokenizer_thread.run(engine.tokenizer.encode, body.prompt)

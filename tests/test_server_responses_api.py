@@ -1,8 +1,9 @@
 """POST /v1/responses through the official openai client against a live server on the
 tiny model: the text equals what chat gives for the same turns, usage carries cached
 tokens and headwise's kv fields, streaming sends the Responses event types whose deltas
-make the final text, and what is not served (previous_response_id, tools, function_call
-items) is a 400 naming the field. text.format json_schema on the real model:
+make the final text, function_call items are chat's tool turns, and what is not served
+(previous_response_id) is a 400 naming the field; tool calls on the real model:
+tests/test_tool_calls_api.py. text.format json_schema on the real model:
 tests/test_structured_api.py."""
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def test_streaming_sends_the_responses_events_whose_deltas_make_the_text(client)
     "extra, param",
     [
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
+        ({"tools": [{"type": "function", "name": "f.g"}]}, "tools.0.name"),  # OpenAI's name rule
     ],
 )
 def test_what_is_not_served_is_a_400_naming_the_field(client, extra, param):
@@ -107,14 +108,28 @@ def test_what_is_not_served_is_a_400_naming_the_field(client, extra, param):
     assert e.value.body["param"] == param
 
 
-def test_a_function_call_item_is_a_400_naming_it(server):
+def test_function_call_items_are_chats_tool_turns(client):
+    """function_call / function_call_output items are the assistant's tool calls and the tool
+    turns, so the answer equals chat's for those messages (greedy)."""
     items = [
         {"role": "user", "content": "w1"},
         {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": '{"x": 1}'},
         {"type": "function_call_output", "call_id": "c1", "output": "w2"},
+        {"type": "function_call_output", "call_id": "c2", "output": "w3"},
     ]
-    response = httpx.post(server.url + "/v1/responses", json={"input": items}, timeout=60)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "input.1"
+    response = client.responses.create(model=MODEL, input=items, max_output_tokens=4, temperature=0)
+    calls = [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        {"id": "c2", "type": "function", "function": {"name": "g", "arguments": '{"x": 1}'}},
+    ]
+    messages = [
+        {"role": "user", "content": "w1"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "w2"},
+        {"role": "tool", "tool_call_id": "c2", "content": "w3"},
+    ]
+    assert response.output_text == chat_text(client, messages, 4)
 
 
 def test_unknown_model_and_bad_values_are_chats_errors(client):

@@ -9,6 +9,7 @@ import sys
 
 from headwise.clients.engine_args import add_engine_args, engine_config_from_args, env_default
 from headwise.server.settings import LOG_LEVELS, ServerSettings
+from headwise.server.tool_parsers import FORMATS
 
 
 def add_parser(subparsers) -> None:
@@ -105,6 +106,19 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "vllm (none: the engine's), or a folder holding a generation_config.json (default %(default)s)",
     )
     g.add_argument(
+        "--chat-template",
+        default=env_default("--chat-template", None),
+        help="a Jinja chat template file used instead of the model's (default: the model's; requests with "
+        "tools use headwise's tool-aware ChatML template when the model's knows no tools)",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=sorted(FORMATS),
+        default=env_default("--tool-call-parser", d.tool_call_parser),
+        help="how tool calls are written and read back (vLLM's names; default %(default)s, the format of "
+        "headwise's shipped tool template)",
+    )
+    g.add_argument(
         "--max-request-bytes",
         type=int,
         default=env_default("--max-request-bytes", d.max_request_bytes, int),
@@ -134,6 +148,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allowed_methods=tuple(args.allowed_methods),
         allowed_headers=tuple(args.allowed_headers),
         generation_config=args.generation_config,
+        chat_template=args.chat_template,
+        tool_call_parser=args.tool_call_parser,
     )
 
 
