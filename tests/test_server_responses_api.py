@@ -8,7 +8,6 @@ tests/test_structured_api.py."""
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 
