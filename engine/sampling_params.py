@@ -84,12 +84,13 @@ class SamplingParams:
             "stop_token_ids",
             f"stop_token_ids must be >= 0, got {[t for t in self.stop_token_ids if t < 0][:5]}",
         )
-        _check(
-            self.grammar is None or self.min_tokens == 0,
-            "min_tokens",
-            f"min_tokens ({self.min_tokens}) cannot be combined with a grammar: the grammar decides where the output "
-            "may end",
-        )
+        if self.grammar is not None and self.min_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({self.min_tokens}) cannot be combined with a grammar: the grammar decides where the "
+                "output may end",
+                "min_tokens",
+                "conflicting_parameters",
+            )
         if self.logit_bias:
             bad = {t: b for t, b in self.logit_bias.items() if not -100 <= b <= 100}
             _check(not bad, "logit_bias", f"logit_bias values must be in [-100, 100], got {bad}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
 
 import torch
 import xgrammar as xgr
@@ -131,14 +132,21 @@ class GrammarState:
         return self._matcher is not None and self._matcher.is_terminated()
 
 
+@cache
+def _batch_matcher() -> xgr.BatchGrammarMatcher:
+    return xgr.BatchGrammarMatcher(max_threads=max(1, torch.get_num_threads()))
+
+
 def apply_grammar_masks(logits: torch.Tensor, seqs: list) -> None:
     """Disallowed tokens of constrained rows to -inf, in place, on the logits' device."""
     rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
     if not rows:
         return
     bitmask = xgr.allocate_token_bitmask(len(seqs), logits.shape[1])
-    for i in rows:
-        seqs[i].grammar.matcher.fill_next_token_bitmask(bitmask, i)
+    if len(rows) == 1:
+        seqs[rows[0]].grammar.matcher.fill_next_token_bitmask(bitmask, rows[0])
+    else:  # the rows' masks on the compute threads at once (xgrammar's C++ threads, no GIL)
+        _batch_matcher().batch_fill_next_token_bitmask([seqs[i].grammar.matcher for i in rows], bitmask, rows)
     if logits.is_cuda:
         bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)

@@ -38,7 +38,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
                     400,
                     f"only assistant messages carry tool_calls, not {m.role}",
                     f"messages.{i}.tool_calls",
-                    "invalid_value",
+                    "conflicting_parameters",
                 )
             turn["tool_calls"] = [c.model_dump() for c in m.tool_calls]
         if m.role == "tool":
@@ -47,7 +47,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
                     400,
                     "a tool message needs the tool_call_id it answers",
                     f"messages.{i}.tool_call_id",
-                    "invalid_value",
+                    "conflicting_parameters",
                 )
             turn["tool_call_id"] = m.tool_call_id
             if m.name is not None:

@@ -41,7 +41,9 @@ def _parameters(tool: Tool, i: int) -> dict:
         return NO_ARGUMENTS
     param = f"tools.{i}.function.parameters"
     if schema.get("type", "object") != "object":
-        raise InvalidRequest(f"{param} must be an object schema (arguments are a JSON object)", param)
+        raise InvalidRequest(
+            f"{param} must be an object schema (arguments are a JSON object)", param, "invalid_grammar"
+        )
     check_enforceable(schema, param)
     return schema
 
@@ -67,7 +69,9 @@ def plan_tools(body: ChatCompletionRequest, fmt: ToolFormat) -> ToolPlan:
     for i, tool in enumerate(tools):
         if tool.function.name in seen:
             raise InvalidRequest(
-                f"tools.{i}.function.name: a second tool named {tool.function.name!r}", f"tools.{i}.function.name"
+                f"tools.{i}.function.name: a second tool named {tool.function.name!r}",
+                f"tools.{i}.function.name",
+                "conflicting_parameters",
             )
         seen.add(tool.function.name)
     if choice == "none" or not tools:
