@@ -3,7 +3,9 @@ arrays, enums, patterns, optional and nullable fields): every output that ends w
 must parse and validate with `jsonschema`; (2) decode ms/step at batch 16 with a json_schema
 on every request vs none, same engine, alternating runs.
 
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_structured.py --schemas 50 --repeats 3
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_structured.py --schemas 50 --tools 50 --repeats 3
+
+(3) `tool_choice: required` over generated tool schemas: every call validates.
 """
 
 from __future__ import annotations
@@ -80,6 +82,50 @@ def correctness(engine: LLMEngine, n: int, seed: int) -> None:
     )
 
 
+def tool_calls(engine: LLMEngine, n: int, seed: int) -> None:
+    """tool_choice required over `n` requests, each with two tools whose parameters are
+    generated schemas: every output that ends with `stop` must be calls (hermes format) of
+    those tools whose arguments validate against the called tool's schema."""
+    from headwise.server.protocol import ChatCompletionRequest
+    from headwise.server.tool_parsers import FORMATS, message_calls
+    from headwise.server.tools import plan_tools
+
+    rng = random.Random(seed + 1)
+    fmt = FORMATS["hermes"]
+    jobs = []
+    for i in range(n):
+        tools = [
+            {"type": "function", "function": {"name": f"tool_{i}_{k}", "parameters": make_schema(rng)}} for k in (0, 1)
+        ]
+        ask = [{"role": "user", "content": "Call a tool with sensible arguments."}]
+        body = ChatCompletionRequest.model_validate({"messages": ask, "tools": tools, "tool_choice": "required"})
+        plan = plan_tools(body, fmt)
+        prompt = engine.encode_chat(ask, tools=plan.tools)
+        jobs.append((prompt, SamplingParams(max_tokens=160, temperature=0.7, seed=i, grammar=plan.grammar), tools))
+    t = time.perf_counter()
+    outs = engine.generate([p for p, _, _ in jobs], [sp for _, sp, _ in jobs])
+    stopped = valid = calls_seen = 0
+    for out, (_, _, tools) in zip(outs, jobs):
+        if out.finish_reason != "stop":
+            continue
+        stopped += 1
+        calls = message_calls(fmt.parse(out.text, final=True), [], parallel=True)
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+        try:
+            assert calls, "no call"
+            for call in calls:
+                jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+            valid += 1
+            calls_seen += len(calls)
+        except (AssertionError, KeyError, ValueError, jsonschema.ValidationError) as e:
+            print("INVALID:", out.text, e)
+    print(
+        f"tool_choice required: {n} requests, {stopped} ended with stop, {valid}/{stopped} of those are calls "
+        f"whose arguments validate ({calls_seen} calls), {n - stopped} cut by max_tokens=160; "
+        f"{time.perf_counter() - t:.1f} s"
+    )
+
+
 def decode_ms(engine: LLMEngine, constrained: bool, batch: int, tokens: int) -> float:
     """Median ms of the steps where all `batch` requests decode."""
     schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 200}
@@ -108,11 +154,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tools", type=int, default=50, help="tool_choice required requests (0: skip)")
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(kv_cache_mb=512))
     if args.schemas:
         correctness(engine, args.schemas, args.seed)
-    runs = {False: [], True: []}
+    if args.tools:
+        tool_calls(engine, args.tools, args.seed)
+    if not args.repeats:
+        return
+    runs: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.repeats):
         for constrained in (False, True):
             runs[constrained].append(decode_ms(engine, constrained, args.batch, args.tokens))
