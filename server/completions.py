@@ -52,7 +52,7 @@ def prompt_ids(prompt: str | list, tokenizer, vocab_size: int) -> tuple[list[lis
             ids.append(list(item))
             texts.append(tokenizer.decode(item))
         if not ids[-1]:
-            raise APIError(400, "prompt must contain at least one token", "prompt", "invalid_value")
+            raise APIError(400, "prompt must contain at least one token", "prompt", "empty_prompt")
     return ids, texts
 
 
