@@ -379,19 +379,19 @@ def masked_prefill(
 
 def _sees_whole_history(
     positions: torch.Tensor, bounds: list[int], lengths: torch.Tensor, recent: torch.Tensor
-) -> dict[int, int]:
-    """{sequence: cached slots} of the chunks whose every query sees all of its sequence's
-    written slots and, causally, the whole chunk: every head's window reaches past position 0
-    (recent > the chunk's last position, so sink and keep change nothing) and every head holds
-    the same number of slots. Their mask is plain causal over [cache; chunk]."""
+) -> dict[int, list[int]]:
+    """{sequence: cached slots per KV head} of the chunks whose every query sees all of its
+    sequence's written slots and, causally, the whole chunk: every head's window reaches past
+    position 0 (recent > the chunk's last position, so sink and keep change nothing). Their
+    mask is plain causal over [cache; chunk]; heads may hold different numbers of slots (a
+    bounded select head holds its candidates, kvcache/prefill_selection.py)."""
     ends = torch.tensor([b - 1 for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dtype=torch.long)
     if ends.numel() == 0:
         return {}
     seqs = [s for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
     last = positions[ends].long()
     wide = (recent[seqs].long().min(1).values > last).tolist()
-    lo, hi = lengths[seqs].aminmax(dim=1)
-    return {s: n for s, w, n, m in zip(seqs, wide, lo.tolist(), hi.tolist()) if w and n == m}
+    return {s: n for s, w, n in zip(seqs, wide, lengths[seqs].tolist()) if w}
 
 
 def _flash_cpu(
@@ -404,19 +404,37 @@ def _flash_cpu(
 
 
 def _whole_history_attention(
-    q, k, v, k_cache, v_cache, table, n_cached: int, scale: float, k_scale=None, v_scale=None
+    q, k, v, k_cache, v_cache, table, n_cached: list[int], scale: float, k_scale=None, v_scale=None
 ) -> torch.Tensor:
-    """One chunk `q [n, Hq, D]`, `k / v [n, Hkv, D]` over its first `n_cached` cached slots
-    (table `[Hkv, W]`) and itself, causally: no mask is materialised. The chunk's causal part
-    and the (unmasked) cached part are two fused calls merged by their log-sum-exp."""
+    """One chunk `q [n, Hq, D]`, `k / v [n, Hkv, D]` over each KV head's first `n_cached[h]`
+    cached slots (table `[Hkv, W]`) and itself, causally: no mask is materialised. The chunk's
+    causal part and the (unmasked) cached part are fused calls merged by their log-sum-exp,
+    one cached call per distinct slot count."""
     q4 = q.transpose(0, 1)[None]
     o, lse = _flash_cpu(q4, k.transpose(0, 1)[None], v.transpose(0, 1)[None], True, scale)
-    if n_cached:
-        nb = -(-n_cached // k_cache.shape[1])
-        kc = dequantize(_gather(k_cache, table[None], nb)[:, :, :n_cached], k_scale, 1).to(q.dtype)
-        vc = dequantize(_gather(v_cache, table[None], nb)[:, :, :n_cached], v_scale, 1).to(q.dtype)
-        oc, lsec = _flash_cpu(q4, kc, vc, False, scale)
-        o, _ = merge_states(o, lse, oc, lsec)
+    hkv = k.shape[1]
+    g = q.shape[1] // hkv
+    for n in sorted(set(n_cached)):
+        if not n:
+            continue
+        heads = [h for h in range(hkv) if n_cached[h] == n]
+        nb = -(-n // k_cache.shape[1])
+        if len(heads) == hkv:
+            kc = dequantize(_gather(k_cache, table[None], nb)[:, :, :n], k_scale, 1).to(q.dtype)
+            vc = dequantize(_gather(v_cache, table[None], nb)[:, :, :n], v_scale, 1).to(q.dtype)
+            oc, lsec = _flash_cpu(q4, kc, vc, False, scale)
+            o, _ = merge_states(o, lse, oc, lsec)
+            continue
+        idx = torch.tensor(heads, device=q.device)
+        cols = (idx[:, None] * g + torch.arange(g, device=q.device)[None, :]).reshape(-1)
+        sub = table.index_select(0, idx)[None]
+        ks = k_scale.index_select(0, idx) if k_scale is not None else None
+        vs = v_scale.index_select(0, idx) if v_scale is not None else None
+        kc = dequantize(_gather(k_cache, sub, nb)[:, :, :n], ks, 1).to(q.dtype)
+        vc = dequantize(_gather(v_cache, sub, nb)[:, :, :n], vs, 1).to(q.dtype)
+        oc, lsec = _flash_cpu(q4[:, cols].contiguous(), kc, vc, False, scale)
+        merged, merged_lse = merge_states(o[:, cols], lse[:, cols], oc, lsec)
+        o[:, cols], lse[:, cols] = merged.to(o.dtype), merged_lse
     return o[0].transpose(0, 1)
 
 

@@ -437,3 +437,53 @@ def test_masked_prefill_of_whole_history_chunks_uses_flash_and_equals_dense(monk
     # a causal call per flash chunk, a cached one per flash chunk after the first of seq 0
     assert calls.count(True) == {UNBOUNDED: 5, 40: 5, 20: 3}[window]
     assert calls.count(False) == {UNBOUNDED: 3, 40: 3, 20: 1}[window]
+
+
+def test_whole_history_chunk_over_heads_holding_different_slot_counts_equals_dense(monkeypatch):
+    """Bounded select heads hold fewer slots than full heads (their candidates), all visible:
+    the chunk still takes the flash path, one cached call per slot count, and equals dense
+    attention over each head's own slots and the chunk (causal)."""
+    gen = torch.Generator().manual_seed(7)
+    hkv, g, d, bs, n = 3, 2, 8, 4, 5
+    held = [12, 5, 0]  # slots per KV head, all written before the chunk
+    k_cache, v_cache = torch.randn(16, bs, d, generator=gen), torch.randn(16, bs, d, generator=gen)
+    pos_cache = torch.zeros(16, bs, dtype=torch.int32)
+    table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], dtype=torch.int32)
+    for h in range(hkv):  # kept positions < 20, in slot order
+        pos_cache.view(-1)[table[h, :4].long().repeat_interleave(bs) * bs + torch.arange(4 * bs) % bs] = torch.arange(
+            16, dtype=torch.int32
+        )
+    q = torch.randn(n, hkv * g, d, generator=gen)
+    k, v = torch.randn(n, hkv, d, generator=gen), torch.randn(n, hkv, d, generator=gen)
+    positions = torch.arange(20, 20 + n)
+    big = torch.full((1, hkv), 2**30, dtype=torch.int32)
+    lengths = torch.tensor([held], dtype=torch.int32)
+    calls = []
+    real = ref._flash_cpu
+    monkeypatch.setattr(ref, "_flash_cpu", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    out = ref.masked_prefill(
+        q,
+        k,
+        v,
+        positions,
+        torch.tensor([0, n], dtype=torch.int32),
+        k_cache,
+        v_cache,
+        pos_cache,
+        table[None],
+        torch.tensor([0]),
+        lengths,
+        lengths,
+        torch.zeros(1, hkv, dtype=torch.int32),
+        big,
+        0.3,
+    )
+    for h in range(hkv):
+        slots = table[h].long().repeat_interleave(bs) * bs + torch.arange(4 * bs) % bs
+        kc, vc = k_cache.view(-1, d)[slots[: held[h]]], v_cache.view(-1, d)[slots[: held[h]]]
+        keys, values = torch.cat([kc, k[:, h]]), torch.cat([vc, v[:, h]])
+        mask = torch.cat([torch.ones(n, held[h], dtype=torch.bool), torch.ones(n, n, dtype=torch.bool).tril()], 1)
+        for j in range(g):
+            s = (q[:, h * g + j] @ keys.T * 0.3).masked_fill(~mask, float("-inf"))
+            assert_close(out[:, h * g + j], s.softmax(-1) @ values)
+    assert calls == [True, False, False]  # the chunk causally, then 5 and 12 cached slots
