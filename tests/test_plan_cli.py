@@ -323,15 +323,15 @@ def test_bench_capacity_counts_requests_per_plan(tmp_path, model, capsys):
             "admitted_at_once": 20,
             "held_decoding": 20,
         },
-        # select heads hold the 100-token prompt (7 blocks) until it ends, then 4 + 16 + 12 slots
-        # (compacting in place, as the engine does when the pool has no room to spare)
+        # bounded select heads (--select-margin 2) hold 4 + 2 x 16 + 12 slots (3 blocks) while the
+        # prompt is computed, then 4 + 16 + 12 (2 blocks)
         {
             "plan": "s",
-            "blocks_peak": 56,
+            "blocks_peak": 24,
             "blocks_decode": 16,
             "pool_blocks": 496,
-            "admitted_at_once": 8,
-            "held_decoding": 28,
+            "admitted_at_once": 20,
+            "held_decoding": 30,
         },
     ]
     assert main(["bench", "capacity", "--model", model, "--input-len", "0"]) == 2
