@@ -252,9 +252,7 @@ class _ResponseView:
         the output is finished, its `done` events; then response.completed (or incomplete)."""
         yield self._event("response.created", response=self._object("in_progress", [], None))
         yield self._event("response.in_progress", response=self._object("in_progress", [], None))
-        stream = None if self.tools.fmt is None else ToolCallStream(self.tools.fmt, self.tools.parallel)
-        if stream is not None:
-            stream.ids = self.call_ids
+        stream = None if self.tools.fmt is None else ToolCallStream(self.tools.fmt, self.tools.parallel, self.call_ids)
         opened: dict[str, int] = {}  # item id -> output index
         if stream is None:
             opened[self.message_id] = 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
 _WS = " \t\r\n"
 
@@ -179,23 +180,21 @@ def _held_back(text: str, marker: str) -> int:
     return 0
 
 
-class ToolFormat:
+class ToolFormat(Protocol):
     """One way of writing tool calls: how to parse them and the grammar pieces that write them."""
 
     name: str
-
-    def parse(self, text: str, final: bool) -> Parsed:
-        raise NotImplementedError
-
-    def tag(self, name: str) -> tuple[str, str]:
-        """(begin, end) around a call of `name`'s arguments (a JSON object) in the grammar."""
-        raise NotImplementedError
-
     trigger: str  # the text that opens a call (the grammar constrains what follows)
     separator: str  # between parallel calls
 
+    def parse(self, text: str, final: bool) -> Parsed: ...
 
-class HermesFormat(ToolFormat):
+    def tag(self, name: str) -> tuple[str, str]:
+        """(begin, end) around a call of `name`'s arguments (a JSON object) in the grammar."""
+        ...
+
+
+class HermesFormat:
     name = "hermes"
     trigger = "<tool_call>"
     separator = "\n"
@@ -230,7 +229,7 @@ class HermesFormat(ToolFormat):
                 return out
 
 
-class Llama3JsonFormat(ToolFormat):
+class Llama3JsonFormat:
     name = "llama3_json"
     trigger = '{"name": '
     separator = "; "
@@ -301,10 +300,10 @@ class ToolCallStream:
     is written and its argument fragments as they come. The deltas of a finished output add up
     to the non-streamed message (same parse of the same text)."""
 
-    def __init__(self, fmt: ToolFormat, parallel: bool) -> None:
+    def __init__(self, fmt: ToolFormat, parallel: bool, ids: list[str] | None = None) -> None:
         self.fmt = fmt
         self.parallel = parallel
-        self.ids: list[str] = []
+        self.ids = [] if ids is None else ids  # call ids, appended as calls appear (shared with the caller)
         self._content = 0  # characters of content sent
         self._args: list[int] = []  # per call announced: argument characters sent
 
