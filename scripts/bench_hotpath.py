@@ -6,7 +6,7 @@ checkout), in alternating subprocesses so load drift hits both alike:
   (greedy; greedy with 5 logprobs; seeded temperature 0.8 + top-k 50 + top-p 0.9), and for
   a tree with a batched sampler also the time to draw the seeded rows' noise, which that
   sampler does off the critical path;
-- engine: decode ms/step of the default model at batch 1 and 32 (32-token prompts, greedy),
+- engine: decode ms/step of the default model at batch 1, 8 and 32 (32-token prompts, greedy),
   and at 32 with seeded temperature 0.8 + top-k 50 + top-p 0.9; wall time and the
   process's CPU time per step (steadier on a shared machine);
 - ops: aten ops and Triton launches in one decode step at batch 1 with
@@ -16,6 +16,8 @@ checkout), in alternating subprocesses so load drift hits both alike:
 Usage:
   git archive <base> | tar -x -C /tmp/base
   python scripts/bench_hotpath.py --tree base=/tmp/base --tree new=. [--rounds 2]
+  python scripts/bench_hotpath.py --tree 4k=. --tree thp=. --tree-env 4k=THP_MEM_ALLOC_ENABLE=0 \
+      --tree-env thp=THP_MEM_ALLOC_ENABLE=1 --only engine
 One torch thread per process; prints a table per measurement and a one-line summary.
 """
 
@@ -190,7 +192,7 @@ def bench_engine(steps: int) -> dict:
     """Median wall ms and CPU ms (all threads of the process) per decode step; CPU time
     is what the step costs, and moves less than wall time when other work shares the cores."""
     out = {}
-    for name, b, seeded in (("B=1", 1, False), ("B=32", 32, False), ("B=32 seeded", 32, True)):
+    for name, b, seeded in (("B=1", 1, False), ("B=8", 8, False), ("B=32", 32, False), ("B=32 seeded", 32, True)):
         engine = _decoding_engine(b, steps, seeded)
         wall, cpu = [], []
         for _ in range(steps):
@@ -276,6 +278,12 @@ def child(tree: str, what: str, reps: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", action="append", default=[], help="NAME=DIR of a headwise source tree")
+    ap.add_argument(
+        "--tree-env",
+        action="append",
+        default=[],
+        help="NAME=VAR=VALUE: set VAR in tree NAME's processes (e.g. the same tree twice, THP_MEM_ALLOC_ENABLE=0 / 1)",
+    )
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per measurement")
     ap.add_argument("--reps", type=int, default=5, help="sampler calls per cell")
     ap.add_argument("--only", choices=["sampler", "engine", "ops"], action="append")
@@ -288,6 +296,10 @@ def main() -> int:
     trees = dict(t.split("=", 1) for t in args.tree)
     results: dict[str, dict[str, list[dict]]] = {}
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    tree_env: dict[str, dict[str, str]] = {}
+    for spec in args.tree_env:
+        name, var, value = spec.split("=", 2)
+        tree_env.setdefault(name, {})[var] = value
     for what in args.only or ["sampler", "engine", "ops"]:
         rounds = 1 if what == "ops" else args.rounds
         for _ in range(rounds):
@@ -296,7 +308,7 @@ def main() -> int:
                     [sys.executable, __file__, "--reps", str(args.reps), "--child", tree, what],
                     capture_output=True,
                     text=True,
-                    env=env,
+                    env=env | tree_env.get(name, {}),
                 )
                 if proc.returncode:
                     sys.exit(f"{what} on {name} failed:\n{proc.stderr[-3000:]}")
