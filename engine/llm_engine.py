@@ -24,7 +24,7 @@ from headwise.engine.outputs import RequestOutput, TokenLogprob
 from headwise.engine.prompt_logprobs import extend_prompt_logprobs
 from headwise.engine.request_guard import RequestGuard, isolate_rows
 from headwise.engine.request_output import kv_bytes_saved, request_output
-from headwise.engine.request_plan import bounded_prefill, head_budgets, least_blocks, probe_window
+from headwise.engine.request_plan import bounded_prefill, head_budgets, least_blocks, most_blocks, probe_window
 from headwise.engine.sampler import Sampler
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
@@ -146,24 +146,30 @@ class LLMEngine:
             seq.grammar = GrammarState(self.grammars.compile(params.grammar), self.eos_ids)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
-        bs, max_batched = self.kv_manager.block_size, self.config.max_num_batched_tokens
-        need = least_blocks(
-            seq.plan,
-            self.sharding,
+        self._check_fits(seq)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _check_fits(self, seq: Sequence) -> None:
+        """PromptTooLong when the request alone could never run in the pool (its forecast
+        peak, only computed when the cheap bound says it might not fit)."""
+        bs, pool, n, m = (
+            self.kv_manager.block_size,
+            self.kv_manager.num_blocks,
             seq.num_prompt_tokens,
-            params.max_tokens,
-            bs,
-            max_batched,
-            self.config.select_margin,
+            seq.params.max_tokens,
         )
-        if need > self.kv_manager.num_blocks:
+        if most_blocks(seq.plan, self.sharding, n, m, bs) <= pool:
+            return
+        need = least_blocks(
+            seq.plan, self.sharding, n, m, bs, self.config.max_num_batched_tokens, self.config.select_margin
+        )
+        if need > pool:
             raise PromptTooLong(
-                f"the request needs {need} KV blocks but the pool has {self.kv_manager.num_blocks}; "
+                f"the request needs {need} KV blocks but the pool has {pool}; "
                 "shorten the prompt or max_tokens, or start with a larger --kv-cache-mb",
                 "prompt",
             )
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
 
     def check_context(self, prompt_len: int, max_tokens: int) -> None:
         """PromptTooLong unless the prompt and the completion fit in max_model_len; the

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from headwise.kvcache.budget import HeadBudget, candidate_capacity, candidate_slots, resolve_budget
-from headwise.kvcache.plan_build import request_blocks
+from headwise.kvcache import request_blocks
+from headwise.kvcache.budget import HeadBudget
 from headwise.kvcache.plans import Plan
 from headwise.kvcache.prefill_selection import BoundedPrefill
-from headwise.kvcache.sharding import Sharding, rank_plans
+from headwise.kvcache.sharding import Sharding
 
 
 def head_budgets(
@@ -18,13 +18,7 @@ def head_budgets(
 ) -> tuple[list[list[HeadBudget]], np.ndarray]:
     """Head budgets and the heads that select at the end of the prompt, in the tables'
     column order (rank-major under tensor parallelism: `sharding`)."""
-    layers, kv_heads = plan.model.layers, plan.model.kv_heads
-    if plan.dynamic is not None:
-        rest = resolve_budget(plan.dynamic.rest, prompt_len, context_len)
-        return [[rest] * kv_heads for _ in range(layers)], np.ones((layers, kv_heads), dtype=bool)
-    heads = [[row[h] for h in order] for row, order in zip(plan.heads, sharding.order)]
-    budgets = [[resolve_budget(s, prompt_len, context_len) for s in row] for row in heads]
-    return budgets, np.array([[s.kind == "select" for s in row] for row in heads])
+    return request_blocks.head_budgets(plan, prompt_len, context_len, sharding.order)
 
 
 def bounded_prefill(
@@ -33,23 +27,7 @@ def bounded_prefill(
     """The select heads of a static plan prefilling with a bounded peak (`margin` x their
     select budget kept as candidates between chunks), in the tables' column order; None
     with margin 0 (they hold the whole prompt) or a dynamic plan (any head may stay full)."""
-    if not margin or plan.dynamic is not None:
-        return None
-    heads = [[row[h] for h in order] for row, order in zip(plan.heads, sharding.order)]
-    if not any(s.kind == "select" for row in heads for s in row):
-        return None
-    shape = (len(heads), len(heads[0]))
-    fields = {n: np.zeros(shape, dtype=np.int64) for n in ("slots", "sink", "select", "recent", "candidates", "window")}
-    for l, row in enumerate(heads):
-        for h, spec in enumerate(row):
-            if spec.kind != "select":
-                continue
-            b = resolve_budget(spec, prompt_len, context_len)
-            fields["slots"][l, h] = candidate_capacity(b, prompt_len, context_len, margin)
-            fields["sink"][l, h], fields["select"][l, h] = b.sink, b.select
-            fields["recent"][l, h], fields["window"][l, h] = b.recent or 0, spec.window
-            fields["candidates"][l, h] = candidate_slots(b, margin)
-    return BoundedPrefill(prompt_len=prompt_len, **fields)
+    return request_blocks.bounded_prefill(plan, prompt_len, context_len, margin, sharding.order)
 
 
 def probe_window(plan: Plan) -> int:
@@ -69,9 +47,20 @@ def least_blocks(
     margin: float = 0.0,
 ) -> int:
     """The fewest blocks per rank the request can run with (select heads compacting in
-    place, or prefilling bounded by `margin`)."""
-    parts = rank_plans(plan, sharding) if sharding.ranks > 1 else [plan]
-    return max(
-        request_blocks(part, prompt_len, max_tokens, block_size, max_num_batched_tokens, False, margin)[0]
-        for part in parts
-    )
+    place, or prefilling bounded by `margin`): its peak, forecast by the runtime's own
+    accounting (kvcache/request_blocks.py)."""
+    return request_blocks.request_blocks(
+        plan, prompt_len, max_tokens, block_size, max_num_batched_tokens, False, margin, sharding.order, sharding.ranks
+    )[0]
+
+
+def most_blocks(plan: Plan, sharding: Sharding, prompt_len: int, max_tokens: int, block_size: int) -> int:
+    """A bound on least_blocks that costs nothing: every head of a rank holds its whole
+    context (or its budget, when that is larger) twice over (a select head's prompt next to
+    its compacted copy), plus one partly expired block."""
+    ctx = prompt_len + max_tokens
+    budget = max((s.sink + s.select + s.recent for row in plan.heads for s in row if s.kind != "full"), default=0)
+    if plan.dynamic is not None:
+        budget = max(budget, plan.dynamic.rest.sink + plan.dynamic.rest.select + plan.dynamic.rest.recent)
+    per_head = 2 * (-(-(ctx + budget) // block_size) + 1)
+    return plan.model.layers * sharding.heads_per_rank * per_head

@@ -74,22 +74,6 @@ def window_first_block(sink_blocks, recent, end, block_size: int):
     return np.maximum(sink_blocks, np.maximum(np.asarray(end) - recent, 0) // block_size)
 
 
-def window_blocks(sink: int, recent: int, prev_end, end, block_size: int):
-    """Blocks a window head holds during a step that writes positions [prev_end, end): its
-    sink blocks, the window blocks it kept after `prev_end`, and the new blocks its window
-    keeps after `end` (blocks the step skips are not held). With prev_end == end: what it
-    holds between steps. Ends may be numpy arrays (one value per step)."""
-    import numpy as np
-
-    ns = -(-sink // block_size)
-    held_to, lays_to = -(-np.asarray(prev_end) // block_size), -(-np.asarray(end) // block_size)
-    kept_from = window_first_block(ns, recent, prev_end, block_size)
-    keeps_from = window_first_block(ns, recent, end, block_size)
-    old = np.minimum(ns, held_to) + np.maximum(0, held_to - kept_from)
-    new = np.maximum(0, np.minimum(ns, lays_to) - held_to) + np.maximum(0, lays_to - np.maximum(held_to, keeps_from))
-    return old + new
-
-
 def resolve_budget(spec: HeadSpec, prompt_len: int, context_len: int) -> HeadBudget:
     """The budget a head spec gives a request with this prompt and context length."""
     if spec.kind == "full":

@@ -46,17 +46,28 @@ class KVCacheManager:
         enable_prefix_caching: bool = False,
         ranks: int = 1,
         scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pool_tensors: bool = True,
     ):
         """`dtype` is the cache's element dtype (an fp8 one stores 1 byte per element with
-        per-head scales: rank 0's `scales` `[L, Hkv / ranks]`, or None to calibrate them)."""
+        per-head scales: rank 0's `scales` `[L, Hkv / ranks]`, or None to calibrate them).
+        Without `pool_tensors` the manager keeps the books only (kvcache/request_blocks.py's
+        forecast): its pool tensors are empty and compaction moves no data."""
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size = block_size
         self.ranks = ranks
         # +1: a request's window head may hold one partly expired block beyond its positions
         self.max_blocks_per_head = -(-max_model_len // block_size) + 1
         self.pool = BlockPool(num_blocks, ranks)
+        self.pool_tensors = pool_tensors
         self.buffers = make_buffers(
-            num_blocks, block_size, head_dim, dtype, device, num_layers, num_kv_heads // ranks, scales
+            num_blocks if pool_tensors else 0,
+            block_size,
+            head_dim,
+            dtype,
+            device,
+            num_layers,
+            num_kv_heads // ranks,
+            scales,
         )
         self.tables = BlockTables(
             num_layers, num_kv_heads, max_num_seqs, self.max_blocks_per_head, device, ranks, num_blocks
@@ -349,7 +360,8 @@ class KVCacheManager:
             if srcs:
                 pair = (torch.cat(srcs), torch.cat(dsts))
                 if rank == 0:
-                    apply_moves(self.buffers, *pair)
+                    if self.pool_tensors:
+                        apply_moves(self.buffers, *pair)
                 else:
                     self.remote_moves[rank].append(pair)
         tables.commit_ring_params()

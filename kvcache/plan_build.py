@@ -6,9 +6,7 @@ import dataclasses
 import math
 from datetime import UTC, datetime
 
-import numpy as np
-
-from headwise.kvcache.budget import candidate_capacity, compacted_capacity, resolve_budget, window_blocks
+from headwise.kvcache.budget import resolve_budget
 from headwise.kvcache.plans import (
     FULL,
     DynamicSpec,
@@ -175,8 +173,8 @@ def head_capacities(plan: Plan, context_len: int, prompt_len: int | None = None)
 def layer_kv_bytes(
     plan: Plan, context_len: int, prompt_len: int | None = None, dtype_bytes: int = 4, block_size: int = 16
 ) -> list[int]:
-    """KV bytes per layer of one request of `context_len` tokens after prefill (select heads
-    and dynamic plans hold the whole prompt during prefill: that peak is not counted here).
+    """KV bytes per layer of one request of `context_len` tokens after prefill (what a
+    request holds step by step, its prefill peak included: kvcache/request_blocks.py).
     Each head rounds its capacity up to whole blocks, as the block pool allocates."""
     if context_len < 0 or block_size < 1:
         raise PlanError(f"context_len must be >= 0 and block_size >= 1, got {context_len}, {block_size}")
@@ -198,84 +196,3 @@ def kv_ratio(plan: Plan, context_len: int, prompt_len: int | None = None, block_
     """kv_bytes of the plan over kv_bytes of the full plan of the same model."""
     full = kv_bytes(full_plan(plan.model), context_len, prompt_len, 1, block_size)
     return kv_bytes(plan, context_len, prompt_len, 1, block_size) / full if full else 1.0
-
-
-def request_blocks(
-    plan: Plan,
-    prompt_len: int,
-    max_tokens: int,
-    block_size: int = 16,
-    chunk: int = 2048,
-    prefix_caching: bool = True,
-    margin: float = 0.0,
-) -> tuple[int, int]:
-    """KV blocks one request of this plan holds alone in the engine: (peak, decode peak).
-
-    The engine's accounting replayed step by step: the prompt in chunks of `chunk` tokens,
-    then one token per step up to the prompt_len + max_tokens - 1 positions ever written.
-    Each step first lays out the blocks it writes (the peak counts that moment), then window
-    heads release the blocks that left their window (the decode peak counts what is held
-    when a token is sampled). Select heads (and a dynamic plan's heads) hold the prompt
-    until it ends, then sink + selected + ring; with prefix caching that step also sets
-    aside their new blocks, so their prompt blocks stay intact for later hits. With
-    `margin` > 0 a static plan's select heads prefill bounded instead: from admission to
-    the prompt's end they hold budget.candidate_capacity, then what they keep."""
-    ends, grown, after = _replay(plan, prompt_len, max_tokens, block_size, chunk, prefix_caching, margin)
-    sampled = after.sum(axis=(0, 1))[ends >= prompt_len]
-    return int(grown.sum(axis=(0, 1)).max()), int(sampled.max())
-
-
-def decode_head_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size: int = 16) -> np.ndarray:
-    """`[L, Hkv]` blocks each head holds at the request's decode peak (request_blocks'
-    second figure, head by head): what `plan show` counts."""
-    ends, _, after = _replay(plan, prompt_len, max_tokens, block_size, 2048, False, 0.0)
-    sampled = np.nonzero(ends >= prompt_len)[0]
-    return after[:, :, sampled[after.sum(axis=(0, 1))[sampled].argmax()]]
-
-
-def _replay(
-    plan: Plan, prompt_len: int, max_tokens: int, block_size: int, chunk: int, prefix_caching: bool, margin: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """request_blocks' replay per head: the steps' last positions `[steps]`, and the blocks
-    each head holds while a step lays out what it writes and after its window heads released
-    what left their window, `[L, Hkv, steps]` each."""
-    ctx = prompt_len + max_tokens
-    cdiv = lambda a: -(-a // block_size)  # noqa: E731
-    ends = np.array([*range(min(chunk, prompt_len), prompt_len, chunk), prompt_len, *range(prompt_len + 1, ctx)])
-    prev = np.concatenate([[0], ends[:-1]])
-    last_prompt = int(np.nonzero(ends == prompt_len)[0][0])
-    heads = static_heads(plan)
-    rest = plan.dynamic.rest if plan.dynamic is not None else None
-    bounded = bool(margin) and rest is None
-    per_spec: dict = {}  # one vectorised replay per distinct head spec, shared by its heads
-    grown = np.zeros((plan.model.layers, plan.model.kv_heads, len(ends)), dtype=np.int64)
-    after = np.zeros_like(grown)
-    for l, row in enumerate(heads):
-        for h, spec in enumerate(row):
-            if spec not in per_spec:
-                b = resolve_budget(spec, prompt_len, ctx)
-                if spec.kind in ("window", "elastic"):
-                    assert b.recent is not None  # window kinds always keep a recent ring
-                    g, a = (
-                        window_blocks(b.sink, b.recent, prev, ends, block_size),
-                        window_blocks(b.sink, b.recent, ends, ends, block_size),
-                    )
-                elif spec.kind == "select" and bounded:
-                    n = cdiv(compacted_capacity(b, prompt_len, ctx))
-                    g = np.where(ends <= prompt_len, cdiv(candidate_capacity(b, prompt_len, ctx, margin)), n)
-                    a = np.where(ends < prompt_len, g, n)
-                elif spec.kind == "select":
-                    n = cdiv(compacted_capacity(b, prompt_len, ctx))
-                    g = np.where(ends < prompt_len, cdiv(ends), np.where(ends > prompt_len, n, cdiv(prompt_len)))
-                    a = np.where(ends < prompt_len, cdiv(ends), n)
-                else:
-                    g = a = cdiv(ends)
-                g = np.array(g, dtype=np.int64)
-                if prefix_caching and (rest is not None or (spec.kind == "select" and not bounded)):
-                    # every pending head gets its reserve (a dynamic plan's too: which stay full is per request)
-                    g[last_prompt] += cdiv(
-                        compacted_capacity(resolve_budget(rest or spec, prompt_len, ctx), prompt_len, ctx)
-                    )
-                per_spec[spec] = (g, a)
-            grown[l, h], after[l, h] = per_spec[spec]
-    return ends, grown, after

@@ -12,9 +12,9 @@ from headwise.engine.request_plan import bounded_prefill
 from headwise.engine.sampling_params import SamplingParams
 from headwise.kvcache.budget import HeadBudget, candidate_capacity, candidates_kept
 from headwise.kvcache.manager import KVCacheManager
-from headwise.kvcache.plan_build import request_blocks
 from headwise.kvcache.plans import FULL, HeadSpec, ModelShape, Plan, full_plan, load_plan, save_plan
 from headwise.kvcache.prefill_selection import scattered_scores
+from headwise.kvcache.request_blocks import request_blocks
 from headwise.kvcache.selection import middle_scores
 from headwise.kvcache.sharding import contiguous
 from headwise.kvcache.shipped_plans import shipped_plans

@@ -4,15 +4,32 @@ and preemption leak nothing."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from headwise.engine.errors import PromptTooLong
 from headwise.engine.sampling_params import SamplingParams
-from headwise.kvcache.budget import window_blocks
-from headwise.kvcache.plan_build import dynamic_plan, request_blocks
+from headwise.kvcache.budget import window_first_block
+from headwise.kvcache.plan_build import dynamic_plan
 from headwise.kvcache.plans import FULL, HeadSpec, Plan, save_plan
+from headwise.kvcache.request_blocks import request_blocks
 
 BS = 16
 LAYERS, KV_HEADS = 30, 3
+
+
+def window_blocks(sink: int, recent: int, prev_end, end, block_size: int):
+    """Blocks a window head holds during a step that writes positions [prev_end, end): its
+    sink blocks, the window blocks it kept after `prev_end`, and the new blocks its window
+    keeps after `end` (blocks the step skips are not held). With prev_end == end: what it
+    holds between steps. Ends may be numpy arrays (one value per step)."""
+    ns = -(-sink // block_size)
+    held_to, lays_to = -(-np.asarray(prev_end) // block_size), -(-np.asarray(end) // block_size)
+    kept_from = window_first_block(ns, recent, prev_end, block_size)
+    keeps_from = window_first_block(ns, recent, end, block_size)
+    old = np.minimum(ns, held_to) + np.maximum(0, held_to - kept_from)
+    new = np.maximum(0, np.minimum(ns, lays_to) - held_to) + np.maximum(0, lays_to - np.maximum(held_to, keeps_from))
+    return old + new
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -184,11 +201,13 @@ def test_no_leaks_with_mixed_plans_aborts_and_preemption(make_engine, plan_paths
 
 
 @pytest.mark.parametrize("caching", [True, False])
-@pytest.mark.parametrize("prompt_len, max_tokens", [(200, 9), (37, 40)])
-def test_request_blocks_formula_equals_what_the_engine_holds(
+# (16, 1): the select heads' ring outgrows the 1-block prompt, so compacting in place sets
+# a block aside for each of them (the step replay this forecast replaced missed it)
+@pytest.mark.parametrize("prompt_len, max_tokens", [(200, 9), (37, 40), (16, 1)])
+def test_request_blocks_forecast_equals_what_the_engine_holds(
     make_engine, plan_paths, tok, prompt_len, max_tokens, caching
 ):
-    """`headwise bench capacity` predicts from request_blocks(); the engine must agree for
+    """`headwise bench capacity` and admission predict from request_blocks(); the engine must agree for
     every plan kind: the peak (kv_bytes) and the decode peak (kv_bytes_decode) of a request
     alone, prefilled in chunks of 64 tokens."""
     eng = make_engine(plans=plan_paths, max_num_batched_tokens=64, enable_prefix_caching=caching)
@@ -204,3 +223,24 @@ def test_request_blocks_formula_equals_what_the_engine_holds(
         assert (out.kv_bytes // block, out.kv_bytes_decode // block) == (peak, end), name
         assert out.num_cached_tokens == 0
     assert eng.stats().num_free_blocks == eng.stats().num_blocks
+
+
+def test_a_request_the_pool_can_never_hold_is_refused_with_its_forecast(make_engine, plan_paths, tok):
+    """add_request refuses a request whose forecast peak exceeds the whole pool
+    (PromptTooLong naming both counts, nothing left behind) and runs one whose peak is the
+    pool exactly, holding exactly that many blocks at its peak."""
+    prompt = tok("Seven swans swim south as the summer sun sets. " * 30)["input_ids"][:200]
+    probe = make_engine(plans=plan_paths, max_num_batched_tokens=64, enable_prefix_caching=False)
+    plan = probe.plans["select"]
+    margin = probe.config.select_margin
+    fits = request_blocks(plan, 200, 9, chunk=64, prefix_caching=False, margin=margin)[0]
+    over = request_blocks(plan, 200, 60, chunk=64, prefix_caching=False, margin=margin)[0]
+    assert over > fits
+    eng = make_engine(plans=plan_paths, max_num_batched_tokens=64, enable_prefix_caching=False, num_blocks=fits)
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    with pytest.raises(PromptTooLong, match=f"needs {over} KV blocks but the pool has {fits};"):
+        eng.add_request("too-big", prompt, params, "select")
+    assert not eng.has_unfinished_requests()
+    out = eng.generate([prompt], SamplingParams(max_tokens=9, temperature=0, ignore_eos=True), "select")[0]
+    assert out.kv_bytes // eng.kv_manager.block_bytes == fits
+    assert eng.stats().num_free_blocks == fits

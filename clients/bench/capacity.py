@@ -55,11 +55,10 @@ def capacity(
     per rank: the tightest rank decides. Select heads prefill bounded by `margin` (0: they
     hold the whole prompt and count as compacting in place: with the prefix cache the engine
     sets new blocks aside for them only when the pool has room)."""
-    from headwise.kvcache.plan_build import request_blocks
-    from headwise.kvcache.sharding import rank_plans
+    from headwise.kvcache.request_blocks import request_blocks_per_rank
 
-    parts = rank_plans(plan, sharding) if sharding is not None else [plan]
-    blocks = [request_blocks(part, input_len, output_len, block_size, chunk, False, margin) for part in parts]
+    order, ranks = (sharding.order, sharding.ranks) if sharding is not None else (None, 1)
+    blocks = request_blocks_per_rank(plan, input_len, output_len, block_size, chunk, False, margin, order, ranks)
     peak, end = max(b[0] for b in blocks), max(b[1] for b in blocks)
     at_once = min(pool_blocks // b[0] for b in blocks)
     decoding = min(0 if pool_blocks < b[0] else 1 + (pool_blocks - b[0]) // b[1] for b in blocks)

@@ -11,7 +11,6 @@ from headwise.clients.cli import CliError
 from headwise.engine.config import DTYPES, KV_CACHE_DTYPES
 from headwise.kvcache import plan_import
 from headwise.kvcache.plan_build import (
-    decode_head_blocks,
     dynamic_full_count,
     dynamic_plan,
     head_capacities,
@@ -23,6 +22,7 @@ from headwise.kvcache.plan_build import (
     streaming_plan,
 )
 from headwise.kvcache.plans import ModelShape, Plan, full_plan, load_plan, save_plan
+from headwise.kvcache.request_blocks import decode_head_blocks
 
 _LETTER = {"full": "F", "window": "W", "elastic": "E", "select": "S"}
 # The context `plan streaming/import/ratio` quote their KV ratio at; `show --context` picks any.
