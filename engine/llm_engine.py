@@ -24,7 +24,7 @@ from headwise.engine.outputs import RequestOutput, TokenLogprob
 from headwise.engine.prompt_logprobs import extend_prompt_logprobs
 from headwise.engine.request_guard import RequestGuard, isolate_rows
 from headwise.engine.request_output import kv_bytes_saved, request_output
-from headwise.engine.request_plan import bounded_prefill, head_budgets, least_blocks, most_blocks, probe_window
+from headwise.engine.request_plan import least_blocks, most_blocks, probe_window
 from headwise.engine.sampler import Sampler
 from headwise.engine.sampling_params import InvalidRequest, SamplingParams
 from headwise.engine.scheduler import Scheduler
@@ -39,6 +39,7 @@ from headwise.kernels.kv_quant import cache_dtype
 from headwise.kvcache.kv_scales import rank_scales
 from headwise.kvcache.manager import KVCacheManager
 from headwise.kvcache.plans import Plan, load_plans
+from headwise.kvcache.request_blocks import bounded_prefill, head_budgets
 from headwise.kvcache.sharding import for_default_plan
 
 
@@ -137,9 +138,11 @@ class LLMEngine:
             request_id, list(prompt_token_ids), params, self.plans[name], torch.Generator().manual_seed(seed)
         )
         seq.probe_window = self._probe_windows[name]
-        seq.budgets, seq.pending_heads = head_budgets(seq.plan, self.sharding, len(prompt_token_ids), seq.context_len)
+        seq.budgets, seq.pending_heads = head_budgets(
+            seq.plan, len(prompt_token_ids), seq.context_len, self.sharding.order
+        )
         margin = self.config.select_margin
-        seq.bounded = bounded_prefill(seq.plan, self.sharding, len(prompt_token_ids), seq.context_len, margin)
+        seq.bounded = bounded_prefill(seq.plan, len(prompt_token_ids), seq.context_len, margin, self.sharding.order)
         if self.config.enable_prefix_caching:
             seq.hash_seed = name_seed(seq, self.model_id, _cache_numbers(self.config), self.kv_manager.block_size)
         if params.grammar is not None:
@@ -159,7 +162,7 @@ class LLMEngine:
             seq.num_prompt_tokens,
             seq.params.max_tokens,
         )
-        if most_blocks(seq.plan, self.sharding, n, m, bs) <= pool:
+        if most_blocks(seq.budgets, self.sharding, seq.context_len, bs) <= pool:
             return
         need = least_blocks(
             seq.plan, self.sharding, n, m, bs, self.config.max_num_batched_tokens, self.config.select_margin

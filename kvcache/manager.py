@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from headwise.kernels.kv_quant import is_fp8
+from headwise.kvcache import compaction
 from headwise.kvcache.block_pool import BlockPool
 from headwise.kvcache.block_tables import BlockTables, Edits
-from headwise.kvcache.budget import HeadBudget, compacted_capacity, select_range
+from headwise.kvcache.budget import HeadBudget
 from headwise.kvcache.buffers import KVBuffers
 from headwise.kvcache.head_tables import HeadTables
 from headwise.kvcache.prefill_selection import BoundedPrefill
@@ -116,16 +117,16 @@ class KVCacheManager:
         row = self.tables.allocate_row()
         return HeadTables(budgets, pending, self.block_size, context_len, self.tables, row, self.ranks, bounded)
 
-    def can_grow(self, tables: HeadTables, end: int, compaction: np.ndarray | int = 0) -> bool:
+    def can_grow(self, tables: HeadTables, end: int, reserve: np.ndarray | int = 0) -> bool:
         """Whether a step computing positions up to `end` (plus a compaction reserve) can
         allocate on every rank: window heads draw on their own promise, everything else on
         `available`."""
         window, other = tables.blocks_needed_split(end)
-        need = other + compaction + np.maximum(window - tables.promise(), 0)
+        need = other + reserve + np.maximum(window - tables.promise(), 0)
         return bool((need <= self.available).all())
 
     def can_admit(
-        self, tables: HeadTables, prompt_end: int, first_end: int, taken: np.ndarray, compaction: np.ndarray | int = 0
+        self, tables: HeadTables, prompt_end: int, first_end: int, taken: np.ndarray, reserve: np.ndarray | int = 0
     ) -> bool:
         """Whether a request (its tables laid out over a cached prefix whose blocks are
         `taken`) fits on every rank: its prompt, its windows' most, the cached blocks it
@@ -135,7 +136,7 @@ class KVCacheManager:
         revived = np.bincount(self.pool.rank_of(unique[self.pool.ref[unique] == 0]), minlength=self.ranks)
         window = tables.blocks_needed_split(first_end)[0]
         over = np.maximum(window - tables.promise(), 0)
-        need = tables.admission_need(prompt_end) + revived + over + compaction
+        need = tables.admission_need(prompt_end) + revived + over + reserve
         return bool((need <= self.available).all())
 
     def admit(self, tables: HeadTables, taken: np.ndarray) -> None:
@@ -147,14 +148,14 @@ class KVCacheManager:
             tables.lay_out_bounded(self.pool.allocate_per_rank(tables.per_rank(bounded)))
         self.promised += tables.promise()
 
-    def grow(self, tables: HeadTables, end: int, compaction: np.ndarray | int = 0) -> None:
+    def grow(self, tables: HeadTables, end: int, reserve: np.ndarray | int = 0) -> None:
         """Allocate a step's blocks (the caller checked `can_grow`)."""
         before = tables.promise()
         tables.grow(end, self.pool.allocate_per_rank(tables.blocks_needed(end)))
         self.promised += tables.promise() - before
-        if np.any(compaction):
-            tables.reserve = self.pool.allocate_per_rank(np.broadcast_to(compaction, (self.ranks,)))
-            tables.peak_blocks = max(tables.peak_blocks, tables.num_blocks_held + int(np.sum(compaction)))
+        if np.any(reserve):
+            tables.reserve = self.pool.allocate_per_rank(np.broadcast_to(reserve, (self.ranks,)))
+            tables.peak_blocks = max(tables.peak_blocks, tables.num_blocks_held + int(np.sum(reserve)))
 
     def fill_placeholders(self, tables: HeadTables) -> bool:
         """Once a step's growth is done: give the window heads' skipped blocks transient
@@ -247,18 +248,7 @@ class KVCacheManager:
             blocks = np.take_along_axis(row, np.clip(index, 0, row.shape[-1] - 1)[..., None], -1)[..., 0]
             self.prefix_cache.register(h, np.where(ok, blocks, -1).astype(np.int32))
 
-    # -- end of prompt ---------------------------------------------------------------
-    def compaction_blocks(self, tables: HeadTables, prompt_len: int, in_place: bool) -> np.ndarray:
-        """Fresh blocks per rank select heads take when the prompt ends: their whole new
-        layout (prefix caching: the prompt blocks stay intact for later hits), or, compacting
-        in place into the prompt's last blocks, what those lack (a budget beyond the prompt)."""
-        need = np.zeros(tables.pending.shape, dtype=np.int64)
-        prompt_blocks = -(-prompt_len // self.block_size)
-        for l, h in zip(*np.nonzero(tables.pending & ~tables.bounded)):
-            nkeep = -(-compacted_capacity(tables.budgets[l][h], prompt_len, tables.context_len) // self.block_size)
-            need[l, h] = max(0, nkeep - prompt_blocks) if in_place else nkeep
-        return tables.per_rank(need)
-
+    # -- end of prompt (kvcache/compaction.py) -------------------------------------------
     def compaction_reserve(
         self, tables: HeadTables, prompt_len: int, fits: Callable[[np.ndarray], bool], may_seal: bool = True
     ) -> np.ndarray:
@@ -267,110 +257,33 @@ class KVCacheManager:
         (the prompt blocks stay cached); otherwise (or when `may_seal` is False: the prompt's
         blocks are a hit's, not this request's) they compact in place into the prompt's last
         blocks, when this request alone holds them, and only what those lack is set aside."""
+        bs = self.block_size
         if self.prefix_cache is not None:
-            fresh = self.compaction_blocks(tables, prompt_len, in_place=False)
-            if fits(fresh) or not may_seal or not self.seal_for_compaction(tables, prompt_len):
+            fresh = compaction.blocks_needed(tables, prompt_len, bs, in_place=False)
+            if fits(fresh) or not may_seal or not compaction.seal_tail(self.pool, tables, prompt_len, bs):
                 return fresh
         else:
             tables.compact_in_place = True
-        return self.compaction_blocks(tables, prompt_len, in_place=True)
-
-    def seal_for_compaction(self, tables: HeadTables, prompt_len: int) -> bool:
-        """Prepare select heads to compact in place into the prompt's last blocks: possible
-        when this request alone holds them (the ones this step adds are new). Their names
-        are forgotten now, so no request admitted before the compaction can hit them."""
-        prompt_blocks = -(-prompt_len // self.block_size)
-        tails = []
-        for l, h in zip(*np.nonzero(tables.pending & ~tables.bounded)):
-            nkeep = -(-compacted_capacity(tables.budgets[l][h], prompt_len, tables.context_len) // self.block_size)
-            row = tables.row_blocks(l, h)
-            tail = row[max(0, prompt_blocks - nkeep) :]  # the part of the tail already laid out
-            tails.append(tail[tail >= 0])
-        tail = np.concatenate(tails) if tails else np.zeros(0, dtype=np.int32)
-        if (self.pool.ref[tail] > 1).any():
-            return False
-        self.pool.clear_hash(tail)
-        tables.compact_in_place = True
-        return True
+        return compaction.blocks_needed(tables, prompt_len, bs, in_place=True)
 
     def finish_bounded(self, tables: HeadTables) -> None:
-        """End of a bounded prefill: the prompt's last chunk wrote every bounded select
-        head's ring layout into its first blocks; the head keeps those and gives back the
-        rest (its running candidates' room)."""
-        if tables.bounded_prefill is None:
-            return
-        p, bs = tables.num_tokens, self.block_size
-        released = []
-        for l, h in zip(*np.nonzero(tables.pending & tables.bounded)):
-            b = tables.budgets[l][h]
-            nsel = select_range(b, p)[2]
-            nkeep = -(-compacted_capacity(b, p, tables.context_len) // bs)
-            row = tables.row_blocks(l, h).copy()
-            released.append(row[nkeep:])
-            tables.to_ring(l, h, row[:nkeep], b.sink, b.sink + nsel, b.recent or 0)
-        tables.commit_ring_params()
-        for rest in released:
-            self.pool.release(rest)
+        """End of a bounded prefill: each bounded select head keeps its ring layout's blocks."""
+        compaction.finish_bounded(self.pool, tables, self.block_size)
 
     def compact(self, tables: HeadTables, keep_full: torch.Tensor, scores: list[torch.Tensor]) -> None:
         """End of prefill: pending heads not in `keep_full` `[L, Hkv]` keep sink + the
         `select` best-scored middle tokens (`scores[layer] [Hkv, P]`) + the recent ring in
-        private blocks; their prompt blocks go back to the pool (or the prefix cache)."""
-        p = tables.num_tokens
-        bs = self.block_size
-        assert not (tables.pending & tables.bounded).any(), "bounded select heads end with finish_bounded"
-        # rank-local (source, destination) slots
-        moves: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in range(self.ranks)]
-        released = []
-        reserve = [list(r) for r in tables.reserve]
-        heads_per_rank = self.num_kv_heads // self.ranks
-        for l, h in zip(*np.nonzero(tables.pending)):
-            rank = h // heads_per_rank
-            if keep_full[l, h]:
-                tables.pending[l, h] = False
+        private blocks; their K and V move there (rank 0's now, other ranks' by their workers)."""
+        moves = compaction.compact(
+            self.pool, tables, keep_full, scores, self.block_size, self.num_kv_heads // self.ranks
+        )
+        for rank, pair in enumerate(moves):
+            if pair is None:
                 continue
-            b = tables.budgets[l][h]
-            sink, ring = b.sink, b.recent or 0
-            mid_lo, mid_hi, nsel = select_range(b, p)
-            chosen = torch.empty(0, dtype=torch.int64)
-            if nsel:
-                chosen = torch.topk(scores[l][h, mid_lo:mid_hi], nsel).indices.sort().values + mid_lo
-            tail = torch.arange(max(mid_hi, min(sink, p)), p)
-            src = torch.cat([torch.arange(min(sink, p)), chosen, tail])
-            base = sink + nsel
-            dst = torch.cat(
-                [torch.arange(min(sink, p)), sink + torch.arange(nsel), base + (tail - sink) % max(ring, 1)]
-            )
-            old = tables.row_blocks(l, h).astype(np.int64)
-            nkeep = -(-compacted_capacity(b, p, tables.context_len) // bs)
-            own = min(nkeep, len(old)) if tables.compact_in_place else 0
-            # in place: the prompt's last blocks become the head's private blocks (the head of
-            # the prompt stays cached); the rest, or everything, comes from the reserve
-            extra = nkeep - own
-            new = np.concatenate([old[len(old) - own :], np.array(reserve[rank][:extra], dtype=np.int64)])
-            reserve[rank] = reserve[rank][extra:]
-            self.pool.clear_hash(old[len(old) - own :])
-            released.append(old[: len(old) - own])
-            offset = rank * self.pool.blocks_per_rank
-            old_t, new_t = torch.from_numpy(old - offset), torch.from_numpy(new - offset)
-            moves[rank][0].append(old_t[src // bs] * bs + src % bs)
-            moves[rank][1].append(new_t[dst // bs] * bs + dst % bs)
-            tables.to_ring(l, h, new.astype(np.int32), sink, base, ring)
-        for rank, (srcs, dsts) in enumerate(moves):
-            if srcs:
-                pair = (torch.cat(srcs), torch.cat(dsts))
-                if rank == 0:
-                    if self.pool_tensors:
-                        apply_moves(self.buffers, *pair)
-                else:
-                    self.remote_moves[rank].append(pair)
-        tables.commit_ring_params()
-        tables.reserve = [np.zeros(0, dtype=np.int32)] * self.ranks
-        tables.compact_in_place = False
-        for rest in reserve:
-            self.pool.release(np.array(rest, dtype=np.int32))
-        for old in released:
-            self.pool.release(old.astype(np.int32))
+            if rank:
+                self.remote_moves[rank].append(pair)
+            elif self.pool_tensors:
+                apply_moves(self.buffers, *pair)
 
 
 def make_buffers(

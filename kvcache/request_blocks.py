@@ -43,6 +43,11 @@ def head_budgets(
     return budgets, np.array([[s.kind == "select" for s in row] for row in heads])
 
 
+def widest_budget(budgets: list[list[HeadBudget]]) -> int:
+    """The most slots any head's budget lays out (sink + select + recent; 0 for full heads)."""
+    return max(b.sink + b.select + (b.recent or 0) for row in budgets for b in row)
+
+
 def bounded_prefill(
     plan: Plan, prompt_len: int, context_len: int, margin: float, order: Order | None = None
 ) -> BoundedPrefill | None:
@@ -78,39 +83,21 @@ def request_blocks(
     margin: float = 0.0,
     order: Order | None = None,
     ranks: int = 1,
-) -> tuple[int, int]:
-    """KV blocks one request of this plan holds alone in the engine: (peak, decode peak),
-    each on its most loaded rank (request_blocks_per_rank)."""
-    per_rank = request_blocks_per_rank(
-        plan, prompt_len, max_tokens, block_size, chunk, prefix_caching, margin, order, ranks
-    )
-    return max(p for p, _ in per_rank), max(d for _, d in per_rank)
-
-
-def request_blocks_per_rank(
-    plan: Plan,
-    prompt_len: int,
-    max_tokens: int,
-    block_size: int = 16,
-    chunk: int = 2048,
-    prefix_caching: bool = True,
-    margin: float = 0.0,
-    order: Order | None = None,
-    ranks: int = 1,
-) -> list[tuple[int, int]]:
-    """(peak, decode peak) blocks of each rank's heads (columns `order`, rank-major) for one
-    request alone in the engine. The prompt runs in chunks of `chunk` tokens, then one token
-    per step up to the prompt_len + max_tokens - 1 positions ever written. The peak counts
-    each step after it laid out what it writes (compaction reserve included), the decode
-    peak what is held when a token is sampled. Select heads (and a dynamic plan's heads)
-    hold the prompt until it ends, then sink + selected + ring; with prefix caching that
-    step also sets aside their new blocks. With `margin` > 0 a static plan's select heads
-    prefill bounded (kvcache/prefill_selection.py)."""
+) -> np.ndarray:
+    """`[ranks, 2]`: the (peak, decode peak) blocks of each rank's heads (columns `order`,
+    rank-major) for one request alone in the engine; `.max(axis=0)` is the most loaded
+    rank's. The prompt runs in chunks of `chunk` tokens, then one token per step up to the
+    prompt_len + max_tokens - 1 positions ever written. The peak counts each step after it
+    laid out what it writes (compaction reserve included), the decode peak what is held when
+    a token is sampled. Select heads (and a dynamic plan's heads) hold the prompt until it
+    ends, then sink + selected + ring; with prefix caching that step also sets aside their
+    new blocks. With `margin` > 0 a static plan's select heads prefill bounded
+    (kvcache/prefill_selection.py)."""
     ends, grown, after = _forecast(
         plan, prompt_len, max_tokens, block_size, chunk, prefix_caching, margin, order, ranks
     )
     held = after.reshape(after.shape[0], ranks, -1, after.shape[2]).sum(axis=(0, 2))[:, ends >= prompt_len]
-    return [(int(grown[r].max()), int(held[r].max())) for r in range(ranks)]
+    return np.stack([grown.max(axis=1), held.max(axis=1)], axis=1)
 
 
 def decode_head_blocks(plan: Plan, prompt_len: int, max_tokens: int, block_size: int = 16) -> np.ndarray:
@@ -155,7 +142,7 @@ def _forecast(
     budgets, pending = head_budgets(plan, prompt_len, ctx, order)
     bounded = bounded_prefill(plan, prompt_len, ctx, margin, order)
     # a budget may exceed a short request (a select head's sinks are laid out whole)
-    width = ctx + max(b.sink + b.select + (b.recent or 0) for row in budgets for b in row)
+    width = ctx + widest_budget(budgets)
     per_head = -(-width // block_size) + 1
     # room for every head's prompt, its window promise and its compacted copy: the forecast never waits
     pool = 3 * shape.layers * (shape.kv_heads // ranks) * per_head

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from headwise.engine.request_plan import bounded_prefill
 from headwise.engine.sampling_params import SamplingParams
 from headwise.kvcache.budget import HeadBudget, candidate_capacity, candidates_kept
 from headwise.kvcache.manager import KVCacheManager
 from headwise.kvcache.plans import FULL, HeadSpec, ModelShape, Plan, full_plan, load_plan, save_plan
 from headwise.kvcache.prefill_selection import scattered_scores
-from headwise.kvcache.request_blocks import request_blocks
+from headwise.kvcache.request_blocks import bounded_prefill, request_blocks
 from headwise.kvcache.selection import middle_scores
 from headwise.kvcache.sharding import contiguous
 from headwise.kvcache.shipped_plans import shipped_plans
@@ -29,9 +28,9 @@ def test_shipped_select_plans_peak_at_most_040_of_full(name, prompt_len):
     """The prefill peak (blocks a request holds at its most, prompt in 2048-token chunks,
     128 new tokens) with the default margin 2, against full's; decode KV unchanged."""
     plan = load_plan(shipped_plans("smollm2-135m")[name])
-    full = request_blocks(full_plan(plan.model), prompt_len, 128, BS, 2048, prefix_caching=False)
-    bounded = request_blocks(plan, prompt_len, 128, BS, 2048, prefix_caching=False, margin=2.0)
-    whole = request_blocks(plan, prompt_len, 128, BS, 2048, prefix_caching=False, margin=0.0)
+    full = request_blocks(full_plan(plan.model), prompt_len, 128, BS, 2048, prefix_caching=False).max(axis=0)
+    bounded = request_blocks(plan, prompt_len, 128, BS, 2048, prefix_caching=False, margin=2.0).max(axis=0)
+    whole = request_blocks(plan, prompt_len, 128, BS, 2048, prefix_caching=False, margin=0.0).max(axis=0)
     assert bounded[0] <= 0.40 * full[0], (bounded, full)
     assert whole[0] > full[0] * 0.5  # what the whole-prompt path held at its peak
     assert bounded[1] == whole[1]  # what the request holds while decoding does not change
@@ -72,11 +71,10 @@ def test_manager_lays_out_bounded_heads_at_admission_and_keeps_the_ring_after():
     shape = ModelShape(layers=2, kv_heads=3, heads=9, head_dim=8)
     plan = _select_plan(shape)
     kv = KVCacheManager(2, shape.kv_heads, shape.head_dim, BS, 200, 1024, torch.float32)
-    sharding = contiguous(shape, 1)
     p, ctx = 300, 310
     budgets = [[SELECT_BUDGET if s.kind == "select" else HeadBudget() for s in row] for row in plan.heads]
     pending = np.array([[s.kind == "select" for s in row] for row in plan.heads])
-    bounded = bounded_prefill(plan, sharding, p, ctx, 2.0)
+    bounded = bounded_prefill(plan, p, ctx, 2.0, contiguous(shape, 1).order)
     tables = kv.new_tables(budgets, pending, ctx, bounded)
     n_sel, n_full = int(pending.sum()), int((~pending).sum())
     assert kv.can_admit(tables, p, 64, np.zeros(0, dtype=np.int32))
@@ -135,7 +133,9 @@ def test_bounded_outputs_equal_the_whole_prompt_path_where_the_selection_is_the_
         rtol=0,
     )
     assert bounded.kv_bytes_decode == whole.kv_bytes_decode
-    peak, end = request_blocks(eng.plans["select"], prompt_len, 12, BS, chunk, prefix_caching=False, margin=2.0)
+    peak, end = request_blocks(eng.plans["select"], prompt_len, 12, BS, chunk, prefix_caching=False, margin=2.0).max(
+        axis=0
+    )
     assert (bounded.kv_bytes, bounded.kv_bytes_decode) == (
         peak * eng.kv_manager.block_bytes,
         end * eng.kv_manager.block_bytes,
@@ -149,7 +149,7 @@ def test_bounded_prefill_in_many_chunks_holds_the_formula_and_leaks_nothing(make
     outputs may differ from the whole-prompt path's), a one-token last chunk included."""
     prompt = tok("A ferry crosses the bay twice a day with cars, bikes and sheep. " * 30)["input_ids"][:301]
     eng, out = _run(make_engine, select_paths, prompt, 2.0, 60)
-    peak, end = request_blocks(eng.plans["select"], 301, 12, BS, 60, prefix_caching=False, margin=2.0)
+    peak, end = request_blocks(eng.plans["select"], 301, 12, BS, 60, prefix_caching=False, margin=2.0).max(axis=0)
     assert (out.kv_bytes, out.kv_bytes_decode) == (peak * eng.kv_manager.block_bytes, end * eng.kv_manager.block_bytes)
     assert len(out.token_ids) == 12
     assert eng.stats().num_free_blocks == eng.stats().num_blocks - eng.block_census()["evictable"]

@@ -55,10 +55,10 @@ def capacity(
     per rank: the tightest rank decides. Select heads prefill bounded by `margin` (0: they
     hold the whole prompt and count as compacting in place: with the prefix cache the engine
     sets new blocks aside for them only when the pool has room)."""
-    from headwise.kvcache.request_blocks import request_blocks_per_rank
+    from headwise.kvcache.request_blocks import request_blocks
 
     order, ranks = (sharding.order, sharding.ranks) if sharding is not None else (None, 1)
-    blocks = request_blocks_per_rank(plan, input_len, output_len, block_size, chunk, False, margin, order, ranks)
+    blocks = request_blocks(plan, input_len, output_len, block_size, chunk, False, margin, order, ranks).tolist()
     peak, end = max(b[0] for b in blocks), max(b[1] for b in blocks)
     at_once = min(pool_blocks // b[0] for b in blocks)
     decoding = min(0 if pool_blocks < b[0] else 1 + (pool_blocks - b[0]) // b[1] for b in blocks)
