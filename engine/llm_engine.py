@@ -17,16 +17,16 @@ from headwise.engine.engine_stats import EngineStats, collect_stats
 from headwise.engine.errors import PromptTooLong, UnknownPlan
 from headwise.engine.generate import generate_all
 from headwise.engine.head_selection import select_and_compact
-from headwise.engine.loader import model_id, read_config, resolve_model_dir
+from headwise.engine.loader import ModelConfig, model_id, read_config, resolve_model_dir
 from headwise.engine.model import Shard
 from headwise.engine.model_runner import ModelRunner, rows_of
 from headwise.engine.outputs import RequestOutput, TokenLogprob
 from headwise.engine.prompt_logprobs import extend_prompt_logprobs
 from headwise.engine.request_guard import RequestGuard, isolate_rows
 from headwise.engine.request_output import kv_bytes_saved, request_output
-from headwise.engine.request_plan import least_blocks, most_blocks, probe_window
+from headwise.engine.request_plan import check_fits, resolve_plan
 from headwise.engine.sampler import Sampler
-from headwise.engine.sampling_params import InvalidRequest, SamplingParams
+from headwise.engine.sampling_params import InvalidRequest, SamplingParams, check_prompt_ids
 from headwise.engine.scheduler import Scheduler
 from headwise.engine.sequence import Sequence, Status
 from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
@@ -39,8 +39,7 @@ from headwise.kernels.kv_quant import cache_dtype
 from headwise.kvcache.kv_scales import rank_scales
 from headwise.kvcache.manager import KVCacheManager
 from headwise.kvcache.plans import Plan, load_plans
-from headwise.kvcache.request_blocks import bounded_prefill, head_budgets
-from headwise.kvcache.sharding import for_default_plan
+from headwise.kvcache.sharding import Sharding, for_default_plan
 
 
 class LLMEngine:
@@ -55,7 +54,6 @@ class LLMEngine:
         if config.default_plan not in self.plans:
             raise ValueError(f"default plan {config.default_plan!r} is not loaded (loaded: {', '.join(self.plans)})")
         self.default_plan = config.default_plan
-        self._probe_windows = {name: probe_window(plan) for name, plan in self.plans.items()}
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         # the pool's element dtype: the model's, or fp8 (1 byte per K / V element)
         self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -76,20 +74,7 @@ class LLMEngine:
             config.model, config.dtype, device, config.load_format, shard, group
         )
         self.device = device
-        self.kv_manager = KVCacheManager(
-            mc.num_layers,
-            mc.num_kv_heads,
-            mc.head_dim,
-            config.block_size,
-            num_blocks,
-            self.max_model_len,
-            self.kv_dtype,
-            device,
-            config.max_num_seqs,
-            config.enable_prefix_caching,
-            tp,
-            rank_scales(config.kv_scales, mc.num_layers, mc.num_kv_heads, self.sharding.order, 0, tp),
-        )
+        self.kv_manager = _kv_manager(config, mc, num_blocks, self.max_model_len, self.kv_dtype, device, self.sharding)
         if group is not None:
             self.workers = TPWorkers(group, self.kv_manager, processes)
             atexit.register(self.close)
@@ -122,13 +107,8 @@ class LLMEngine:
     ) -> None:
         if request_id in self._seqs:
             raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
-        if not prompt_token_ids:
-            raise InvalidRequest("the prompt is empty", "prompt")
-        vocab = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            bad = [t for t in prompt_token_ids if not 0 <= t < vocab][:5]
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab}) (the vocabulary size), got {bad}", "prompt")
-        params.check_vocab(vocab)
+        check_prompt_ids(prompt_token_ids, self.model_config.vocab_size)
+        params.check_vocab(self.model_config.vocab_size)
         name = plan or self.default_plan
         if name not in self.plans:
             raise UnknownPlan(f"plan {name!r} is not loaded (loaded: {', '.join(self.plans)})", "kv_plan")
@@ -137,42 +117,17 @@ class LLMEngine:
         seq = Sequence(
             request_id, list(prompt_token_ids), params, self.plans[name], torch.Generator().manual_seed(seed)
         )
-        seq.probe_window = self._probe_windows[name]
-        seq.budgets, seq.pending_heads = head_budgets(
-            seq.plan, len(prompt_token_ids), seq.context_len, self.sharding.order
-        )
-        margin = self.config.select_margin
-        seq.bounded = bounded_prefill(seq.plan, len(prompt_token_ids), seq.context_len, margin, self.sharding.order)
+        resolve_plan(seq, self.sharding, self.config.select_margin)
         if self.config.enable_prefix_caching:
             seq.hash_seed = name_seed(seq, self.model_id, _cache_numbers(self.config), self.kv_manager.block_size)
         if params.grammar is not None:
             seq.grammar = GrammarState(self.grammars.compile(params.grammar), self.eos_ids)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
-        self._check_fits(seq)
+        c, kv = self.config, self.kv_manager
+        check_fits(seq, self.sharding, kv.block_size, kv.num_blocks, c.max_num_batched_tokens, c.select_margin)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
-
-    def _check_fits(self, seq: Sequence) -> None:
-        """PromptTooLong when the request alone could never run in the pool (its forecast
-        peak, only computed when the cheap bound says it might not fit)."""
-        bs, pool, n, m = (
-            self.kv_manager.block_size,
-            self.kv_manager.num_blocks,
-            seq.num_prompt_tokens,
-            seq.params.max_tokens,
-        )
-        if most_blocks(seq.budgets, self.sharding, seq.context_len, bs) <= pool:
-            return
-        need = least_blocks(
-            seq.plan, self.sharding, n, m, bs, self.config.max_num_batched_tokens, self.config.select_margin
-        )
-        if need > pool:
-            raise PromptTooLong(
-                f"the request needs {need} KV blocks but the pool has {pool}; "
-                "shorten the prompt or max_tokens, or start with a larger --kv-cache-mb",
-                "prompt",
-            )
 
     def check_context(self, prompt_len: int, max_tokens: int) -> None:
         """PromptTooLong unless the prompt and the completion fit in max_model_len; the
@@ -389,3 +344,31 @@ def _cache_numbers(config: EngineConfig) -> str:
     """What decides the numbers a cached block holds besides its tokens and the plan: the
     model's dtype and, when it is 8-bit, the cache's (part of the prefix-cache hash root)."""
     return config.dtype if config.kv_cache_dtype == "auto" else f"{config.dtype}/kv-{config.kv_cache_dtype}"
+
+
+def _kv_manager(
+    config: EngineConfig,
+    mc: ModelConfig,
+    num_blocks: int,
+    max_model_len: int,
+    kv_dtype: torch.dtype,
+    device: str,
+    sharding: Sharding,
+) -> KVCacheManager:
+    """The KV cache of this process: rank 0's pool tensors (its heads' fp8 scales, from
+    --kv-scales or calibrated) and every rank's books."""
+    tp = config.tensor_parallel_size
+    return KVCacheManager(
+        mc.num_layers,
+        mc.num_kv_heads,
+        mc.head_dim,
+        config.block_size,
+        num_blocks,
+        max_model_len,
+        kv_dtype,
+        device,
+        config.max_num_seqs,
+        config.enable_prefix_caching,
+        tp,
+        rank_scales(config.kv_scales, mc.num_layers, mc.num_kv_heads, sharding.order, 0, tp),
+    )

@@ -1,12 +1,39 @@
-"""What admission needs of a plan resolved for one request: the prompt positions its
-selection scores, and the fewest blocks it can run with (and a free bound on them)."""
+"""A plan resolved for one request when it is added: each head's budget in the tables'
+column order, the heads that decide at the end of its prompt, the select heads that prefill
+bounded, the prompt positions its selection scores; and whether the pool can ever hold it
+(the fewest blocks it can run with, and a free bound on them)."""
 
 from __future__ import annotations
 
+from headwise.engine.errors import PromptTooLong
+from headwise.engine.sequence import Sequence
 from headwise.kvcache.budget import HeadBudget
 from headwise.kvcache.plans import Plan
-from headwise.kvcache.request_blocks import request_blocks, widest_budget
+from headwise.kvcache.request_blocks import bounded_prefill, head_budgets, request_blocks, widest_budget
 from headwise.kvcache.sharding import Sharding
+
+
+def resolve_plan(seq: Sequence, sharding: Sharding, margin: float) -> None:
+    """Set `seq`'s budgets, pending heads, bounded select heads (`margin`) and probe window
+    from its plan, in the tables' column order (rank-major under tensor parallelism)."""
+    n, ctx = seq.num_prompt_tokens, seq.context_len
+    seq.probe_window = probe_window(seq.plan)
+    seq.budgets, seq.pending_heads = head_budgets(seq.plan, n, ctx, sharding.order)
+    seq.bounded = bounded_prefill(seq.plan, n, ctx, margin, sharding.order)
+
+
+def check_fits(seq: Sequence, sharding: Sharding, block_size: int, pool: int, chunk: int, margin: float) -> None:
+    """PromptTooLong when the request alone could never run in a pool of `pool` blocks per
+    rank (its forecast peak, only computed when the free bound says it might not fit)."""
+    if most_blocks(seq.budgets, sharding, seq.context_len, block_size) <= pool:
+        return
+    need = least_blocks(seq.plan, sharding, seq.num_prompt_tokens, seq.params.max_tokens, block_size, chunk, margin)
+    if need > pool:
+        raise PromptTooLong(
+            f"the request needs {need} KV blocks but the pool has {pool}; "
+            "shorten the prompt or max_tokens, or start with a larger --kv-cache-mb",
+            "prompt",
+        )
 
 
 def probe_window(plan: Plan) -> int:

@@ -28,6 +28,17 @@ class InvalidRequest(ValueError):
         self.code = code  # the OpenAI error object's `code`
 
 
+def check_prompt_ids(prompt_token_ids: list[int], vocab_size: int) -> None:
+    """A prompt is a non-empty list of rows of the model's embedding."""
+    if not prompt_token_ids:
+        raise InvalidRequest("the prompt is empty", "prompt")
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size][:5]
+        raise InvalidRequest(
+            f"prompt token ids must be in [0, {vocab_size}) (the vocabulary size), got {bad}", "prompt"
+        )
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
