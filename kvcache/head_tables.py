@@ -28,10 +28,11 @@ from __future__ import annotations
 import numpy as np
 
 from headwise.kernels.layout import UNBOUNDED
-from headwise.kvcache.block_tables import BlockTables
+from headwise.kvcache.block_tables import PARAMS, BlockTables
 from headwise.kvcache.budget import HeadBudget, window_first_block
 from headwise.kvcache.prefill_selection import BoundedPrefill
 
+_GAP = PARAMS.index("gap")
 PLACEHOLDER = -1  # a row entry for a logical block a window head skipped: its positions are dropped
 
 
@@ -66,7 +67,6 @@ class HeadTables:
         shape = self.pending.shape
         self.ring = np.zeros(shape, dtype=np.int64)  # ring-mode heads: ring size and keep (sink + selected)
         self.ring_keep = np.zeros(shape, dtype=np.int64)
-        self.gap = np.zeros(shape, dtype=np.int64)
         self.nent = np.zeros(shape, dtype=np.int64)  # row entries (placeholders included)
         self.held = np.zeros(shape, dtype=np.int64)  # blocks in the row (no placeholders, no transient)
         self.lb_end = 0  # positional heads: logical blocks [0, lb_end) are laid out
@@ -82,7 +82,7 @@ class HeadTables:
         sink_w = np.where(self.window, self.sink, 0)
         tables.set_params(
             row,
-            gap=self.gap,
+            gap=np.zeros(shape, dtype=np.int64),
             ring=np.where(self.bounded, 0, -1),
             sink=np.where(self.bounded, self.sink, sink_w),
             keep=sink_w,
@@ -111,6 +111,16 @@ class HeadTables:
     def min_recent(self) -> int:
         """The narrowest window any head has (a chunk's token sees itself iff it is >= 1)."""
         return int(np.where(self.ring_mode & ~self.bounded, self.ring, self.recent).min())
+
+    @property
+    def gap(self) -> np.ndarray:
+        """Window heads: the logical blocks dropped between the sinks and the window
+        `[L, Hkv]`, kept once, as the row's `gap` parameter the kernels read."""
+        return self.tables.params[_GAP, :, self.row]
+
+    @gap.setter
+    def gap(self, value: np.ndarray) -> None:
+        self.tables.set_params(self.row, gap=value)
 
     def row_blocks(self, layer: int, head: int) -> np.ndarray:
         return self.tables.table[layer, self.row, head, : self.nent[layer, head]]
@@ -250,8 +260,7 @@ class HeadTables:
             self.tables.set_row_span(self.row, layer, head, ns, row[ns + n : total].copy())
             self.nent[layer, head] = total - n
         if shift.any():
-            self.gap += shift
-            self.tables.set_params(self.row, gap=self.gap)
+            self.gap = self.gap + shift
         if self.bounded_prefill is not None and (self.bounded & self.pending).any():
             # the chunk's selection kept this many slots (the prompt's end is compacted apart)
             kept = np.where(self.bounded & self.pending, self.bounded_prefill.kept(end), 0)
@@ -294,7 +303,6 @@ class HeadTables:
         self.held = self.nent.copy()
         self.lb_end = k
         self.num_tokens = end
-        self.tables.set_params(self.row, gap=self.gap)
         self.peak_blocks = max(self.peak_blocks, self.num_blocks_held)
         return ids.astype(np.int32)
 
