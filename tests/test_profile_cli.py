@@ -1,4 +1,4 @@
-"""`headwise profile` end to end on the default model at toy sizes, and its user errors."""
+"""`headwise profile` end to end on the default model (MoA and Duo on a tiny one in the default\nrun) at toy sizes, and its user errors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from headwise.clients.cli import main
 from headwise.kvcache.plan_build import rethreshold
 from headwise.kvcache.plans import load_plan
+from tests.tiny_model import write_tiny_llama
 
 
 def test_profile_retrieval_writes_a_plan_that_loads_and_rethresholds(tmp_path, capsys, engine):
@@ -88,30 +89,15 @@ def test_profile_taskkv_refuses_a_malformed_task(tmp_path, capsys):
     assert 'expected {"prompt": TEXT}' in capsys.readouterr().err
 
 
-def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
-    shape = engine.model_config.shape
+def _moa_and_duo(tmp_path, capsys, model: list[str], shape) -> int:
+    """`profile moa` (text and needle data), `plan ratio` on its saved rule costs, and
+    `profile duo` through the CLI on `model`; returns the full KV heads duo kept."""
+    heads = shape.layers * shape.kv_heads
     moa = tmp_path / "moa.json"
+    text_args = ["--data", "text", "--lengths", "256,512", "--profile-length", "256", "--generate", "16"]
     assert (
         main(
-            [
-                "profile",
-                "moa",
-                "--data",
-                "text",
-                "--out",
-                str(moa),
-                "--lengths",
-                "256,512",
-                "--profile-length",
-                "256",
-                "--samples",
-                "1",
-                "--generate",
-                "16",
-                "--sink",
-                "16",
-                "--no-progress",
-            ]
+            ["profile", "moa", *model, "--out", str(moa), *text_args, "--samples", "1", "--sink", "16", "--no-progress"]
         )
         == 0
     )
@@ -131,31 +117,27 @@ def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
     assert all(d <= 0.4 + 1e-6 for d in tighter.source["params"]["mean_density"])
     assert tighter.source["params"]["cost"] > plan.source["params"]["cost"]
     needle = tmp_path / "needle.json"
-    assert (
-        main(
-            [
-                "profile",
-                "moa",
-                "--out",
-                str(needle),
-                "--lengths",
-                "512",  # needle data by default
-                "--profile-length",
-                "512",
-                "--samples",
-                "1",
-                "--sink",
-                "16",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    needle_args = ["--lengths", "512", "--profile-length", "512", "--samples", "1", "--sink", "16"]  # needle data
+    assert main(["profile", "moa", *model, "--out", str(needle), *needle_args, "--no-progress"]) == 0
     plan = load_plan(needle, shape)
-    assert plan.source["params"]["data"] == "needle" and len(plan.source["params"]["rule_costs"]) == 90
+    assert plan.source["params"]["data"] == "needle" and len(plan.source["params"]["rule_costs"]) == heads
     duo = tmp_path / "duo.json"
-    assert main(["profile", "duo", "--out", str(duo), "--steps", "1", "--length", "256", "--no-progress"]) == 0
+    assert main(["profile", "duo", *model, "--out", str(duo), "--steps", "1", "--length", "256", "--no-progress"]) == 0
     plan = load_plan(duo, shape)
-    assert plan.source["method"] == "duo" and sum(s.kind == "full" for row in plan.heads for s in row) == 23
+    full = sum(s.kind == "full" for row in plan.heads for s in row)
+    assert plan.source["method"] == "duo" and 0 < full < heads
     assert all(0 <= g <= 1 for row in plan.scores for g in row)
-    assert "profile duo: 23 of 90 kv heads full" in capsys.readouterr().out
+    assert f"profile duo: {full} of {heads} kv heads full" in capsys.readouterr().out
+    return full
+
+
+def test_profile_moa_and_duo_write_valid_plans_on_a_tiny_model(tmp_path, capsys, make_engine):
+    """The CLI path of both profilers at toy sizes on a tiny Llama with the default
+    model's heads (the default model's run: the slow test below)."""
+    model = write_tiny_llama(tmp_path / "tiny", heads=9, kv_heads=3)
+    _moa_and_duo(tmp_path, capsys, ["--model", model], make_engine(model=model, kv_cache_mb=4).model_config.shape)
+
+
+@pytest.mark.slow
+def test_profile_moa_and_duo_write_valid_plans(tmp_path, capsys, engine):
+    assert _moa_and_duo(tmp_path, capsys, [], engine.model_config.shape) == 23

@@ -21,10 +21,12 @@ def _mixed(shape, spec: HeadSpec) -> list[list[HeadSpec]]:
     return [[FULL if (l + h) % 3 == 0 else spec for h in range(shape.kv_heads)] for l in range(shape.layers)]
 
 
-def write_tiny_llama(d: Path, heads: int = 6, kv_heads: int = 2, intermediate: int = 512) -> str:
+def write_tiny_llama(d: Path, heads: int = 6, kv_heads: int = 2, intermediate: int = 512, layers: int = 4) -> str:
     """4 layers, 6 query / 2 KV heads, head_dim 64, vocab 512; lm_head std 1 makes the
     logits wide (std ~20) so greedy ties between two numerically close paths are rare.
-    Other head counts keep head_dim 64 (hidden = 64 x heads)."""
+    Other head counts keep head_dim 64 (hidden = 64 x heads); `layers=30, heads=9,
+    kv_heads=3` is the default model's attention shape (its KV blocks, plans and block
+    counts) at a fraction of its weights."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
@@ -36,7 +38,7 @@ def write_tiny_llama(d: Path, heads: int = 6, kv_heads: int = 2, intermediate: i
         vocab_size=VOCAB,
         hidden_size=64 * heads,
         intermediate_size=intermediate,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=2048,
