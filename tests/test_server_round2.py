@@ -1,18 +1,16 @@
 """The second hardening round (issue 25), each finding through HTTP against a live server
-on the tiny model: sampler underflow, amplification bounds, read timeouts, duplicate
-Authorization, error codes and headers (Allow, Retry-After), CORS, generation-config
-defaults, continue_final_message, several served model names, the document's bounds."""
+on the tiny model (tests/round2_server.py): sampler underflow, amplification bounds, read
+timeouts, duplicate Authorization, error codes and headers (Allow, Retry-After), the
+document's bounds; CORS, generation-config defaults, continue_final_message and served
+model names: tests/test_server_round2_options.py."""
 
 from __future__ import annotations
 
-import json
 import re
 import select
-import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,70 +18,32 @@ import pytest
 from headwise.engine.config import EngineConfig
 from headwise.engine.llm_engine import LLMEngine
 from headwise.server.background import BackgroundServer
-from headwise.server.generation_defaults import GenerationConfigError, load_generation_defaults
 from headwise.server.settings import ServerSettings
-from tests.test_server_lifecycle import Stream, start_serve, stop
-from tests.tiny_model import VOCAB, write_tiny_llama
-
-KEY = "sk-round2"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-ORIGIN = "https://app.example"
-NAMES = ("tiny-a", "tiny-b")
-MAX_QUEUE = 4
-HEADER_TIMEOUT = 1.0
-BODY_TIMEOUT = 1.5
-DEFAULT_MAX_NEW_TOKENS = 3  # the module's --generation-config folder
-# an end-of-turn marker after each message, so that leaving the last one open is visible
-TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}assistant {% endif %}"
+from tests.round2_server import (
+    AUTH,
+    BODY_TIMEOUT,
+    CHAT,
+    COMPLETIONS,
+    HEADER_TIMEOUT,
+    KEY,
+    MAX_QUEUE,
+    error_of,
+    post,
+    serve,
+    text_of,
+    write_model,
 )
-COMPLETIONS = "/v1/completions"
-CHAT = "/v1/chat/completions"
+from tests.tiny_model import VOCAB
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    model_dir = write_tiny_llama(tmp_path_factory.mktemp("tiny"))
-    (Path(model_dir) / "chat_template.jinja").write_text(TEMPLATE)
-    return model_dir
+    return write_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
-    defaults = tmp_path_factory.mktemp("genconfig")
-    (defaults / "generation_config.json").write_text(json.dumps({"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}))
-    config = EngineConfig(model=tiny, kv_cache_mb=8, max_model_len=64)
-    settings = ServerSettings(
-        port=0,
-        api_key=KEY,
-        max_queue=MAX_QUEUE,
-        header_timeout=HEADER_TIMEOUT,
-        body_timeout=BODY_TIMEOUT,
-        allowed_origins=(ORIGIN,),
-        served_model_name=NAMES,
-        generation_config=str(defaults),
-    )
-    with BackgroundServer(settings, lambda: LLMEngine(config)) as running:
-        yield running
-
-
-def post(server, path: str, body, headers: dict | None = None) -> httpx.Response:
-    return httpx.post(server.url + path, json=body, headers=AUTH if headers is None else headers, timeout=60)
-
-
-def error_of(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["code"]
-    return error
-
-
-def text_of(server, **knobs) -> str:
-    body = {"prompt": "w1 w2 w3", "max_tokens": 6, "ignore_eos": True, **knobs}
-    response = post(server, COMPLETIONS, body)
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["text"]
+    yield from serve(tiny, tmp_path_factory)
 
 
 # -- silent wrong output ---------------------------------------------------------------
@@ -287,119 +247,3 @@ def test_a_grammar_the_vocabulary_cannot_start_is_a_400_not_a_failed_request(ser
     fmt = {"type": "json_schema", "name": None, "schema": {"type": "object"}, "strict": None}
     error = error_of(post(server, "/v1/responses", {"input": "w1", "text": {"format": fmt}}), 400)
     assert (error["param"], error["code"]) == ("text.format.schema", "invalid_grammar")
-
-
-# -- CORS ------------------------------------------------------------------------------
-def test_a_cors_preflight_from_an_allowed_origin_is_answered_without_the_key(server):
-    headers = {
-        "Origin": ORIGIN,
-        "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type",
-    }
-    response = httpx.options(server.url + CHAT, headers=headers)
-    assert response.status_code == 200
-    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
-    assert "POST" in response.headers["Access-Control-Allow-Methods"]
-    assert response.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
-    simple = post(server, COMPLETIONS, {"prompt": "w1", "max_tokens": 1}, {**AUTH, "Origin": ORIGIN})
-    assert simple.headers["Access-Control-Allow-Origin"] == ORIGIN
-
-
-def test_an_origin_not_allowed_gets_no_cors_headers(server):
-    headers = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
-    response = httpx.options(server.url + CHAT, headers=headers)
-    assert response.status_code == 400
-    assert "Access-Control-Allow-Origin" not in response.headers
-
-
-def test_without_allowed_origins_there_is_no_cors(tiny):
-    with BackgroundServer(ServerSettings(port=0), lambda: LLMEngine(EngineConfig(model=tiny, kv_cache_mb=4))) as s:
-        response = httpx.options(s.url + CHAT, headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
-    assert response.status_code == 405 and "Access-Control-Allow-Origin" not in response.headers
-
-
-# -- model defaults, prefill, names -----------------------------------------------------
-def test_generation_config_defaults_apply_under_the_request_values(server):
-    user = [{"role": "user", "content": "w1 w2"}]
-    unset = post(server, CHAT, {"messages": user, "ignore_eos": True}).json()
-    assert unset["usage"]["completion_tokens"] == DEFAULT_MAX_NEW_TOKENS
-    assert unset["choices"][0]["finish_reason"] == "length"
-    explicit = post(server, CHAT, {"messages": user, "ignore_eos": True, "max_tokens": 5}).json()
-    assert explicit["usage"]["completion_tokens"] == 5
-
-
-def test_generation_config_sources(tmp_path):
-    assert load_generation_defaults("vllm", tmp_path) == {}
-    assert load_generation_defaults("auto", tmp_path) == {}  # the model has none
-    (tmp_path / "generation_config.json").write_text(
-        json.dumps({"temperature": 0.6, "top_p": 0.9, "top_k": 50, "do_sample": True, "max_new_tokens": 7})
-    )
-    expected = {"temperature": 0.6, "top_p": 0.9, "top_k": 50, "max_tokens": 7}
-    assert load_generation_defaults("auto", tmp_path) == expected
-    assert load_generation_defaults(str(tmp_path), None) == expected
-    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": -1}))
-    with pytest.raises(GenerationConfigError, match="temperature must be >= 0, got -1"):
-        load_generation_defaults("auto", tmp_path)
-    with pytest.raises(GenerationConfigError, match="no generation_config.json"):
-        load_generation_defaults(str(tmp_path / "missing"), None)
-
-
-def _template_ids(server, messages, **flags) -> list[int]:
-    response = post(server, "/tokenize", {"messages": messages, **flags})
-    assert response.status_code == 200, response.text
-    return response.json()["tokens"]
-
-
-def test_continue_final_message_leaves_the_assistant_turn_open(server):
-    prefill = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w5 w6"}]
-    closed = _template_ids(server, prefill, add_generation_prompt=False)
-    opened = _template_ids(server, prefill, add_generation_prompt=False, continue_final_message=True)
-    eos = VOCAB - 1
-    assert closed == opened + [eos]  # the same prompt minus the end of the assistant's turn
-    assert opened[-2:] == [5, 6]
-    body = {"messages": prefill, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 2}
-    assert post(server, CHAT, body).status_code == 200
-    error = error_of(post(server, CHAT, {**body, "add_generation_prompt": True}), 400)
-    assert error["param"] == "continue_final_message"
-
-
-def test_every_served_model_name_is_accepted_and_responses_carry_the_first(server):
-    listed = httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"]
-    assert [card["id"] for card in listed] == list(NAMES)
-    for name in NAMES:
-        response = post(server, COMPLETIONS, {"model": name, "prompt": "w1", "max_tokens": 1})
-        assert response.json()["model"] == NAMES[0]
-        assert httpx.get(server.url + f"/v1/models/{name}", headers=AUTH).json()["id"] == name
-    assert error_of(post(server, COMPLETIONS, {"model": "tiny-c", "prompt": "w1"}), 404)["param"] == "model"
-
-
-# -- drain -----------------------------------------------------------------------------
-REFUSED_WINDOW_S = 1.0  # from the first refused probe to the exit: interpreter teardown only
-
-
-def test_the_listening_socket_answers_until_exit_after_sigterm(tiny):
-    proc, url = start_serve(tiny, "--drain-timeout", "1")
-    try:
-        stream = Stream(url, {"prompt": "w1 w2", "max_tokens": 1500, "ignore_eos": True})
-        stream.start()
-        assert stream.started.wait(120)
-        proc.send_signal(signal.SIGTERM)
-        answers: list[tuple[float, int | None]] = []
-        while proc.poll() is None:
-            try:
-                status = httpx.get(url + "/health", timeout=1.0, headers={"Connection": "close"}).status_code
-            except httpx.HTTPError:
-                status = None
-            answers.append((time.monotonic(), status))
-        exited = time.monotonic()
-        assert proc.returncode == 0
-        statuses = [status for _, status in answers]
-        assert statuses.count(503) >= 5, statuses  # draining, answered, through the whole drain
-        refused = [t for t, status in answers if status is None]
-        window = exited - refused[0] if refused else 0.0
-        print(f"drain: {statuses.count(503)} probes answered 503, refused for the last {window:.3f} s before exit")
-        assert window < REFUSED_WINDOW_S, (window, statuses[-10:])
-        stream.join(timeout=10)
-        assert stream.events[-1] == "[DONE]" and stream.last_payload()["choices"][0]["finish_reason"] == "abort"
-    finally:
-        stop(proc)
