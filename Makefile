@@ -29,8 +29,12 @@ lint: setup
 	@mkdir -p build/typecheck/headwise && for d in $(TYPED_FOLDERS); do ln -sfn ../../../$$d build/typecheck/headwise/$$d; done
 	$(VENV)/bin/mypy
 
+# Two pytest-xdist workers, one compute thread each (tests/conftest.py), on the two cores of a
+# CI machine. Tests go out by index (`--dist load`): schemathesis gives its nine per-operation
+# fuzz items one node id, and `--dist loadfile` (keyed by node id) ran one of them.
+TEST_WORKERS ?= 2
 test: setup lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist load
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -10,6 +10,12 @@ import os
 
 os.environ.setdefault("HEADWISE_DEBUG", "1")
 
+# `make test` runs two pytest-xdist workers on the two cores: each worker (and every process a
+# test starts, which inherits the variable) computes on one thread, so the two do not fight
+# over the cores. A plain `pytest` run keeps torch's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch  # noqa: E402
 
 # Without a GPU the Triton tests run the interpreter, and triton reads TRITON_INTERPRET when a

@@ -43,7 +43,11 @@ def prompts(engine, tok):
 
 def _hf_greedy(hf_model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tuple[list[int], list[torch.Tensor]]:
     """Plain greedy loop with the transformers KV cache; EOS is neither suppressed nor
-    a stop, like headwise's ignore_eos."""
+    a stop, like headwise's ignore_eos. Runs once per prompt in this module: a shorter
+    request reads the prefix of the longest run (greedy steps do not depend on the count)."""
+    cached = _HF_RUNS.get(tuple(prompt))
+    if cached is not None and len(cached[0]) >= new_tokens:
+        return cached[0][:new_tokens], cached[1][:new_tokens]
     tokens, lps, past = [], [], None
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -54,7 +58,11 @@ def _hf_greedy(hf_model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tup
             tokens.append(int(lp.argmax()))
             lps.append(lp)
             ids = torch.tensor([[tokens[-1]]])
+    _HF_RUNS[tuple(prompt)] = (tokens, lps)
     return tokens, lps
+
+
+_HF_RUNS: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
 
 
 def test_greedy_matches_transformers(engine, hf_model, prompts):
@@ -87,15 +95,29 @@ def test_prompt_logprobs_match_transformers(engine, hf_model, prompts):
         torch.testing.assert_close(ours, expected, atol=PROMPT_LOGPROB_ATOL, rtol=0)
 
 
+def _bf16_exact(make_engine, hf_model, prompts: list[list[int]]) -> int:
+    engine = make_engine(dtype="bfloat16")
+    params = SamplingParams(max_tokens=BF16_NEW_TOKENS, temperature=0, ignore_eos=True)
+    outs = engine.generate(prompts, params)
+    return sum(out.token_ids == _hf_greedy(hf_model, p, BF16_NEW_TOKENS)[0] for p, out in zip(prompts, outs))
+
+
+def test_bfloat16_greedy_matches_fp32_transformers_on_plain_prompts(make_engine, hf_model, tok):
+    """The bf16 path of the check below on its six plain-text prompts (46 prompt tokens
+    instead of 204: on CPUs without bf16 units torch emulates bf16 matmuls, 7 ms per
+    projection of the default model here): at least 4 of 6 equal fp32 transformers for 16 tokens (4 measured; prompts 1 and 3
+    diverge at tokens 6 and 5, as in the ten-prompt run)."""
+    six = [tok(p)["input_ids"] for p in PLAIN + MORE]
+    exact = _bf16_exact(make_engine, hf_model, six)
+    assert exact >= 4, f"only {exact} of 6 plain prompts match fp32 transformers"
+
+
+@pytest.mark.slow
 def test_bfloat16_greedy_matches_fp32_transformers_on_seven_of_ten(make_engine, hf_model, prompts, tok):
     """`--dtype auto` serves bf16 on CPUs with bf16 matrix units: its greedy tokens are those
     of fp32 transformers for 16 tokens on at least 7 of the 10 parity prompts (7 measured).
     The issue's 9 is not reached: rounding the weights alone to bf16, in an fp32 engine, already
     leaves 8 (two prompts diverge at tokens 5 and 6); an fp32 residual stream or fp32 lm_head
     measured 5-7."""
-    ten = prompts + [tok(p)["input_ids"] for p in MORE]
-    engine = make_engine(dtype="bfloat16")
-    params = SamplingParams(max_tokens=BF16_NEW_TOKENS, temperature=0, ignore_eos=True)
-    outs = engine.generate(ten, params)
-    exact = sum(out.token_ids == _hf_greedy(hf_model, p, BF16_NEW_TOKENS)[0] for p, out in zip(ten, outs))
+    exact = _bf16_exact(make_engine, hf_model, prompts + [tok(p)["input_ids"] for p in MORE])
     assert exact >= 7, f"only {exact} of 10 prompts match fp32 transformers"

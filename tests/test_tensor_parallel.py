@@ -17,7 +17,7 @@ from headwise.engine.sampling_params import SamplingParams
 from headwise.engine.tp_workers import WorkerDied
 from headwise.kvcache.plans import FULL, HeadSpec, Plan, save_plan
 from headwise.kvcache.sharding import ShardingError
-from tests.tiny_model import PLANS, random_prompts, write_plans, write_tiny_llama
+from tests.tiny_model import PLANS, random_prompts, run_to_end, write_plans, write_tiny_llama
 
 ATOL = 1e-4
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
@@ -55,16 +55,18 @@ def test_tensor_parallel_equals_one_rank_for_every_plan_kind(tmp_path, tp, kv_he
     _assert_same(_run(model, plans, tp, PLANS, prompts), _run(model, plans, 1, PLANS, prompts))
 
 
-def _rank_peaks(eng: LLMEngine, prompts, plan: str) -> list[int]:
-    """Most blocks each rank's pool held while the requests ran."""
+def _rank_peaks(eng: LLMEngine, prompts, plan: str) -> tuple[list[int], list]:
+    """Most blocks each rank's pool held while the requests ran, and their outputs."""
     for i, p in enumerate(prompts):
         eng.add_request(f"r{i}", p, PARAMS, plan)
+    pool = eng.kv_manager.pool
     peak = np.zeros(eng.kv_manager.ranks, dtype=np.int64)
-    while eng.has_unfinished_requests():
-        eng.step()
-        used = eng.kv_manager.pool.num_free_per_rank
-        peak = np.maximum(peak, eng.kv_manager.pool.blocks_per_rank - used)
-    return peak.tolist()
+
+    def track(_step: int) -> None:
+        np.maximum(peak, pool.blocks_per_rank - pool.num_free_per_rank, out=peak)
+
+    done = run_to_end(eng, track)
+    return peak.tolist(), [done[f"r{i}"] for i in range(len(prompts))]
 
 
 def test_balanced_sharding_spreads_a_planted_plans_full_heads(tmp_path):
@@ -93,8 +95,7 @@ def test_balanced_sharding_spreads_a_planted_plans_full_heads(tmp_path):
         )
         try:
             assert eng.sharding.is_contiguous == (sharding == "contiguous")
-            peaks[sharding] = _rank_peaks(eng, prompts, "planted")
-            outs[sharding] = eng.generate(prompts, PARAMS, names)
+            peaks[sharding], outs[sharding] = _rank_peaks(eng, prompts, "planted")
         finally:
             eng.close()
     _assert_same(outs["balanced"], outs["contiguous"])
