@@ -41,6 +41,10 @@ def prompts(engine, tok):
     return [tok(p)["input_ids"] for p in PLAIN] + [engine.encode_chat([{"role": "user", "content": c}]) for c in CHAT]
 
 
+# greedy HF runs by prompt, shared by every test in this module (see _hf_greedy)
+_HF_RUNS: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
+
+
 def _hf_greedy(hf_model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tuple[list[int], list[torch.Tensor]]:
     """Plain greedy loop with the transformers KV cache; EOS is neither suppressed nor
     a stop, like headwise's ignore_eos. Runs once per prompt in this module: a shorter
@@ -60,9 +64,6 @@ def _hf_greedy(hf_model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tup
             ids = torch.tensor([[tokens[-1]]])
     _HF_RUNS[tuple(prompt)] = (tokens, lps)
     return tokens, lps
-
-
-_HF_RUNS: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
 
 
 def test_greedy_matches_transformers(engine, hf_model, prompts):
@@ -105,8 +106,9 @@ def _bf16_exact(make_engine, hf_model, prompts: list[list[int]]) -> int:
 def test_bfloat16_greedy_matches_fp32_transformers_on_plain_prompts(make_engine, hf_model, tok):
     """The bf16 path of the check below on its six plain-text prompts (46 prompt tokens
     instead of 204: on CPUs without bf16 units torch emulates bf16 matmuls, 7 ms per
-    projection of the default model here): at least 4 of 6 equal fp32 transformers for 16 tokens (4 measured; prompts 1 and 3
-    diverge at tokens 6 and 5, as in the ten-prompt run)."""
+    projection of the default model here): at least 4 of 6 equal fp32 transformers for
+    16 tokens (4 measured; prompts 1 and 3 diverge at tokens 6 and 5, as in the ten-prompt
+    run)."""
     six = [tok(p)["input_ids"] for p in PLAIN + MORE]
     exact = _bf16_exact(make_engine, hf_model, six)
     assert exact >= 4, f"only {exact} of 6 plain prompts match fp32 transformers"

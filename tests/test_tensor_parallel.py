@@ -55,8 +55,8 @@ def test_tensor_parallel_equals_one_rank_for_every_plan_kind(tmp_path, tp, kv_he
     _assert_same(_run(model, plans, tp, PLANS, prompts), _run(model, plans, 1, PLANS, prompts))
 
 
-def _rank_peaks(eng: LLMEngine, prompts, plan: str) -> tuple[list[int], list]:
-    """Most blocks each rank's pool held while the requests ran, and their outputs."""
+def _run_with_rank_peaks(eng: LLMEngine, prompts, plan: str) -> tuple[list[int], list]:
+    """Run the requests to the end: the most blocks each rank's pool held meanwhile, and their outputs."""
     for i, p in enumerate(prompts):
         eng.add_request(f"r{i}", p, PARAMS, plan)
     pool = eng.kv_manager.pool
@@ -95,7 +95,7 @@ def test_balanced_sharding_spreads_a_planted_plans_full_heads(tmp_path):
         )
         try:
             assert eng.sharding.is_contiguous == (sharding == "contiguous")
-            peaks[sharding], outs[sharding] = _rank_peaks(eng, prompts, "planted")
+            peaks[sharding], outs[sharding] = _run_with_rank_peaks(eng, prompts, "planted")
         finally:
             eng.close()
     _assert_same(outs["balanced"], outs["contiguous"])
