@@ -26,20 +26,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from headwise.engine.attention import AttentionMetadata, paged_attention
+from headwise.engine.cpu_linear import PackedWeight, can_pack
 from headwise.engine.distributed import TPGroup
 from headwise.engine.errors import ModelLoadError
 from headwise.engine.loader import ModelConfig
 from headwise.kernels import ops
 from headwise.kvcache.buffers import KVBuffers
 
-# CPU logits (LlamaModel.copy_lm_head_column_major): up to this many rows from lm_head's
-# column-major copy, then up to the second figure as `W h^T`
-LM_HEAD_COLUMN_MAJOR_ROWS = 2
+# CPU logits (LlamaModel.copy_lm_head_column_major): one row from lm_head's column-major copy,
+# then its oneDNN-packed copy for the rows that serves, else up to LM_HEAD_TRANSPOSED_ROWS as `W h^T`
+LM_HEAD_COLUMN_MAJOR_ROWS = 1
 LM_HEAD_TRANSPOSED_ROWS = 64
 LM_HEAD_COPY_MAX_BYTES = 256 << 20
+PACKED_COPY_MAX_BYTES = 2 << 30
 
 
 class Linear(nn.Linear):
+    # the CPU's oneDNN-packed copy of the loaded weight and the row counts it serves
+    packed: PackedWeight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed
+        if packed is not None and packed.serves(x):
+            return packed.linear(x, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
     def reset_parameters(self) -> None:
         # a model built on the meta device is always loaded or drawn afterwards, and torch's
         # init functions on meta tensors run Python decompositions whose first call costs 1-3 s
@@ -231,6 +242,7 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._lm_head_column_major: torch.Tensor | None = None
+        self._lm_head_packed: PackedWeight | None = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, buffers: KVBuffers) -> torch.Tensor:
@@ -245,6 +257,8 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.shape[0]
+        if self._lm_head_packed is not None and self._lm_head_packed.serves(hidden):
+            return self._lm_head_packed.linear(hidden, None).float()
         if self._lm_head_column_major is not None and rows <= LM_HEAD_COLUMN_MAJOR_ROWS:
             return F.linear(hidden, self._lm_head_column_major).float()
         if hidden.device.type == "cpu" and rows <= LM_HEAD_TRANSPOSED_ROWS:
@@ -260,10 +274,29 @@ class LlamaModel(nn.Module):
         16 rows: `h W^T` 8.5 / 18.5 / 21.3 / 23.1 / 32.6, column-major 4.8 / 9.2 / 26.6 / 29.8 /
         39.3, `W h^T` 8.5 / 10.1 / 10.4 / 17.7 / 29.6). The copy costs the matrix once more
         (113 MB in fp32 for the default model), so a matrix over LM_HEAD_COPY_MAX_BYTES gets
-        none; called once the weights are loaded (engine/model_runner.py), again: no-op."""
-        w = self.lm_head.weight
+        none, nor does one whose packed copy serves a single row (bf16: `pack_linears`); called
+        once the weights are loaded (engine/model_runner.py), again: no-op."""
+        w, packed = self.lm_head.weight, self._lm_head_packed
+        if packed is not None and packed.lo <= 1:
+            return
         if self._lm_head_column_major is None and w.numel() * w.element_size() <= LM_HEAD_COPY_MAX_BYTES:
             self._lm_head_column_major = w.detach().t().contiguous().t()
+
+    def pack_linears(self) -> None:
+        """The CPU's matmuls from oneDNN-packed copies of the loaded weights (`PackedWeight`,
+        engine/cpu_linear.py: fp32 for 2-32 rows, bf16 for all): every decoder projection and
+        lm_head, unless the copies together would pass PACKED_COPY_MAX_BYTES (they cost the
+        weights once more; 537 MB for the default model in fp32); called once the weights are
+        loaded, before `copy_lm_head_column_major`; again: no-op."""
+        linears = [m for m in self.layers.modules() if isinstance(m, Linear)] + [self.lm_head]
+        weights = [m.weight for m in linears]
+        if not all(can_pack(w) for w in weights) or self._lm_head_packed is not None:
+            return
+        if sum(w.numel() * w.element_size() for w in weights) > PACKED_COPY_MAX_BYTES:
+            return
+        for module in linears[:-1]:
+            module.packed = PackedWeight.of(module.weight)
+        self._lm_head_packed = PackedWeight.of(self.lm_head.weight)
 
     def store_linears_column_major(self) -> None:
         """Every decoder layer's projection in column-major memory (`Linear.store_column_major`;

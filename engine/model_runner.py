@@ -44,6 +44,7 @@ class ModelRunner:
         self.kv = kv
         self.device = torch.device(device)
         if self.device.type == "cpu":
+            model.pack_linears()
             model.copy_lm_head_column_major()
         self._pinned = self.device.type == "cuda"
         self.decode_graphs: StaticDecode | None = None

@@ -186,9 +186,11 @@ def test_fp8_greedy_output_against_full_precision_on_10_parity_prompts(engine, m
     16, 16, 4, 16, 10 tokens), and the same 4 with headroom 1 instead of 4, so the scale is
     not what limits it: e4m3 keeps 3 mantissa bits (~3% per element) and this model's greedy
     paths are that sensitive: the bf16 engine (weights and activations in bf16, K/V in bf16)
-    matches fp32 on 6 of 10, an fp32 engine whose cache rounds K/V to bf16 on 10 of 10. So
-    this asserts what e4m3 gives: the first token everywhere (the prompt attends to its own
-    exact K/V) and at least 4 prompts identical for 16 tokens."""
+    matches fp32 on 6 of 10, an fp32 engine whose cache rounds K/V to bf16 on 10 of 10. The
+    count moves with the CPU's matmul kernels: 4 on an AVX2 EPYC, 3 on an AVX-512 Xeon (main
+    before oneDNN-packed linears, and after). So this asserts what e4m3 gives: the first token
+    everywhere (the prompt attends to its own exact K/V) and at least 3 prompts identical for
+    16 tokens."""
     prompts = [tok(p)["input_ids"] for p in PARITY]
     prompts += [engine.encode_chat([{"role": "user", "content": c}]) for c in PARITY_CHAT]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -197,5 +199,5 @@ def test_fp8_greedy_output_against_full_precision_on_10_parity_prompts(engine, m
     quant = fp8.generate(prompts, params)
     assert all(a.token_ids[0] == b.token_ids[0] for a, b in zip(exact, quant))
     same = sum(a.token_ids == b.token_ids for a, b in zip(exact, quant))
-    assert same >= 4, [(a.text, b.text) for a, b in zip(exact, quant) if a.token_ids != b.token_ids]
+    assert same >= 3, [(a.text, b.text) for a, b in zip(exact, quant) if a.token_ids != b.token_ids]
     assert quant[0].kv_bytes * 4 == exact[0].kv_bytes

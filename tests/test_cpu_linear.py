@@ -1,0 +1,88 @@
+"""oneDNN-packed CPU matmuls (engine/cpu_linear.py): the packed copy multiplies what the plain
+weight does, serves only its row range, and the model packs its projections and lm_head once,
+within the byte cap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headwise.engine import model as model_module
+from headwise.engine.cpu_linear import PACKED_ROWS, PackedWeight, can_pack
+from headwise.engine.loader import read_config
+from headwise.engine.model import Linear
+from headwise.engine.weights import materialize
+from tests.tiny_model import write_tiny_llama
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(2, 2)), reason="torch built without oneDNN")
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [1, 2, 8, 33, 512])
+def test_packed_weight_multiplies_as_the_plain_weight(dtype, tol, rows):
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(96, 80, generator=g) * 0.1).to(dtype)
+    bias = torch.randn(96, generator=g).to(dtype)
+    x = torch.randn(rows, 80, generator=g).to(dtype)
+    packed = PackedWeight.of(w, (1, 1 << 20))
+    want = F.linear(x.double(), w.double(), bias.double())
+    got = packed.linear(x, bias)
+    assert got.dtype == dtype and got.shape == (rows, 96)
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_linear_takes_the_packed_copy_only_for_its_rows():
+    lo, hi = PACKED_ROWS[torch.float32]
+    lin = Linear(16, 8, bias=False)
+    lin.packed = PackedWeight.of(lin.weight.detach())
+    calls = []
+    real = lin.packed.linear
+
+    def spy(x, bias):
+        calls.append(x.shape[0])
+        return real(x, bias)
+
+    object.__setattr__(lin.packed, "linear", spy)
+    for rows in (lo - 1, lo, hi, hi + 1):
+        if rows > 0:
+            torch.testing.assert_close(lin(torch.ones(rows, 16)), F.linear(torch.ones(rows, 16), lin.weight))
+    assert calls == [lo, hi]
+    assert lin.packed.serves(torch.ones(lo, 16)) and not lin.packed.serves(torch.ones(2, lo, 16))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return Path(write_tiny_llama(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_packs_every_projection_and_lm_head_once(tiny_dir, dtype):
+    model = materialize(read_config(tiny_dir), tiny_dir, dtype, "cpu")
+    linears = [m for m in model.layers.modules() if isinstance(m, Linear)]
+    x = torch.randn(8, model.cfg.hidden_size).to(dtype)
+    takes_x = [m for m in linears if m.in_features == x.shape[1]]
+    before = [m(x) for m in takes_x], model.logits(x)
+    model.pack_linears()
+    model.copy_lm_head_column_major()
+    assert all(m.packed is not None for m in linears)
+    first = linears[0].packed
+    model.pack_linears()
+    assert linears[0].packed is first
+    # bf16's packed lm_head serves one row too, so it keeps no column-major copy
+    assert (model._lm_head_column_major is None) == (dtype == torch.bfloat16)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, m in zip(before[0], takes_x):
+        torch.testing.assert_close(m(x).float(), a.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(model.logits(x), before[1], atol=tol * 20, rtol=tol)
+    torch.testing.assert_close(model.logits(x[:1]), before[1][:1], atol=tol * 20, rtol=tol)
+
+
+def test_model_over_the_byte_cap_packs_nothing(tiny_dir, monkeypatch):
+    monkeypatch.setattr(model_module, "PACKED_COPY_MAX_BYTES", 1024)
+    model = materialize(read_config(tiny_dir), tiny_dir, torch.float32, "cpu")
+    model.pack_linears()
+    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))
+    assert model._lm_head_packed is None
