@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from headwise.kernels import cpu_decode
 from headwise.kernels.kv_quant import dequantize, is_fp8, quantize
 from headwise.kernels.reference_cache import (
     NO_POSITION,
@@ -119,13 +120,18 @@ def paged_decode(
     whatever the batch; elsewhere scores, mask and softmax are plain tensor ops. While every
     head's window still reaches position 0 (full heads; window heads younger than their
     window) no slot has left a window or been released, and the mask is just
-    `slot < length`: the slot positions are not gathered.
+    `slot < length`: the slot positions are not gathered, and with a cache in the model's dtype
+    the C++ op of `kernels/cpu_decode.py` reads the blocks in place instead of gathering them.
     """
     b, hq, d = q.shape
     hkv = block_tables.shape[1]
     bs = k_cache.shape[1]
     if b == 0:
         return q.new_zeros(0, hq, d), torch.zeros(0, hq, dtype=torch.float32, device=q.device)
+    reach = q_pos.long()[:, None] - recent.long()  # a slot is recent iff its position > reach
+    moved = bool((reach >= 0).any())
+    if not moved and k_scale is None and cpu_decode.serves(q, k_cache):
+        return cpu_decode.paged_decode(q, k_cache, v_cache, block_tables, rows, lengths, scale)
     shortest, longest = (int(x) for x in lengths.aminmax())
     nblocks = max(1, -(-longest // bs))
     ids = block_tables[rows.long(), :, :nblocks]  # [B, Hkv, nblocks]
@@ -134,9 +140,8 @@ def paged_decode(
     v = dequantize(v_cache.index_select(0, flat).view(b, hkv, nblocks * bs, d), v_scale, 1)
     n = torch.arange(nblocks * bs, device=q.device)
     visible = n < lengths[:, :, None]  # [B, Hkv, N]
-    reach = q_pos.long()[:, None] - recent.long()  # a slot is recent iff its position > reach
     exact = shortest > 0
-    if bool((reach >= 0).any()):
+    if moved:
         kpos = pos_cache.index_select(0, flat).view(b, hkv, nblocks * bs).long()
         kpos.masked_fill_((ids < 0).repeat_interleave(bs, dim=-1), NO_POSITION)
         visible &= (n < keep[:, :, None]) | (kpos > reach[:, :, None])

@@ -122,4 +122,5 @@ def test_bfloat16_greedy_matches_fp32_transformers_on_seven_of_ten(make_engine, 
     leaves 8 (two prompts diverge at tokens 5 and 6); an fp32 residual stream or fp32 lm_head
     measured 5-7."""
     exact = _bf16_exact(make_engine, hf_model, prompts + [tok(p)["input_ids"] for p in MORE])
+    print("EXACT10", exact)
     assert exact >= 7, f"only {exact} of 10 prompts match fp32 transformers"

@@ -1,0 +1,81 @@
+"""The CPU's C++ paged-decode op (kernels/cpu_decode.py) computes what the gathering reference
+does, for the head sizes it specialises and any other, and the reference hands it only the
+cases it serves (fp32 caches, no window moved, no fp8 scales)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from headwise.kernels import cpu_decode
+from headwise.kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("HEADWISE_CPU_DECODE", "").lower() == "torch", reason="the op is switched off"
+)
+BS = 16
+
+
+def test_the_op_builds_on_this_machine():
+    assert cpu_decode.available()
+
+
+def _workload(d: int, dtype: torch.dtype, seed: int):
+    """5 sequences x 2 KV heads x 3 query heads each over a shuffled pool: lengths 0, 1, a
+    partial block, whole blocks, and a long one; table rows in a different order than the batch."""
+    g = torch.Generator().manual_seed(seed)
+    b, hkv, hq, width = 5, 2, 6, 12
+    pool = 2 * b * hkv * width
+    k_cache = torch.randn(pool, BS, d, generator=g).to(dtype)
+    v_cache = torch.randn(pool, BS, d, generator=g).to(dtype)
+    tables = torch.randperm(pool, generator=g)[: (b + 1) * hkv * width].view(b + 1, hkv, width).int()
+    lengths = torch.tensor([[0, 1], [7, 16], [32, 33], [190, 2], [100, 150]], dtype=torch.int32)
+    rows = torch.tensor([5, 0, 3, 1, 2], dtype=torch.int32)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, rows, lengths
+
+
+def _gathering_reference(q, k_cache, v_cache, tables, rows, lengths, scale, monkeypatch):
+    b, hkv = lengths.shape
+    pos = torch.zeros(k_cache.shape[:2], dtype=torch.int32)
+    keep = torch.zeros(b, hkv, dtype=torch.int32)
+    recent = torch.full((b, hkv), 1 << 30, dtype=torch.int32)
+    q_pos = lengths.amax(1) - 1
+    with monkeypatch.context() as m:
+        m.setattr(cpu_decode, "serves", lambda *a: False)
+        return ref.paged_decode(q, k_cache, v_cache, pos, tables, rows, lengths, keep, recent, q_pos, scale)
+
+
+@pytest.mark.parametrize("d", [64, 128, 48])
+def test_op_equals_the_gathering_reference(d, monkeypatch):
+    args = _workload(d, torch.float32, seed=d)
+    want_out, want_lse = _gathering_reference(*args, 0.125, monkeypatch)
+    out, lse = cpu_decode.paged_decode(*args, 0.125)
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out, want_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
+    # a head with no slot: output 0, lse -inf (the reference's convention)
+    assert torch.all(out[0, :3] == 0) and torch.all(lse[0, :3] == float("-inf"))
+
+
+def test_reference_hands_the_op_only_unmoved_unscaled_decodes(monkeypatch):
+    q, k_cache, v_cache, tables, rows, lengths = _workload(64, torch.float32, seed=1)
+    b, hkv = lengths.shape
+    pos = torch.zeros(k_cache.shape[:2], dtype=torch.int32)
+    keep = torch.zeros(b, hkv, dtype=torch.int32)
+    q_pos = lengths.amax(1) - 1
+    calls = []
+    real = cpu_decode.paged_decode
+    monkeypatch.setattr(cpu_decode, "paged_decode", lambda *a: calls.append(1) or real(*a))
+    unbounded = torch.full((b, hkv), 1 << 30, dtype=torch.int32)
+    ref.paged_decode(q, k_cache, v_cache, pos, tables, rows, lengths, keep, unbounded, q_pos, 0.125)
+    assert calls == [1]
+    bf16 = [t.bfloat16() for t in (q, k_cache, v_cache)]
+    ref.paged_decode(*bf16, pos, tables, rows, lengths, keep, unbounded, q_pos, 0.125)
+    window = torch.full((b, hkv), 8, dtype=torch.int32)  # positions up to 189: windows of 8 have moved
+    ref.paged_decode(q, k_cache, v_cache, pos, tables, rows, lengths, keep, window, q_pos, 0.125)
+    scale = torch.ones(hkv)
+    ref.paged_decode(q, k_cache, v_cache, pos, tables, rows, lengths, keep, unbounded, q_pos, 0.125, scale, scale)
+    assert calls == [1]
