@@ -24,7 +24,7 @@ from headwise.engine.model import LlamaModel
 from headwise.engine.sequence import Sequence
 from headwise.engine.step_inputs import StepInputs, build_metadata, build_step_inputs
 from headwise.engine.step_timer import NO_STEP_TIMER, NoStepTimer, StepTimer
-from headwise.kernels import cpu_decode
+from headwise.kernels import cpu_ops
 from headwise.kernels.kv_quant import dequantize
 from headwise.kvcache.prefill_selection import BoundedPrefill, ChunkSelection
 from headwise.kvcache.selection import middle_scores
@@ -47,7 +47,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             model.pack_linears()
             model.copy_lm_head_column_major()
-            cpu_decode.available()  # build the decode op now, not inside a first request
+            cpu_ops.available()  # build the C++ ops now, not inside a first request
         self._pinned = self.device.type == "cuda"
         self.decode_graphs: StaticDecode | None = None
         self.remote: Remote | None = None

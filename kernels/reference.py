@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from headwise.kernels import cpu_decode
+from headwise.kernels import cpu_ops
 from headwise.kernels.kv_quant import dequantize, is_fp8, quantize
 from headwise.kernels.reference_cache import (
     NO_POSITION,
@@ -121,7 +121,7 @@ def paged_decode(
     head's window still reaches position 0 (full heads; window heads younger than their
     window) no slot has left a window or been released, and the mask is just
     `slot < length`: the slot positions are not gathered, and with a cache in the model's dtype
-    the C++ op of `kernels/cpu_decode.py` reads the blocks in place instead of gathering them.
+    the C++ op of `kernels/cpu_ops.py` reads the blocks in place instead of gathering them.
     """
     b, hq, d = q.shape
     hkv = block_tables.shape[1]
@@ -130,8 +130,8 @@ def paged_decode(
         return q.new_zeros(0, hq, d), torch.zeros(0, hq, dtype=torch.float32, device=q.device)
     reach = q_pos.long()[:, None] - recent.long()  # a slot is recent iff its position > reach
     moved = bool((reach >= 0).any())
-    if not moved and k_scale is None and cpu_decode.serves(q, k_cache):
-        return cpu_decode.paged_decode(q, k_cache, v_cache, block_tables, rows, lengths, scale)
+    if not moved and k_scale is None and cpu_ops.serves(q, k_cache):
+        return cpu_ops.paged_decode(q, k_cache, v_cache, block_tables, rows, lengths, scale)
     shortest, longest = (int(x) for x in lengths.aminmax())
     nblocks = max(1, -(-longest // bs))
     ids = block_tables[rows.long(), :, :nblocks]  # [B, Hkv, nblocks]

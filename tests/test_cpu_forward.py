@@ -59,7 +59,7 @@ def test_full_head_decode_ignores_slot_positions_and_equals_the_masked_path():
     """Full heads (every window reaches position 0) take the path that never reads the slot
     positions: garbage there changes nothing, and the output equals the general masked path
     (all slots kept through `keep`, a window that would hide every position): bit for bit
-    before the C++ op of kernels/cpu_decode.py took the fast path, to fp32 rounding now.
+    before the C++ op of kernels/cpu_ops.py took the fast path, to fp32 rounding now.
     A sequence whose heads hold nothing gets output 0 and lse -inf on both paths."""
     gen = torch.Generator().manual_seed(0)
     bs, d, hkv, g = 4, 16, 2, 3

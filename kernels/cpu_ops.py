@@ -1,4 +1,5 @@
-"""Paged decode attention on the CPU straight from the pool (a C++ op built on first use).
+"""The CPU's C++ ops, built on first use: paged decode attention straight from the pool, and
+the fp32 add + RMSNorm and RoPE of each layer in one pass each.
 
 The torch reference (`reference.paged_decode`) copies each sequence's K and V blocks into a
 dense tensor with `index_select` and then runs torch's flash kernel over the copy: every
@@ -11,9 +12,13 @@ vLLM's CPU paged-attention kernels do.
 
 It serves the case where the mask is `slot < length` (every head's window still reaches
 position 0: full heads, young window heads) with a cache in the model's dtype; the reference
-keeps the rest (moved windows, fp8 scales). `g++` builds it once per machine into torch's
-extension cache (~1 min); without a compiler, or with `HEADWISE_CPU_DECODE=torch`, the
-reference runs alone.
+keeps the rest (moved windows, fp8 scales).
+
+`add_rms_norm` and `rotate_half` replace a chain of ~8 eager ops each (add, pow, mean, rsqrt,
+products; float casts, chunks, four products, a concatenation) that cost more in launches than
+in arithmetic at decode batch sizes. `g++` builds the module once per machine into torch's
+extension cache (~25 s); without a compiler, or with `HEADWISE_CPU_DECODE=torch`, the torch
+references run alone.
 """
 
 from __future__ import annotations
@@ -195,7 +200,73 @@ std::vector<at::Tensor> paged_decode(at::Tensor q, at::Tensor k_cache, at::Tenso
   return {out, lse};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode); }
+// products rounded one by one, not fused into FMAs: the layer ops equal torch's eager formulas
+// (and the Triton kernels) bit for bit
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+// s = x + residual; out = weight * (s / rms(s)) per row, fp32 (what F.rms_norm computes, one pass
+// over memory instead of the add, pow, mean, rsqrt and two products)
+std::vector<at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps) {
+  TORCH_CHECK(x.dtype() == at::kFloat && residual.dtype() == at::kFloat && weight.dtype() == at::kFloat, "fp32");
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous(), "contiguous");
+  const int64_t H = x.size(-1), T = x.numel() / H;
+  TORCH_CHECK(residual.sizes() == x.sizes() && weight.numel() == H, "shapes");
+  auto out = at::empty_like(x);
+  auto sum = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *rp = residual.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *sp = sum.data_ptr<float>();
+  pybind11::gil_scoped_release nogil;
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float *a = xp + t * H, *b = rp + t * H;
+      float* st = sp + t * H;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < H; ++i) {
+        st[i] = a[i] + b[i];
+        ss += st[i] * st[i];
+      }
+      const float inv = 1.f / std::sqrt(ss / float(H) + float(eps));
+      float* o = op + t * H;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) o[i] = st[i] * inv * wp[i];
+    }
+  });
+  return {out, sum};
+}
+
+// RoPE, rotate-half layout, of x [T, H, D] by cos / sin [T, D/2], fp32: one pass per row
+at::Tensor rotate_half(at::Tensor x, at::Tensor cos, at::Tensor sin) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 3 && cos.dtype() == at::kFloat && sin.dtype() == at::kFloat, "fp32");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == T && cos.size(1) == half, "cos / sin");
+  auto xc = x.contiguous();
+  auto out = at::empty({T, H, D}, x.options());
+  const float *xp = xc.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  pybind11::gil_scoped_release nogil;
+  at::parallel_for(0, T * H, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *x1 = xp + r * D, *x2 = x1 + half, *c = cp + (r / H) * half, *s = sp + (r / H) * half;
+      float *o1 = op + r * D, *o2 = o1 + half;
+#pragma omp simd
+      for (int64_t j = 0; j < half; ++j) {
+        o1[j] = x1[j] * c[j] - x2[j] * s[j];
+        o2[j] = x2[j] * c[j] + x1[j] * s[j];
+      }
+    }
+  });
+  return out;
+}
+
+#pragma GCC pop_options
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode);
+  m.def("add_rms_norm", &add_rms_norm);
+  m.def("rotate_half", &rotate_half);
+}
 """
 
 # fp32 caches only: a bf16 engine keeps the gathering reference, whose greedy tokens matched
@@ -221,7 +292,7 @@ def _module():
         # the build uses -march=native: a cache shared by different CPUs gets one build each
         tag = torch.backends.cpu.get_cpu_capability().lower()
         return load_inline(
-            f"headwise_cpu_decode_{tag}",
+            f"headwise_cpu_ops_{tag}",
             _SOURCE,
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -262,3 +333,24 @@ def paged_decode(
         scale,
     )
     return out.to(q.dtype), lse
+
+
+def serves_fp32(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference_layer.add_rms_norm` for fp32 CPU tensors: (rms_norm(x + residual), x + residual)."""
+    module = _module()
+    assert module is not None
+    out, total = module.add_rms_norm(x.contiguous(), residual.contiguous(), weight.contiguous(), eps)
+    return out, total
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of fp32 `x [T, H, D]` by fp32 cos / sin `[T, D / 2]` (`reference_layer.apply_rotary`)."""
+    module = _module()
+    assert module is not None
+    return module.rotate_half(x, cos.contiguous(), sin.contiguous())

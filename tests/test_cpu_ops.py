@@ -1,6 +1,7 @@
-"""The CPU's C++ paged-decode op (kernels/cpu_decode.py) computes what the gathering reference
+"""The CPU's C++ ops (kernels/cpu_ops.py): paged decode computes what the gathering reference
 does, for the head sizes it specialises and any other, and the reference hands it only the
-cases it serves (fp32 caches, no window moved, no fp8 scales)."""
+cases it serves (fp32 caches, no window moved, no fp8 scales); add + RMSNorm and RoPE compute
+the torch formulas and serve fp32 CPU tensors only."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import pytest
 import torch
 
-from headwise.kernels import cpu_decode
+from headwise.kernels import cpu_ops
 from headwise.kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(
@@ -19,7 +20,7 @@ BS = 16
 
 
 def test_the_op_builds_on_this_machine():
-    assert cpu_decode.available()
+    assert cpu_ops.available()
 
 
 def _workload(d: int, dtype: torch.dtype, seed: int):
@@ -44,7 +45,7 @@ def _gathering_reference(q, k_cache, v_cache, tables, rows, lengths, scale, monk
     recent = torch.full((b, hkv), 1 << 30, dtype=torch.int32)
     q_pos = lengths.amax(1) - 1
     with monkeypatch.context() as m:
-        m.setattr(cpu_decode, "serves", lambda *a: False)
+        m.setattr(cpu_ops, "serves", lambda *a: False)
         return ref.paged_decode(q, k_cache, v_cache, pos, tables, rows, lengths, keep, recent, q_pos, scale)
 
 
@@ -52,7 +53,7 @@ def _gathering_reference(q, k_cache, v_cache, tables, rows, lengths, scale, monk
 def test_op_equals_the_gathering_reference(d, monkeypatch):
     args = _workload(d, torch.float32, seed=d)
     want_out, want_lse = _gathering_reference(*args, 0.125, monkeypatch)
-    out, lse = cpu_decode.paged_decode(*args, 0.125)
+    out, lse = cpu_ops.paged_decode(*args, 0.125)
     assert out.dtype == lse.dtype == torch.float32
     torch.testing.assert_close(out, want_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
@@ -67,8 +68,8 @@ def test_reference_hands_the_op_only_unmoved_unscaled_decodes(monkeypatch):
     keep = torch.zeros(b, hkv, dtype=torch.int32)
     q_pos = lengths.amax(1) - 1
     calls = []
-    real = cpu_decode.paged_decode
-    monkeypatch.setattr(cpu_decode, "paged_decode", lambda *a: calls.append(1) or real(*a))
+    real = cpu_ops.paged_decode
+    monkeypatch.setattr(cpu_ops, "paged_decode", lambda *a: calls.append(1) or real(*a))
     unbounded = torch.full((b, hkv), 1 << 30, dtype=torch.int32)
     ref.paged_decode(q, k_cache, v_cache, pos, tables, rows, lengths, keep, unbounded, q_pos, 0.125)
     assert calls == [1]
@@ -79,3 +80,50 @@ def test_reference_hands_the_op_only_unmoved_unscaled_decodes(monkeypatch):
     scale = torch.ones(hkv)
     ref.paged_decode(q, k_cache, v_cache, pos, tables, rows, lengths, keep, unbounded, q_pos, 0.125, scale, scale)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_add_rms_norm_op_equals_the_torch_formula(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, residual = torch.randn(rows, 576, generator=g), torch.randn(rows, 576, generator=g)
+    weight = torch.randn(576, generator=g)
+    out, total = cpu_ops.add_rms_norm(x, residual, weight, 1e-5)
+    s = x.double() + residual.double()
+    want = weight.double() * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert torch.equal(total, x + residual)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=2e-6)
+
+
+def test_rotate_half_op_equals_the_rotation_of_a_strided_view():
+    """q comes out of the fused qkv product as a strided view: the op rotates it as the
+    reference does (pair j is (x[j], x[j + D/2])), bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(5, 9 * 64 + 2 * 3 * 64, generator=g)
+    q = qkv[:, : 9 * 64].view(5, 9, 64)
+    cos, sin = torch.randn(5, 32, generator=g), torch.randn(5, 32, generator=g)
+    x1, x2 = q.double().chunk(2, dim=-1)
+    c, s = cos.double()[:, None], sin.double()[:, None]
+    want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    got = cpu_ops.rotate_half(q, cos, sin)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+    # products rounded one by one (no FMA contraction): the eager torch formula's bits
+    from headwise.kernels.reference_layer import _rotate_half
+
+    assert torch.equal(got, _rotate_half(q, cos[:, None], sin[:, None]))
+
+
+def test_layer_references_hand_fp32_cpu_tensors_to_the_ops(monkeypatch):
+    from headwise.kernels import reference_layer
+
+    calls = []
+    for name in ("add_rms_norm", "rotate_half"):
+        real = getattr(cpu_ops, name)
+        monkeypatch.setattr(cpu_ops, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    x = torch.randn(3, 64)
+    reference_layer.add_rms_norm(x, x, torch.ones(64), 1e-6)
+    q, k, cos = torch.randn(3, 2, 64), torch.randn(3, 1, 64), torch.randn(3, 32)
+    reference_layer.apply_rotary(q, k, cos, cos)
+    assert calls == ["add_rms_norm", "rotate_half", "rotate_half"]
+    reference_layer.add_rms_norm(x.bfloat16(), x.bfloat16(), torch.ones(64).bfloat16(), 1e-6)
+    reference_layer.apply_rotary(q.bfloat16(), k.bfloat16(), cos, cos)
+    assert len(calls) == 3
