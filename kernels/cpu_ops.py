@@ -269,12 +269,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-# fp32 caches only: a bf16 engine keeps the gathering reference, whose greedy tokens matched
-# fp32 transformers on 7 of the 10 parity prompts where this op's gave 5 (its fp32 sums round
-# differently to bf16 at 0.3% of the outputs, by one bf16 ulp: no better or worse, but the
-# bf16 parity bar of tests/test_hf_parity.py is set by the reference's rounding)
-SERVES = (torch.float32,)
-
 
 @functools.cache
 def _module():
@@ -306,8 +300,14 @@ def available() -> bool:
     return _module() is not None
 
 
-def serves(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and k_cache.dtype in SERVES and available()
+def serves(*tensors: torch.Tensor) -> bool:
+    """Every tensor is an fp32 CPU tensor (the only kind the ops take) and the ops are built.
+
+    fp32 only: a bf16 engine keeps the gathering reference, whose greedy tokens matched fp32
+    transformers on 7 of the 10 parity prompts where this decode op's gave 5 (its fp32 sums round
+    differently to bf16 at 0.3% of the outputs, by one bf16 ulp: no better or worse, but the
+    bf16 parity bar of tests/test_hf_parity.py is set by the reference's rounding)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
 
 
 def paged_decode(
@@ -333,10 +333,6 @@ def paged_decode(
         scale,
     )
     return out.to(q.dtype), lse
-
-
-def serves_fp32(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
 
 
 def add_rms_norm(

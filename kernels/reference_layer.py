@@ -26,7 +26,7 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pre-norm block boundary: `s = x + residual` (in x's dtype), returns
     `(rms_norm(s), s)`; `s` is the residual stream the next block adds to."""
-    if cpu_ops.serves_fp32(x) and residual.dtype == weight.dtype == torch.float32:
+    if cpu_ops.serves(x, residual, weight):
         return cpu_ops.add_rms_norm(x, residual, weight, eps)
     s = x + residual
     return rms_norm(s, weight, eps), s
@@ -40,7 +40,7 @@ def apply_rotary(
 
     Pair j is (x[j], x[j + D/2]): `(x1 cos - x2 sin, x2 cos + x1 sin)`, computed in fp32.
     """
-    if cpu_ops.serves_fp32(q) and k.dtype == cos.dtype == sin.dtype == torch.float32:
+    if cpu_ops.serves(q, k, cos, sin):
         return cpu_ops.rotate_half(q, cos, sin), cpu_ops.rotate_half(k, cos, sin)
     c, s = cos[:, None, :], sin[:, None, :]
     return _rotate_half(q, c, s), _rotate_half(k, c, s)
