@@ -52,7 +52,9 @@ class PackedWeight:
         return PackedWeight(blocked, lo, hi)
 
     def serves(self, x: torch.Tensor) -> bool:
-        return x.dim() == 2 and self.lo <= x.shape[0] <= self.hi
+        """`x` is a 2-D input of `lo`..`hi` rows and no gradient is wanted: `_linear_pointwise`
+        has no backward, so a profiler that backpropagates (duo) must take the plain weight."""
+        return x.dim() == 2 and self.lo <= x.shape[0] <= self.hi and not torch.is_grad_enabled()
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.blocked, bias, "none", [], "")

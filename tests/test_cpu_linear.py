@@ -46,11 +46,31 @@ def test_linear_takes_the_packed_copy_only_for_its_rows():
         return real(x, bias)
 
     object.__setattr__(lin.packed, "linear", spy)
-    for rows in (lo - 1, lo, hi, hi + 1):
-        if rows > 0:
-            torch.testing.assert_close(lin(torch.ones(rows, 16)), F.linear(torch.ones(rows, 16), lin.weight))
+    with torch.inference_mode():
+        for rows in (lo - 1, lo, hi, hi + 1):
+            if rows > 0:
+                torch.testing.assert_close(lin(torch.ones(rows, 16)), F.linear(torch.ones(rows, 16), lin.weight))
+        assert lin.packed.serves(torch.ones(lo, 16)) and not lin.packed.serves(torch.ones(2, lo, 16))
     assert calls == [lo, hi]
-    assert lin.packed.serves(torch.ones(lo, 16)) and not lin.packed.serves(torch.ones(2, lo, 16))
+    # with gradients on (the duo profiler backpropagates), the plain weight serves every row count
+    assert not lin.packed.serves(torch.ones(lo, 16))
+
+
+def test_packed_model_backpropagates_a_short_input(tiny_dir):
+    """A packed model still gives gradients for inputs within the packed row range (duo's
+    profiler trains gates through the model, prompts of 32 tokens or fewer included)."""
+    model = materialize(read_config(tiny_dir), tiny_dir, torch.float32, "cpu")
+    lin = next(m for m in model.layers.modules() if isinstance(m, Linear))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, lin.in_features, generator=g)
+    x_plain = x.clone().requires_grad_(True)
+    lin(x_plain).square().sum().backward()
+    model.pack_linears()
+    x_packed = x.clone().requires_grad_(True)
+    out = lin(x_packed)
+    assert out.requires_grad
+    out.square().sum().backward()
+    torch.testing.assert_close(x_packed.grad, x_plain.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +94,11 @@ def test_model_packs_every_projection_and_lm_head_once(tiny_dir, dtype):
     # bf16's packed lm_head serves one row too, so it keeps no column-major copy
     assert (model._lm_head_column_major is None) == (dtype == torch.bfloat16)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    for a, m in zip(before[0], takes_x):
-        torch.testing.assert_close(m(x).float(), a.float(), atol=tol, rtol=tol)
-    torch.testing.assert_close(model.logits(x), before[1], atol=tol * 20, rtol=tol)
-    torch.testing.assert_close(model.logits(x[:1]), before[1][:1], atol=tol * 20, rtol=tol)
+    with torch.inference_mode():  # the packed copies serve only where no gradient is wanted
+        for a, m in zip(before[0], takes_x):
+            torch.testing.assert_close(m(x).float(), a.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(model.logits(x), before[1], atol=tol * 20, rtol=tol)
+        torch.testing.assert_close(model.logits(x[:1]), before[1][:1], atol=tol * 20, rtol=tol)
 
 
 def test_model_over_the_byte_cap_packs_nothing(tiny_dir, monkeypatch):
