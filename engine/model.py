@@ -33,8 +33,9 @@ from headwise.engine.loader import ModelConfig
 from headwise.kernels import ops
 from headwise.kvcache.buffers import KVBuffers
 
-# CPU logits (LlamaModel.copy_lm_head_column_major): one row from lm_head's column-major copy,
-# then its oneDNN-packed copy for the rows that serves, else up to LM_HEAD_TRANSPOSED_ROWS as `W h^T`
+# CPU logits: lm_head's packed copy for the rows it serves (fp32 1-32, bf16 all), else one row
+# from its column-major copy (LlamaModel.copy_lm_head_column_major), else up to
+# LM_HEAD_TRANSPOSED_ROWS as `W h^T`
 LM_HEAD_COLUMN_MAJOR_ROWS = 1
 LM_HEAD_TRANSPOSED_ROWS = 64
 LM_HEAD_COPY_MAX_BYTES = 256 << 20
@@ -42,7 +43,7 @@ PACKED_COPY_MAX_BYTES = 2 << 30
 
 
 class Linear(nn.Linear):
-    # the CPU's oneDNN-packed copy of the loaded weight and the row counts it serves
+    # the CPU's packed copy of the loaded weight and the row counts it serves (engine/cpu_linear.py)
     packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +275,8 @@ class LlamaModel(nn.Module):
         16 rows: `h W^T` 8.5 / 18.5 / 21.3 / 23.1 / 32.6, column-major 4.8 / 9.2 / 26.6 / 29.8 /
         39.3, `W h^T` 8.5 / 10.1 / 10.4 / 17.7 / 29.6). The copy costs the matrix once more
         (113 MB in fp32 for the default model), so a matrix over LM_HEAD_COPY_MAX_BYTES gets
-        none, nor does one whose packed copy serves a single row (bf16: `pack_linears`); called
+        none, nor does one whose packed copy serves a single row (fp32's column blocks and bf16's
+        oneDNN copy: `pack_linears`); called
         once the weights are loaded (engine/model_runner.py), again: no-op."""
         w, packed = self.lm_head.weight, self._lm_head_packed
         if packed is not None and packed.lo <= 1:
@@ -283,8 +285,9 @@ class LlamaModel(nn.Module):
             self._lm_head_column_major = w.detach().t().contiguous().t()
 
     def pack_linears(self) -> None:
-        """The CPU's matmuls from oneDNN-packed copies of the loaded weights (`PackedWeight`,
-        engine/cpu_linear.py: fp32 for 2-32 rows, bf16 for all): every decoder projection and
+        """The CPU's matmuls from packed copies of the loaded weights (`PackedWeight`,
+        engine/cpu_linear.py: fp32 column blocks for 1-32 rows, or oneDNN's for 2-32 where those do
+        not serve; bf16 oneDNN's for all): every decoder projection and
         lm_head, unless the copies together would pass PACKED_COPY_MAX_BYTES (they cost the
         weights once more; 537 MB for the default model in fp32); called once the weights are
         loaded, before `copy_lm_head_column_major`; again: no-op."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from headwise.engine import model as model_module
-from headwise.engine.cpu_linear import PACKED_ROWS, PackedWeight, can_pack
+from headwise.engine.cpu_linear import COLUMNS_ROWS, PACKED_ROWS, PackedWeight, can_pack
 from headwise.engine.loader import read_config
 from headwise.engine.model import Linear
 from headwise.engine.weights import materialize
@@ -32,6 +32,24 @@ def test_packed_weight_multiplies_as_the_plain_weight(dtype, tol, rows):
     got = packed.linear(x, bias)
     assert got.dtype == dtype and got.shape == (rows, 96)
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 32])
+def test_column_blocks_multiply_as_the_plain_weight(rows):
+    """fp32 weights whose output size is a multiple of 32 take cpu_ops' column blocks for 1-32
+    rows (tiles of 8 rows and every remainder), bias included; others keep oneDNN's layout."""
+    g = torch.Generator().manual_seed(rows)
+    w, bias = torch.randn(96, 80, generator=g) * 0.1, torch.randn(96, generator=g)
+    x = torch.randn(rows, 80, generator=g)
+    packed = PackedWeight.of(w)
+    assert packed.columns and (packed.lo, packed.hi) == COLUMNS_ROWS
+    with torch.inference_mode():
+        assert packed.serves(x)
+        torch.testing.assert_close(packed.linear(x, bias), F.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed.linear(x, None), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    odd = PackedWeight.of(torch.randn(40, 80, generator=g))
+    assert not odd.columns and (odd.lo, odd.hi) == PACKED_ROWS[torch.float32]
+    assert not PackedWeight.of(w.bfloat16()).columns
 
 
 def test_linear_takes_the_packed_copy_only_for_its_rows():
@@ -91,8 +109,10 @@ def test_model_packs_every_projection_and_lm_head_once(tiny_dir, dtype):
     first = linears[0].packed
     model.pack_linears()
     assert linears[0].packed is first
-    # bf16's packed lm_head serves one row too, so it keeps no column-major copy
-    assert (model._lm_head_column_major is None) == (dtype == torch.bfloat16)
+    # the packed lm_head serves one row too (fp32 column blocks, bf16 oneDNN), so no column-major copy
+    assert model._lm_head_packed is not None and model._lm_head_packed.lo == 1
+    assert model._lm_head_column_major is None
+    assert all(m.packed.columns == (dtype == torch.float32) for m in linears if m.out_features % 32 == 0)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     with torch.inference_mode():  # the packed copies serve only where no gradient is wanted
         for a, m in zip(before[0], takes_x):
