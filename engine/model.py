@@ -30,7 +30,7 @@ from headwise.engine.cpu_linear import PackedWeight, can_pack
 from headwise.engine.distributed import TPGroup
 from headwise.engine.errors import ModelLoadError
 from headwise.engine.loader import ModelConfig
-from headwise.kernels import ops
+from headwise.kernels import ops, reference_layer
 from headwise.kvcache.buffers import KVBuffers
 
 # CPU logits: lm_head's packed copy for the rows it serves (fp32 1-32, bf16 all), else one row
@@ -207,8 +207,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.tp.all_reduce(self.down_proj(reference_layer.silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):

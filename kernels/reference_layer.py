@@ -1,5 +1,5 @@
 """The per-layer model ops' torch references (kernels/reference.py's contract): RMSNorm, RMSNorm
-with the residual add, RoPE; exactly what the unfused model computes: normalisation in fp32
+with the residual add, the gated MLP's SiLU x up, RoPE; exactly what the unfused model computes: normalisation in fp32
 like Hugging Face's LlamaRMSNorm, rotation in fp32 from fp32 cos / sin."""
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ def add_rms_norm(
         return cpu_ops.add_rms_norm(x, residual, weight, eps)
     s = x + residual
     return rms_norm(s, weight, eps), s
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation: `silu(gate) * up` of `x = [gate | up]` `[T, 2I]` -> `[T, I]`."""
+    if x.dim() == 2 and cpu_ops.serves(x):
+        return cpu_ops.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
 
 
 def apply_rotary(

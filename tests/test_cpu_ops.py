@@ -114,18 +114,59 @@ def test_rotate_half_op_equals_the_rotation_of_a_strided_view():
     assert torch.equal(got, _rotate_half(q, cos[:, None], sin[:, None]))
 
 
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_silu_and_mul_op_equals_the_torch_formula(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 2 * 200, generator=g) * 6
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -88.5])  # exp's clamps and silu's zero
+    gate, up = x.double().chunk(2, dim=-1)
+    want = gate * torch.sigmoid(gate) * up
+    got = cpu_ops.silu_and_mul(x)
+    assert got.shape == (rows, 200)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_layer_references_keep_autograd_where_a_gradient_is_wanted(monkeypatch):
+    """The ops have no backward: with inputs that require grad, the references run the torch
+    formulas, whose gradients reach every input (duo's profiler trains through them)."""
+    from headwise.kernels import reference_layer
+
+    g = torch.Generator().manual_seed(1)
+    x, r = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g)
+    w = torch.randn(64, generator=g)
+    q, k = torch.randn(4, 2, 64, generator=g), torch.randn(4, 1, 64, generator=g)
+    cos, sin = torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g)
+    h = torch.randn(4, 2 * 48, generator=g)
+
+    def grads():
+        leaves = [t.clone().requires_grad_(True) for t in (x, r, q, k, h)]
+        a, s = reference_layer.add_rms_norm(leaves[0], leaves[1], w, 1e-6)
+        qr, kr = reference_layer.apply_rotary(leaves[2], leaves[3], cos, sin)
+        act = reference_layer.silu_and_mul(leaves[4])
+        (a.square().sum() + s.sum() + qr.square().sum() + kr.square().sum() + act.square().sum()).backward()
+        return [t.grad for t in leaves]
+
+    got = grads()
+    monkeypatch.setattr(cpu_ops, "serves", lambda *a: False)
+    for g_op, g_torch in zip(got, grads()):
+        assert g_op is not None
+        torch.testing.assert_close(g_op, g_torch, atol=0, rtol=0)
+
+
 def test_layer_references_hand_fp32_cpu_tensors_to_the_ops(monkeypatch):
     from headwise.kernels import reference_layer
 
     calls = []
-    for name in ("add_rms_norm", "rotate_half"):
+    for name in ("add_rms_norm", "rotate_half", "silu_and_mul"):
         real = getattr(cpu_ops, name)
         monkeypatch.setattr(cpu_ops, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     x = torch.randn(3, 64)
     reference_layer.add_rms_norm(x, x, torch.ones(64), 1e-6)
     q, k, cos = torch.randn(3, 2, 64), torch.randn(3, 1, 64), torch.randn(3, 32)
     reference_layer.apply_rotary(q, k, cos, cos)
-    assert calls == ["add_rms_norm", "rotate_half", "rotate_half"]
+    reference_layer.silu_and_mul(x)
+    assert calls == ["add_rms_norm", "rotate_half", "rotate_half", "silu_and_mul"]
     reference_layer.add_rms_norm(x.bfloat16(), x.bfloat16(), torch.ones(64).bfloat16(), 1e-6)
     reference_layer.apply_rotary(q.bfloat16(), k.bfloat16(), cos, cos)
-    assert len(calls) == 3
+    reference_layer.silu_and_mul(x.bfloat16())
+    assert len(calls) == 4
