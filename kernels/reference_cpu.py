@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from headwise.kernels import cpu_ops
 from headwise.kernels.kv_quant import dequantize
 from headwise.kernels.reference_cache import cached_keys, chunk_visible, flash_cpu, gather_slots, merge_states
 
@@ -148,7 +149,10 @@ def causal_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Plain causal attention inside each chunk when every head is full and nothing is
-    cached (no log-sum-exp needed): torch SDPA, which has fused CPU and GPU kernels."""
+    cached (no log-sum-exp needed): torch SDPA, which has fused CPU and GPU kernels; fp32 on
+    the CPU with head_dim 64 or 128 takes cpu_ops' C++ kernel instead."""
+    if q.shape[-1] in (64, 128) and cpu_ops.serves(q, k, v):
+        return cpu_ops.causal_prefill(q, k, v, cu_seqlens, scale)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):

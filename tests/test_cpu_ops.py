@@ -114,6 +114,33 @@ def test_rotate_half_op_equals_the_rotation_of_a_strided_view():
     assert torch.equal(got, _rotate_half(q, cos[:, None], sin[:, None]))
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_causal_prefill_op_equals_sdpa(d, monkeypatch):
+    """Sequences of 1, 15-17 (query-block edges), 64-65 (key-block edges) and 203 tokens in one
+    flat batch, q / k / v strided views of one fused qkv product, 3 query heads per KV head."""
+    from headwise.kernels import reference_cpu
+
+    g = torch.Generator().manual_seed(d)
+    lens = [1, 15, 16, 17, 64, 65, 203]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    t, hq, hkv = int(cu[-1]), 6, 2
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g) * 2
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    got = cpu_ops.causal_prefill(q, k, v, cu, 0.125)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_ops, "serves", lambda *a: False)
+        want = reference_cpu.causal_prefill(q, k, v, cu, 0.125)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    calls = []
+    real = cpu_ops.causal_prefill
+    monkeypatch.setattr(cpu_ops, "causal_prefill", lambda *a: calls.append(1) or real(*a))
+    torch.testing.assert_close(reference_cpu.causal_prefill(q, k, v, cu, 0.125), got, atol=0, rtol=0)
+    reference_cpu.causal_prefill(q[..., :48].contiguous(), k[..., :48].contiguous(), v[..., :48].contiguous(), cu, 0.1)
+    assert calls == [1]  # head_dim 48 stays on SDPA
+
+
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_silu_and_mul_op_equals_the_torch_formula(rows):
     g = torch.Generator().manual_seed(rows)
