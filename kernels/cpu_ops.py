@@ -1,5 +1,7 @@
-"""The CPU's C++ ops, built on first use: paged decode attention straight from the pool, and
-the fp32 add + RMSNorm and RoPE of each layer in one pass each.
+"""The CPU's C++ ops, built on first use: paged decode attention straight from the pool, causal
+prefill attention (nothing cached, every head full), few-row fp32 matmuls from a column-block
+weight (`linear_columns`, engine/cpu_linear.py), and the fp32 add + RMSNorm, RoPE and SiLU x up
+of each layer in one pass each. None has a backward: `serves` refuses inputs that want a gradient.
 
 The torch reference (`reference.paged_decode`) copies each sequence's K and V blocks into a
 dense tensor with `index_select` and then runs torch's flash kernel over the copy: every
