@@ -42,10 +42,11 @@ _SOURCE = r"""
 #include <limits>
 #include <vector>
 
-// exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^(x log2 e) as 2^n * p(f)
-// with a degree-6 polynomial (relative error ~2e-7); below -87 the result is 0
-static inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);
+// exp(x), vectorisable: 2^(x log2 e) as 2^n * p(f) with a degree-6 polynomial (relative error
+// ~2e-7), x clamped to [-87, 88] (below, exp(-87) ~ 1.6e-38; above, the fp32 range ends). Used for
+// scores minus their running max (x <= 0) and SiLU's exp(-gate)
+static inline float exp_clamped(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 x 2^23), vectorisable
   const float f = (t - n) * 0.693147180559945309f;
@@ -85,7 +86,7 @@ static inline float sum16(v16 v) {
 
 typedef int32_t v16i __attribute__((vector_size(64)));
 
-// exp_nonpositive on 16 lanes
+// exp_clamped for x <= 0 on 16 lanes
 static inline v16 exp16_nonpositive(v16 x) {
   const v16 lo = v16{} - 87.f;
   x = x > lo ? x : lo;
@@ -190,7 +191,7 @@ static void decode_rows(const float* q, const float* kc, const float* vc, const 
           float sum = l[g] * alpha;
 #pragma omp simd reduction(+ : sum)
           for (int64_t s = 0; s < cnt; ++s) {
-            sc[s] = exp_nonpositive(sc[s] - nm);
+            sc[s] = exp_clamped(sc[s] - nm);
             sum += sc[s];
           }
           if constexpr (DC > 0) {
@@ -371,7 +372,7 @@ static void causal_queries(const float* qs, int64_t qst, const float* kt, int64_
       float bm = mx[0];
       for (int i = 1; i < 16; ++i) bm = std::max(bm, mx[i]);
       const float nm = std::max(m[r], bm);
-      const float alpha = exp_nonpositive(m[r] - nm);  // 0 (to fp32) on the first block: m = -inf
+      const float alpha = exp_clamped(m[r] - nm);  // 0 (to fp32) on the first block: m = -inf
       v16 sum = v16{};
       for (int j = 0; j < 4; ++j) {
         const v16 p = lane + float(16 * j) < float(lim) ? exp16_nonpositive(x[j] - nm) : v16{};
@@ -456,27 +457,8 @@ at::Tensor causal_prefill(at::Tensor q, at::Tensor k, at::Tensor v, std::vector<
 }
 
 // silu(gate) * up of x = [gate | up] [T, 2I] -> [T, I], fp32: one pass instead of the chunk's
-// strided silu and a product (two temporaries). exp(-g) by 2^n * p(f) as `exp_nonpositive`, with
-// -g clamped to 88 (where silu is 0 to fp32 precision anyway)
-static inline float exp_clamped(float x) {
-  x = std::min(std::max(x, -87.f), 88.f);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 x 2^23), vectorisable
-  const float f = (t - n) * 0.693147180559945309f;
-  float p = 1.f / 5040.f;
-  p = p * f + 1.f / 720.f;
-  p = p * f + 1.f / 120.f;
-  p = p * f + 1.f / 24.f;
-  p = p * f + 1.f / 6.f;
-  p = p * f + 0.5f;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
+// strided silu and a product (two temporaries); exp(-g) by exp_clamped (-g above 88: silu is 0
+// to fp32 precision anyway)
 at::Tensor silu_and_mul(at::Tensor x) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "fp32 [T, 2I]");
   const int64_t T = x.size(0), I = x.size(1) / 2;
