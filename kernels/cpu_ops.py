@@ -126,12 +126,13 @@ static inline v16 sum16x16(const v16* v) {
 
 template <int DC>
 static void decode_rows(const float* q, const float* kc, const float* vc, const int32_t* tables, const int64_t* rows,
-                        const int32_t* lengths, float* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv,
-                        int64_t W, int64_t bs, int64_t D_rt, float scale) {
+                        const int32_t* lengths, const int32_t* pos, const int32_t* keep, const int64_t* reach,
+                        float* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t W, int64_t bs,
+                        int64_t D_rt, float scale) {
   const int64_t D = DC > 0 ? DC : D_rt;
   const int64_t G = Hq / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(G * D), m(G), l(G), sc(bs);
+    std::vector<float> acc(G * D), m(G), l(G), sc(bs), vis(bs, 1.f);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       const int64_t len = lengths[b * Hkv + h];
@@ -142,11 +143,24 @@ static void decode_rows(const float* q, const float* kc, const float* vc, const 
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t n0 = 0, j = 0; n0 < len; n0 += bs, ++j) {
         const int64_t cnt = std::min(bs, len - n0);
-        const float* kp = kc + int64_t(table[j]) * bs * D;
-        const float* vp = vc + int64_t(table[j]) * bs * D;
+        const int64_t id = std::max(table[j], 0);  // a released block (-1): only slots below keep count
+        const float* kp = kc + id * bs * D;
+        const float* vp = vc + id * bs * D;
         if (n0 + bs < len) {  // the next block's K and V while this one is scored
-          prefetch_block(kc + int64_t(table[j + 1]) * bs * D, bs * D * int64_t(sizeof(float)));
-          prefetch_block(vc + int64_t(table[j + 1]) * bs * D, bs * D * int64_t(sizeof(float)));
+          prefetch_block(kc + int64_t(std::max(table[j + 1], 0)) * bs * D, bs * D * int64_t(sizeof(float)));
+          prefetch_block(vc + int64_t(std::max(table[j + 1], 0)) * bs * D, bs * D * int64_t(sizeof(float)));
+        }
+        if (pos) {  // a moved window: slot n is visible iff n < keep or its position > reach
+          const int64_t kb = keep[b * Hkv + h], rb = reach[b * Hkv + h];
+          const int32_t* pb = pos + id * bs;
+          const bool live = table[j] >= 0;
+          bool any = false;
+          for (int64_t s = 0; s < cnt; ++s) {
+            const bool v = n0 + s < kb || (live && pb[s] > rb);
+            vis[s] = v ? 1.f : 0.f;
+            any = any || v;
+          }
+          if (!any) continue;  // nothing visible in this block: its K / V are not read
         }
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qh + g * D;
@@ -186,12 +200,19 @@ static void decode_rows(const float* q, const float* kc, const float* vc, const 
               bm = std::max(bm, sc[s]);
             }
           }
+          if (pos) {
+            bm = -std::numeric_limits<float>::infinity();
+            for (int64_t s = 0; s < cnt; ++s) {
+              if (vis[s] == 0.f) sc[s] = -std::numeric_limits<float>::infinity();
+              bm = std::max(bm, sc[s]);
+            }
+          }
           const float nm = std::max(m[g], bm);
           const float alpha = std::exp(m[g] - nm);
           float sum = l[g] * alpha;
 #pragma omp simd reduction(+ : sum)
           for (int64_t s = 0; s < cnt; ++s) {
-            sc[s] = exp_clamped(sc[s] - nm);
+            sc[s] = exp_clamped(sc[s] - nm) * vis[s];
             sum += sc[s];
           }
           if constexpr (DC > 0) {
@@ -226,18 +247,20 @@ static void decode_rows(const float* q, const float* kc, const float* vc, const 
 }
 
 static void decode_any(const float* q, const float* kc, const float* vc, const int32_t* tables, const int64_t* rows,
-                       const int32_t* lengths, float* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv,
+                       const int32_t* lengths, const int32_t* pos, const int32_t* keep, const int64_t* reach,
+                       float* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv,
                        int64_t W, int64_t bs, int64_t D, float scale) {
   if (D == 64)
-    decode_rows<64>(q, kc, vc, tables, rows, lengths, out, lse, B, Hq, Hkv, W, bs, D, scale);
+    decode_rows<64>(q, kc, vc, tables, rows, lengths, pos, keep, reach, out, lse, B, Hq, Hkv, W, bs, D, scale);
   else if (D == 128)
-    decode_rows<128>(q, kc, vc, tables, rows, lengths, out, lse, B, Hq, Hkv, W, bs, D, scale);
+    decode_rows<128>(q, kc, vc, tables, rows, lengths, pos, keep, reach, out, lse, B, Hq, Hkv, W, bs, D, scale);
   else
-    decode_rows<0>(q, kc, vc, tables, rows, lengths, out, lse, B, Hq, Hkv, W, bs, D, scale);
+    decode_rows<0>(q, kc, vc, tables, rows, lengths, pos, keep, reach, out, lse, B, Hq, Hkv, W, bs, D, scale);
 }
 
 std::vector<at::Tensor> paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tables,
-                                     at::Tensor rows, at::Tensor lengths, double scale) {
+                                     at::Tensor rows, at::Tensor lengths, double scale, at::Tensor pos,
+                                     at::Tensor keep, at::Tensor reach) {
   TORCH_CHECK(q.dtype() == at::kFloat && q.is_contiguous() && q.dim() == 3, "q: contiguous fp32 [B, Hq, D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: contiguous");
   TORCH_CHECK(k_cache.dtype() == at::kFloat && v_cache.dtype() == at::kFloat, "caches: fp32");
@@ -246,13 +269,21 @@ std::vector<at::Tensor> paged_decode(at::Tensor q, at::Tensor k_cache, at::Tenso
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = tables.size(1), W = tables.size(2);
   const int64_t bs = k_cache.size(1);
   TORCH_CHECK(k_cache.size(2) == D && Hq % Hkv == 0 && lengths.size(0) == B && lengths.size(1) == Hkv, "shapes");
+  const bool moved = pos.numel() > 0;  // else every slot below its head's length is visible
+  if (moved) {
+    TORCH_CHECK(pos.dtype() == at::kInt && pos.is_contiguous() && pos.size(0) == k_cache.size(0) && pos.size(1) == bs,
+                "pos: int32 [blocks, block_size]");
+    TORCH_CHECK(keep.dtype() == at::kInt && keep.is_contiguous() && keep.numel() == B * Hkv, "keep: int32 [B, Hkv]");
+    TORCH_CHECK(reach.dtype() == at::kLong && reach.is_contiguous() && reach.numel() == B * Hkv, "reach: int64 [B, Hkv]");
+  }
   auto out = at::empty({B, Hq, D}, q.options());
   auto lse = at::empty({B, Hq}, q.options());
   {
     pybind11::gil_scoped_release nogil;
     decode_any(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables.data_ptr<int32_t>(),
-               rows.data_ptr<int64_t>(), lengths.data_ptr<int32_t>(), out.data_ptr<float>(), lse.data_ptr<float>(), B,
-               Hq, Hkv, W, bs, D, float(scale));
+               rows.data_ptr<int64_t>(), lengths.data_ptr<int32_t>(), moved ? pos.data_ptr<int32_t>() : nullptr,
+               moved ? keep.data_ptr<int32_t>() : nullptr, moved ? reach.data_ptr<int64_t>() : nullptr,
+               out.data_ptr<float>(), lse.data_ptr<float>(), B, Hq, Hkv, W, bs, D, float(scale));
   }
   return {out, lse};
 }
@@ -602,11 +633,17 @@ def paged_decode(
     rows: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
+    pos_cache: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    reach: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference.paged_decode` where every slot below a head's length is visible: out
-    `[B, Hq, D]` in q's dtype and lse `[B, Hq]` fp32 (-inf, output 0, for a head with no slot)."""
+    """`reference.paged_decode`: out `[B, Hq, D]` in q's dtype and lse `[B, Hq]` fp32 (-inf,
+    output 0, for a head with no visible slot). Without `pos_cache` every slot below a head's
+    length is visible; with it (a moved window), slot n of a head is visible iff n < keep or its
+    position (`pos_cache [blocks, block_size]`, a released block's none) > reach `[B, Hkv]`."""
     module = _module()
     assert module is not None
+    none = torch.empty(0, dtype=torch.int32)
     out, lse = module.paged_decode(
         q.float().contiguous(),
         k_cache,
@@ -615,6 +652,9 @@ def paged_decode(
         rows.long(),
         lengths.to(torch.int32).contiguous(),
         scale,
+        none if pos_cache is None else pos_cache.to(torch.int32).contiguous(),
+        none if keep is None else keep.to(torch.int32).contiguous(),
+        none if reach is None else reach.long().contiguous(),
     )
     return out.to(q.dtype), lse
 

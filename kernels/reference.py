@@ -130,8 +130,10 @@ def paged_decode(
         return q.new_zeros(0, hq, d), torch.zeros(0, hq, dtype=torch.float32, device=q.device)
     reach = q_pos.long()[:, None] - recent.long()  # a slot is recent iff its position > reach
     moved = bool((reach >= 0).any())
-    if not moved and k_scale is None and cpu_ops.serves(q, k_cache):
-        return cpu_ops.paged_decode(q, k_cache, v_cache, block_tables, rows, lengths, scale)
+    if k_scale is None and cpu_ops.serves(q, k_cache):
+        if not moved:
+            return cpu_ops.paged_decode(q, k_cache, v_cache, block_tables, rows, lengths, scale)
+        return cpu_ops.paged_decode(q, k_cache, v_cache, block_tables, rows, lengths, scale, pos_cache, keep, reach)
     shortest, longest = (int(x) for x in lengths.aminmax())
     nblocks = max(1, -(-longest // bs))
     ids = block_tables[rows.long(), :, :nblocks]  # [B, Hkv, nblocks]

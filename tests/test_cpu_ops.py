@@ -1,6 +1,7 @@
 """The CPU's C++ ops (kernels/cpu_ops.py): paged decode computes what the gathering reference
-does, for the head sizes it specialises and any other, and the reference hands it only the
-cases it serves (fp32 caches, no window moved, no fp8 scales); add + RMSNorm and RoPE compute
+does, for the head sizes it specialises and any other, with windows that have moved (sinks,
+per-slot positions, released blocks) or not, and the reference hands it only the cases it
+serves (fp32 caches, no fp8 scales); add + RMSNorm and RoPE compute
 the torch formulas and serve fp32 CPU tensors only."""
 
 from __future__ import annotations
@@ -63,7 +64,44 @@ def test_op_equals_the_gathering_reference(d, bs, monkeypatch):
     assert torch.all(out[0, :3] == 0) and torch.all(lse[0, :3] == float("-inf"))
 
 
-def test_reference_hands_the_op_only_unmoved_unscaled_decodes(monkeypatch):
+def _moved_windows(tables, lengths, blocks: int, bs: int, seed: int):
+    """Per-slot positions, sinks and windows for the workload's heads, as a window head's
+    cache has them after its window moved: shuffled positions below the query's, a random
+    sink count (`keep`), a random window, and some blocks released (-1) in the table."""
+    g = torch.Generator().manual_seed(seed)
+    b, hkv = lengths.shape
+    q_pos = lengths.amax(1).long() + 40
+    pos = torch.randint(0, int(q_pos.max()) + 1, (blocks, bs), generator=g, dtype=torch.int32)
+    keep = (torch.rand(b, hkv, generator=g) * lengths.float() * 0.5).int()
+    recent = torch.randint(1, 120, (b, hkv), generator=g, dtype=torch.int32)
+    recent[3, 1] = 1  # a head that sees nothing: no sink, its only slot older than the window
+    pos[tables[3, 1, 0]] = 0
+    keep[3, 1] = 0
+    tables = tables.clone()
+    released = torch.rand(tables.shape, generator=g) < 0.3
+    tables[released] = -1
+    return tables, pos, keep, recent, q_pos
+
+
+@pytest.mark.parametrize(("d", "bs"), [(64, 16), (128, 16), (48, 16), (64, 8)])
+def test_op_equals_the_gathering_reference_with_moved_windows(d, bs, monkeypatch):
+    q, k_cache, v_cache, tables, rows, lengths = _workload(d, torch.float32, seed=3 * d + bs, bs=bs)
+    tables, pos, keep, recent, q_pos = _moved_windows(tables, lengths, k_cache.shape[0], bs, seed=d + bs)
+    args = (q, k_cache, v_cache, pos, tables, rows, lengths, keep, recent, q_pos, 0.125)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_ops, "serves", lambda *a: False)
+        want_out, want_lse = ref.paged_decode(*args)
+    reach = q_pos[:, None] - recent.long()
+    out, lse = cpu_ops.paged_decode(q, k_cache, v_cache, tables, rows, lengths, 0.125, pos, keep, reach)
+    torch.testing.assert_close(out, want_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
+    assert torch.all(out[3, 3:] == 0) and torch.all(lse[3, 3:] == float("-inf"))
+    assert torch.isfinite(lse[4]).all()  # the mask left something: the test is not all -inf
+    got_out, got_lse = ref.paged_decode(*args)  # the reference hands it to the op
+    assert torch.equal(got_out, out) and torch.equal(got_lse, lse)
+
+
+def test_reference_hands_the_op_only_unscaled_fp32_decodes(monkeypatch):
     q, k_cache, v_cache, tables, rows, lengths = _workload(64, torch.float32, seed=1)
     b, hkv = lengths.shape
     pos = torch.zeros(k_cache.shape[:2], dtype=torch.int32)
@@ -79,9 +117,10 @@ def test_reference_hands_the_op_only_unmoved_unscaled_decodes(monkeypatch):
     ref.paged_decode(*bf16, pos, tables, rows, lengths, keep, unbounded, q_pos, 0.125)
     window = torch.full((b, hkv), 8, dtype=torch.int32)  # positions up to 189: windows of 8 have moved
     ref.paged_decode(q, k_cache, v_cache, pos, tables, rows, lengths, keep, window, q_pos, 0.125)
+    assert calls == [1, 1]
     scale = torch.ones(hkv)
     ref.paged_decode(q, k_cache, v_cache, pos, tables, rows, lengths, keep, unbounded, q_pos, 0.125, scale, scale)
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("rows", [1, 7, 300])
