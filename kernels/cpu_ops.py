@@ -354,7 +354,7 @@ constexpr int64_t BQ = 16, BK = 64;
 
 template <int D>
 static void causal_queries(const float* qs, int64_t qst, const float* kt, int64_t Tp, const float* vs, int64_t vst,
-                           float* os, int64_t ost, int64_t r0, int64_t nr, float scale) {
+                           float* os, int64_t ost, int64_t r0, int64_t nr, float scale, int64_t sink, int64_t recent) {
   alignas(64) float Q[BQ][D];
   alignas(64) float S[BQ][BK];
   alignas(64) float O[BQ][D];
@@ -368,6 +368,7 @@ static void causal_queries(const float* qs, int64_t qst, const float* kt, int64_
   const int64_t rows = (nr + 3) / 4 * 4, kend = r0 + nr;
   for (int64_t k0 = 0; k0 < kend; k0 += BK) {
     const int64_t nk = std::min(BK, kend - k0);
+    if (k0 >= sink && k0 + nk - 1 <= r0 - recent) continue;  // past every sink, before every row's window
     for (int64_t rt = 0; rt < rows; rt += 4) {
       v16 acc[4][4];
       for (int i = 0; i < 4; ++i)
@@ -387,26 +388,36 @@ static void causal_queries(const float* qs, int64_t qst, const float* kt, int64_
     }
     const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const v16 neg_inf = v16{} - std::numeric_limits<float>::infinity();
+    // key k0 + s is visible to the query at position i iff s < lim (k0 + s <= i) and it is a
+    // sink (s < sink - k0) or inside the window (s > i - recent - k0)
+    const float sink_lim = float(std::min(sink - k0, BK));
     for (int64_t r = 0; r < nr; ++r) {
-      const int64_t lim = std::min(nk, r0 + r - k0 + 1);  // keys <= the query's position
+      const int64_t lim = std::min(nk, r0 + r - k0 + 1);
+      const float win = float(std::max(r0 + r - recent - k0, int64_t(-1)));
       float* sr = S[r];
-      if (lim <= 0) {
+      if (lim <= 0 || (sink_lim <= 0.f && win >= float(lim - 1))) {
         std::fill(sr, sr + BK, 0.f);
         continue;
       }
       v16 x[4], mx = neg_inf;
+      v16 seen[4];
       for (int j = 0; j < 4; ++j) {
-        x[j] = load16(sr + 16 * j);
-        x[j] = lane + float(16 * j) < float(lim) ? x[j] : neg_inf;
+        const v16 s = lane + float(16 * j);
+        seen[j] = (s < float(lim)) & ((s < sink_lim) | (s > win)) ? v16{} + 1.f : v16{};
+        x[j] = seen[j] > 0.f ? load16(sr + 16 * j) : neg_inf;
         mx = mx > x[j] ? mx : x[j];
       }
       float bm = mx[0];
       for (int i = 1; i < 16; ++i) bm = std::max(bm, mx[i]);
+      if (bm == -std::numeric_limits<float>::infinity()) {  // the row sees nothing in this block
+        std::fill(sr, sr + BK, 0.f);
+        continue;
+      }
       const float nm = std::max(m[r], bm);
       const float alpha = exp_clamped(m[r] - nm);  // 0 (to fp32) on the first block: m = -inf
       v16 sum = v16{};
       for (int j = 0; j < 4; ++j) {
-        const v16 p = lane + float(16 * j) < float(lim) ? exp16_nonpositive(x[j] - nm) : v16{};
+        const v16 p = seen[j] > 0.f ? exp16_nonpositive(x[j] - nm) : v16{};
         sum += p;
         std::memcpy(sr + 16 * j, &p, sizeof(p));
       }
@@ -444,7 +455,8 @@ static void causal_queries(const float* qs, int64_t qst, const float* kt, int64_
 
 template <int D>
 static void causal_prefill_d(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                             const std::vector<int64_t>& bounds, float scale) {
+                             const std::vector<int64_t>& bounds, float scale, const int32_t* sink,
+                             const int32_t* recent) {
   const int64_t Hq = q.size(1), Hkv = k.size(1), G = Hq / Hkv;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -464,26 +476,37 @@ static void causal_prefill_d(const at::Tensor& q, const at::Tensor& k, const at:
     at::parallel_for(0, Hq * QB, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t task = b0; task < b1; ++task) {
         const int64_t hq = task / QB, qb = task % QB, h = hq / G;
+        const int64_t sk = sink ? sink[i * Hkv + h] : 0, rc = recent ? recent[i * Hkv + h] : T;
         causal_queries<D>(qp + a * qst + hq * qsh, qst, kt.data() + h * D * Tp, Tp, vp + a * vst + h * vsh, vst,
-                          op + a * Hq * D + hq * D, Hq * D, qb * BQ, std::min(BQ, T - qb * BQ), scale);
+                          op + a * Hq * D + hq * D, Hq * D, qb * BQ, std::min(BQ, T - qb * BQ), scale, sk, rc);
       }
     });
   }
 }
 
-at::Tensor causal_prefill(at::Tensor q, at::Tensor k, at::Tensor v, std::vector<int64_t> bounds, double scale) {
+at::Tensor causal_prefill(at::Tensor q, at::Tensor k, at::Tensor v, std::vector<int64_t> bounds, double scale,
+                          at::Tensor sink, at::Tensor recent) {
   TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat, "fp32");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
               "[T, H, D] with D contiguous");
   const int64_t D = q.size(2);
   TORCH_CHECK(k.size(2) == D && v.size(2) == D && q.size(1) % k.size(1) == 0 && v.size(1) == k.size(1), "shapes");
   TORCH_CHECK(D == 64 || D == 128, "head_dim 64 or 128");
+  const bool windowed = sink.numel() > 0;  // else every head is full
+  if (windowed) {
+    const int64_t n = int64_t(bounds.size()) - 1;
+    TORCH_CHECK(sink.dtype() == at::kInt && recent.dtype() == at::kInt && sink.is_contiguous() && recent.is_contiguous() &&
+                sink.numel() == n * k.size(1) && recent.numel() == n * k.size(1), "sink / recent: int32 [S, Hkv]");
+    TORCH_CHECK(recent.min().item<int32_t>() >= 1, "every query must see itself: recent >= 1");
+  }
+  const int32_t* sp = windowed ? sink.data_ptr<int32_t>() : nullptr;
+  const int32_t* rp = windowed ? recent.data_ptr<int32_t>() : nullptr;
   auto out = at::empty({q.size(0), q.size(1), D}, q.options());
   pybind11::gil_scoped_release nogil;
   if (D == 64)
-    causal_prefill_d<64>(q, k, v, out, bounds, float(scale));
+    causal_prefill_d<64>(q, k, v, out, bounds, float(scale), sp, rp);
   else
-    causal_prefill_d<128>(q, k, v, out, bounds, float(scale));
+    causal_prefill_d<128>(q, k, v, out, bounds, float(scale), sp, rp);
   return out;
 }
 
@@ -677,13 +700,31 @@ def linear_columns(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 def causal_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    sink: torch.Tensor | None = None,
+    recent: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`reference_cpu.causal_prefill` for fp32 `q [T, Hq, D]`, `k / v [T, Hkv, D]` with D 64 or
-    128 (contiguous within a head): causal attention inside each sequence of `cu_seqlens`."""
+    128 (contiguous within a head): causal attention inside each sequence of `cu_seqlens`,
+    whose tokens are at positions 0, 1, ... With `sink / recent [S, Hkv]` (recent >= 1), the
+    mask of `reference.sink_window_prefill` instead: key j is visible to query i iff j <= i
+    and (j < sink or j > i - recent); key blocks no query of a tile sees are not read."""
     module = _module()
     assert module is not None
-    return module.causal_prefill(q, k, v, cu_seqlens.tolist(), scale)
+    none = torch.empty(0, dtype=torch.int32)
+    return module.causal_prefill(
+        q,
+        k,
+        v,
+        cu_seqlens.tolist(),
+        scale,
+        none if sink is None else sink.to(torch.int32).contiguous(),
+        none if recent is None else recent.clamp(max=2**30).to(torch.int32).contiguous(),
+    )
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -146,26 +146,35 @@ def _whole_history_attention(
 
 
 def causal_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    sink: torch.Tensor | None = None,
+    recent: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain causal attention inside each chunk when every head is full and nothing is
-    cached (no log-sum-exp needed): torch SDPA, which has fused CPU and GPU kernels; fp32 on
-    the CPU with head_dim 64 or 128 takes cpu_ops' C++ kernel instead."""
+    """Causal attention inside each chunk when nothing is cached (tokens at positions 0, 1,
+    ...; no log-sum-exp needed): every head full, or with `sink / recent [S, Hkv]` (recent >= 1)
+    `sink_window_prefill`'s per-head mask. torch SDPA, which has fused CPU and GPU kernels;
+    fp32 on the CPU with head_dim 64 or 128 takes cpu_ops' C++ kernel instead, which skips the
+    key blocks a window head's queries do not see."""
     if q.shape[-1] in (64, 128) and cpu_ops.serves(q, k, v):
-        return cpu_ops.causal_prefill(q, k, v, cu_seqlens, scale)
+        return cpu_ops.causal_prefill(q, k, v, cu_seqlens, scale, sink, recent)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         if a == b:
             continue
         # 4-d inputs: 3-d ones take SDPA's unfused math path on CPU (5x slower)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1)[None],
-            k[a:b].transpose(0, 1)[None],
-            v[a:b].transpose(0, 1)[None],
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
-        )
+        qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
+        if sink is None or recent is None:
+            o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            g = q.shape[1] // k.shape[1]
+            visible = chunk_visible(torch.arange(b - a, device=q.device), sink[s], recent[s])  # [Hkv, n, n]
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=visible.repeat_interleave(g, 0)[None], scale=scale, enable_gqa=True
+            )
         out[a:b] = o[0].transpose(0, 1)
     return out

@@ -180,6 +180,39 @@ def test_causal_prefill_op_equals_sdpa(d, monkeypatch):
     assert calls == [1]  # head_dim 48 stays on SDPA
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_windowed_prefill_op_equals_the_sink_window_reference(d, monkeypatch):
+    """Per-head (sink, recent) masks over the same ragged batch: windows of 1 (a query sees
+    only itself), shorter than a key block, a block and a bit, wider than every sequence;
+    sinks of 0, inside the first key block and past it. The op skips key blocks no query of a
+    tile sees; it equals `reference.sink_window_prefill` and the torch fallback."""
+    from headwise.kernels import reference_cpu
+
+    g = torch.Generator().manual_seed(d + 1)
+    lens = [1, 17, 65, 203, 300]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    t, hq, hkv = int(cu[-1]), 8, 4
+    q, k, v = (torch.randn(t, h, d, generator=g) * 2 for h in (hq, hkv, hkv))
+    sink = torch.tensor([[0, 4, 0, 70], [4, 0, 1, 0], [0, 70, 4, 4], [4, 0, 70, 0], [0, 4, 130, 1]], dtype=torch.int32)
+    recent = torch.tensor(
+        [[1, 9, 1 << 40, 70], [1, 16, 65, 1 << 40], [9, 1, 70, 33], [70, 9, 16, 1], [33, 64, 1, 100]], dtype=torch.int64
+    )
+    positions = torch.cat([torch.arange(n) for n in lens])
+    want, _ = ref.sink_window_prefill(q, k, v, positions, cu, sink, recent.clamp(max=1 << 30), 0.125)
+    got = cpu_ops.causal_prefill(q, k, v, cu, 0.125, sink, recent)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_ops, "serves", lambda *a: False)
+        slow = reference_cpu.causal_prefill(q, k, v, cu, 0.125, sink, recent)
+    torch.testing.assert_close(slow, want, atol=2e-5, rtol=2e-5)
+    full = torch.full_like(recent, 1 << 40)
+    torch.testing.assert_close(
+        cpu_ops.causal_prefill(q, k, v, cu, 0.125, sink, full), cpu_ops.causal_prefill(q, k, v, cu, 0.125)
+    )
+    with pytest.raises(RuntimeError, match="recent >= 1"):
+        cpu_ops.causal_prefill(q, k, v, cu, 0.125, sink, recent * 0)
+
+
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_silu_and_mul_op_equals_the_torch_formula(rows):
     g = torch.Generator().manual_seed(rows)
