@@ -169,7 +169,9 @@ def causal_prefill(
         # 4-d inputs: 3-d ones take SDPA's unfused math path on CPU (5x slower)
         qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
         if sink is None or recent is None:
-            o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True
+            )
         else:
             g = q.shape[1] // k.shape[1]
             visible = chunk_visible(torch.arange(b - a, device=q.device), sink[s], recent[s])  # [Hkv, n, n]
