@@ -1,5 +1,5 @@
 """The CPU's C++ ops, built on first use: paged decode attention straight from the pool, causal
-prefill attention (nothing cached, every head full), few-row fp32 matmuls from a column-block
+prefill attention (nothing cached; full heads, or window heads' (sink, recent) mask), few-row fp32 matmuls from a column-block
 weight (`linear_columns`, engine/cpu_linear.py), and the fp32 add + RMSNorm, RoPE and SiLU x up
 of each layer in one pass each. None has a backward: `serves` refuses inputs that want a gradient.
 
@@ -12,9 +12,10 @@ head) walks its block-table row, scores the G query heads of that KV head agains
 slots and folds them into an online softmax (fp32), as
 vLLM's CPU paged-attention kernels do.
 
-It serves the case where the mask is `slot < length` (every head's window still reaches
-position 0: full heads, young window heads) with a cache in the model's dtype; the reference
-keeps the rest (moved windows, fp8 scales).
+It serves a cache in the model's dtype (fp32), with the mask `slot < length` while every head's
+window still reaches position 0 (full heads, young window heads), and with the (keep, recent)
+mask over per-slot positions once a window has moved (blocks nothing sees are skipped); the
+reference keeps fp8 scales.
 
 `add_rms_norm` and `rotate_half` replace a chain of ~8 eager ops each (add, pow, mean, rsqrt,
 products; float casts, chunks, four products, a concatenation) that cost more in launches than
