@@ -120,8 +120,9 @@ def paged_decode(
     whatever the batch; elsewhere scores, mask and softmax are plain tensor ops. While every
     head's window still reaches position 0 (full heads; window heads younger than their
     window) no slot has left a window or been released, and the mask is just
-    `slot < length`: the slot positions are not gathered, and with an fp32 cache the C++ op of
-    `kernels/cpu_ops.py` reads the blocks in place instead of gathering them.
+    `slot < length`: the slot positions are not gathered. With an fp32 cache and no fp8
+    scales the C++ op of `kernels/cpu_ops.py` reads the blocks in place instead of gathering
+    them, with the plain mask or, once a window moved, the (keep, recent) one.
     """
     b, hq, d = q.shape
     hkv = block_tables.shape[1]
