@@ -133,7 +133,7 @@ static void decode_rows(const float* q, const float* kc, const float* vc, const 
   const int64_t D = DC > 0 ? DC : D_rt;
   const int64_t G = Hq / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(G * D), m(G), l(G), sc(bs), vis(bs, 1.f);
+    std::vector<float> acc(G * D), m(G), l(G), sc(bs), vis(bs, 1.f);  // vis: all 1 unless a window moved
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       const int64_t len = lengths[b * Hkv + h];
@@ -166,7 +166,6 @@ static void decode_rows(const float* q, const float* kc, const float* vc, const 
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qh + g * D;
           float* a = acc.data() + g * D;
-          float bm = -std::numeric_limits<float>::infinity();
           if constexpr (DC > 0) {
             constexpr int R = DC / 16;
             v16 qr[R];
@@ -183,13 +182,10 @@ static void decode_rows(const float* q, const float* kc, const float* vc, const 
                 const v16 z = sum16x16(dots) * scale;
                 std::memcpy(sc.data() + s0, &z, sizeof(z));
               }
-#pragma omp simd reduction(max : bm)
-              for (int64_t s = 0; s < cnt; ++s) bm = std::max(bm, sc[s]);
             } else for (int64_t s = 0; s < cnt; ++s) {
               v16 dot = qr[0] * load16(kp + s * DC);
               for (int r = 1; r < R; ++r) dot += qr[r] * load16(kp + s * DC + 16 * r);
               sc[s] = sum16(dot) * scale;
-              bm = std::max(bm, sc[s]);
             }
           } else {
             for (int64_t s = 0; s < cnt; ++s) {
@@ -198,16 +194,13 @@ static void decode_rows(const float* q, const float* kc, const float* vc, const 
 #pragma omp simd reduction(+ : dot)
               for (int64_t d = 0; d < D; ++d) dot += qg[d] * ks[d];
               sc[s] = dot * scale;
-              bm = std::max(bm, sc[s]);
             }
           }
-          if (pos) {
-            bm = -std::numeric_limits<float>::infinity();
-            for (int64_t s = 0; s < cnt; ++s) {
-              if (vis[s] == 0.f) sc[s] = -std::numeric_limits<float>::infinity();
-              bm = std::max(bm, sc[s]);
-            }
-          }
+          if (pos)  // a moved window: hidden slots score -inf
+            for (int64_t s = 0; s < cnt; ++s) sc[s] = vis[s] > 0.f ? sc[s] : -std::numeric_limits<float>::infinity();
+          float bm = -std::numeric_limits<float>::infinity();  // the block's max over visible slots
+#pragma omp simd reduction(max : bm)
+          for (int64_t s = 0; s < cnt; ++s) bm = std::max(bm, sc[s]);
           const float nm = std::max(m[g], bm);
           const float alpha = std::exp(m[g] - nm);
           float sum = l[g] * alpha;
@@ -631,6 +624,9 @@ def _module():
         return None
 
 
+_ABSENT = torch.empty(0, dtype=torch.int32)  # an optional tensor argument not given (the C++ side tests numel)
+
+
 def available() -> bool:
     return _module() is not None
 
@@ -667,7 +663,6 @@ def paged_decode(
     position (`pos_cache [blocks, block_size]`, a released block's none) > reach `[B, Hkv]`."""
     module = _module()
     assert module is not None
-    none = torch.empty(0, dtype=torch.int32)
     out, lse = module.paged_decode(
         q.float().contiguous(),
         k_cache,
@@ -676,9 +671,9 @@ def paged_decode(
         rows.long(),
         lengths.to(torch.int32).contiguous(),
         scale,
-        none if pos_cache is None else pos_cache.to(torch.int32).contiguous(),
-        none if keep is None else keep.to(torch.int32).contiguous(),
-        none if reach is None else reach.long().contiguous(),
+        _ABSENT if pos_cache is None else pos_cache.to(torch.int32).contiguous(),
+        _ABSENT if keep is None else keep.to(torch.int32).contiguous(),
+        _ABSENT if reach is None else reach.long().contiguous(),
     )
     return out.to(q.dtype), lse
 
@@ -716,15 +711,14 @@ def causal_prefill(
     and (j < sink or j > i - recent); key blocks no query of a tile sees are not read."""
     module = _module()
     assert module is not None
-    none = torch.empty(0, dtype=torch.int32)
     return module.causal_prefill(
         q,
         k,
         v,
         cu_seqlens.tolist(),
         scale,
-        none if sink is None else sink.to(torch.int32).contiguous(),
-        none if recent is None else recent.clamp(max=2**30).to(torch.int32).contiguous(),
+        _ABSENT if sink is None else sink.to(torch.int32).contiguous(),
+        _ABSENT if recent is None else recent.clamp(max=2**30).to(torch.int32).contiguous(),
     )
 
 

@@ -183,9 +183,9 @@ def prefill_attention(
     if be is reference:
         if self_visible is None:
             self_visible = bool((recent >= 1).all())
-        if self_visible and not has_cache:  # positions 0, 1, ...: the chunk's own keys only
-            return reference.causal_prefill(q, k, v, cu_seqlens, scale, sink, recent)
         if self_visible:
+            if not has_cache:  # positions 0, 1, ...: the chunk's own keys only
+                return reference.causal_prefill(q, k, v, cu_seqlens, scale, sink, recent)
             return reference.masked_prefill(
                 q,
                 k,

@@ -132,9 +132,8 @@ def paged_decode(
     reach = q_pos.long()[:, None] - recent.long()  # a slot is recent iff its position > reach
     moved = bool((reach >= 0).any())
     if k_scale is None and cpu_ops.serves(q, k_cache):
-        if not moved:
-            return cpu_ops.paged_decode(q, k_cache, v_cache, block_tables, rows, lengths, scale)
-        return cpu_ops.paged_decode(q, k_cache, v_cache, block_tables, rows, lengths, scale, pos_cache, keep, reach)
+        window = (pos_cache, keep, reach) if moved else ()  # unmoved: every slot below the length
+        return cpu_ops.paged_decode(q, k_cache, v_cache, block_tables, rows, lengths, scale, *window)
     shortest, longest = (int(x) for x in lengths.aminmax())
     nblocks = max(1, -(-longest // bs))
     ids = block_tables[rows.long(), :, :nblocks]  # [B, Hkv, nblocks]
