@@ -12,7 +12,7 @@ from headwise.engine.sampling_params import SamplingParams
 from headwise.kvcache.budget import HeadBudget, candidate_capacity, candidates_kept
 from headwise.kvcache.manager import KVCacheManager
 from headwise.kvcache.plans import FULL, HeadSpec, ModelShape, Plan, full_plan, load_plan, save_plan
-from headwise.kvcache.prefill_selection import scattered_scores
+from headwise.kvcache.prefill_selection import candidate_ranks, scattered_scores
 from headwise.kvcache.request_blocks import bounded_prefill, request_blocks
 from headwise.kvcache.selection import middle_scores
 from headwise.kvcache.sharding import contiguous
@@ -58,6 +58,20 @@ def test_scattered_scores_equal_middle_scores_with_every_key():
     part = torch.tensor([0, 1, 5, 9, 30, 41, 42, 49])
     got = scattered_scores(q, q_pos, k[part].transpose(0, 1), part.expand(2, -1), 50, 0.25)
     assert got.shape == (2, 50) and (got[:, 15:25] == 0).all()
+
+
+def test_candidates_between_chunks_are_the_best_by_scores_or_by_a_low_key_norm():
+    """A head holds positions 0..9 of 12 (10 and 11 dropped by an earlier chunk). The chunk's
+    window scores rank 0 and 9 best; the keys' norms rank 2 and 8 smallest. Each position
+    takes the better of its two ranks over the 12 (dropped positions rank lowest by norm), so
+    the best 4 held positions are those two pairs: the needle at 2 stays although its score
+    is the lowest but for the dropped ones."""
+    scores = torch.tensor([[0.9, 0.1, 0.05, 0.5, 0.6, 0.2, 0.3, 0.7, 0.4, 0.8, 0.0, 0.0]])
+    norms = torch.tensor([5.0, 4.0, 0.1, 3.0, 6.0, 7.0, 8.0, 9.0, 2.0, 10.0])
+    keys = (norms / 2)[None, :, None].expand(1, 10, 4)  # 4 equal components: L2 norm = norms
+    ranks = candidate_ranks(scores, keys, torch.arange(10)[None])
+    assert torch.equal(ranks, torch.tensor([[11.0, 8, 11, 9, 8, 5, 5, 9, 10, 10, 0, 1]]))
+    assert sorted(ranks[0, :10].topk(4).indices.tolist()) == [0, 2, 8, 9]
 
 
 def _select_plan(shape) -> Plan:
