@@ -8,6 +8,19 @@
 #include <limits>
 #include <vector>
 
+// e^f for |f| <= ln 2 / 2: the degree-6 Taylor polynomial in Horner form, on a float or on
+// 16 lanes (v16); exp_clamped and exp16_nonpositive scale it by 2^n
+template <class T>
+static inline T exp_poly(T f) {
+  T p = T{} + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  return p * f + 1.f;
+}
+
 // exp(x), vectorisable: 2^(x log2 e) as 2^n * p(f) with a degree-6 polynomial (relative error
 // ~2e-7), x clamped to [-87, 88] (below, exp(-87) ~ 1.6e-38; above, the fp32 range ends). Used for
 // scores minus their running max (x <= 0) and SiLU's exp(-gate)
@@ -16,13 +29,7 @@ static inline float exp_clamped(float x) {
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 x 2^23), vectorisable
   const float f = (t - n) * 0.693147180559945309f;
-  float p = 1.f / 720.f;
-  p = p * f + 1.f / 120.f;
-  p = p * f + 1.f / 24.f;
-  p = p * f + 1.f / 6.f;
-  p = p * f + 0.5f;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
+  const float p = exp_poly(f);
   const int32_t bits = (int32_t(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -59,13 +66,7 @@ static inline v16 exp16_nonpositive(v16 x) {
   const v16 t = x * 1.44269504088896341f;
   const v16 n = (t + 12582912.f) - 12582912.f;
   const v16 f = (t - n) * 0.693147180559945309f;
-  v16 p = v16{} + 1.f / 720.f;
-  p = p * f + 1.f / 120.f;
-  p = p * f + 1.f / 24.f;
-  p = p * f + 1.f / 6.f;
-  p = p * f + 0.5f;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
+  const v16 p = exp_poly(f);
   const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
   v16 scale;
   std::memcpy(&scale, &bits, sizeof(scale));
